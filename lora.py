@@ -1,0 +1,198 @@
+"""Hand-written LoRA: several named adapters on ONE frozen base model.
+
+    y = W x + (alpha / r) * B A x          A: r x in (random), B: out x r (zeros), so a fresh adapter is the identity
+
+LogCD trains only LoRA (rank 64). Stage 2 keeps two adapters on the same base weights: `student` and `fake` (the
+DMD fake score), and the teacher is the base with no adapter active. So one copy of the base serves teacher,
+student, fake score and discriminator backbone:
+
+    inject(unet, TARGETS, "student", rank=64)
+    with adapter(unet, "student"): ...       # the student f_theta
+    with adapter(unet, None): ...            # the teacher f_theta0
+    with merged(unet, "student"): ...        # the student at plain-model speed (sampling)
+
+Files are safetensors in the diffusers key format, `<prefix>.<module path>.lora_A.weight` / `.lora_B.weight`, so
+`pipe.load_lora_weights(file)` reads an exported student. The scale alpha / r is folded into B on export (as if
+alpha = r), so diffusers needs no alpha key and no scale fix-up.
+"""
+import contextlib
+import os
+import re
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+
+class LoRALayer(nn.Module):
+    """Wraps a frozen nn.Linear or nn.Conv2d; holds any number of named (A, B) pairs, at most one active."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        self.scale = {}
+        self.active = None  # adapter name, or None = the base model
+        self.merged = None  # adapter whose delta W is currently added into base.weight
+
+    def add(self, name, rank, alpha):
+        b = self.base
+        if isinstance(b, nn.Linear):
+            A, B = nn.Linear(b.in_features, rank, bias=False), nn.Linear(rank, b.out_features, bias=False)
+        else:  # conv: A has the base's kernel/stride/padding, B is 1x1 (the layout peft and diffusers use)
+            A = nn.Conv2d(b.in_channels, rank, b.kernel_size, b.stride, b.padding, b.dilation, bias=False)
+            B = nn.Conv2d(rank, b.out_channels, 1, bias=False)
+        nn.init.kaiming_uniform_(A.weight, a=5 ** 0.5)
+        nn.init.zeros_(B.weight)  # B = 0: the adapter starts as the identity, the student starts as the teacher
+        self.lora_A[name] = A.to(b.weight.device)
+        self.lora_B[name] = B.to(b.weight.device)
+        self.scale[name] = alpha / rank
+
+    def delta_weight(self, name):
+        """alpha/r * B A, shaped like base.weight."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        dw = B.flatten(1) @ A.flatten(1)
+        return (self.scale[name] * dw).view_as(self.base.weight)
+
+    def forward(self, x):
+        y = self.base(x)
+        name = self.active
+        if name == self.merged:
+            return y
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged!r} is merged into the base; unmerge before using {name!r}")
+        if name is None:
+            return y
+        A, B = self.lora_A[name], self.lora_B[name]
+        return y + self.scale[name] * B(A(x.to(A.weight.dtype))).to(y.dtype)
+
+
+def layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def inject(model, targets, name, rank=64, alpha=None):
+    """Adds adapter `name` (rank r, alpha defaulting to r) to every nn.Linear / nn.Conv2d of `model` whose module
+    path matches the regex `targets` (re.search), wrapping it in a LoRALayer the first time. Freezes the base.
+    Returns the adapter's parameters (fp32, whatever the base dtype)."""
+    alpha = rank if alpha is None else alpha
+    model.requires_grad_(False)
+    for path, m in list(model.named_modules()):
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and re.search(targets, path) and ".lora_" not in path:
+            if not path.endswith(".base"):
+                parent, _, child = path.rpartition(".")
+                m_wrapped = LoRALayer(m)
+                setattr(model.get_submodule(parent) if parent else model, child, m_wrapped)
+    found = layers(model)
+    if not found:
+        raise ValueError(f"LoRA targets {targets!r} match no Linear/Conv2d layer of {type(model).__name__}")
+    params = []
+    for _, layer in found:
+        if name in layer.lora_A:
+            raise ValueError(f"adapter {name!r} exists already")
+        layer.add(name, rank, alpha)
+        for mod in (layer.lora_A[name], layer.lora_B[name]):
+            mod.float().requires_grad_(True)
+            params += list(mod.parameters())
+    return params
+
+
+def parameters(model, name):
+    return [p for _, l in layers(model) for m in (l.lora_A[name], l.lora_B[name]) for p in m.parameters()]
+
+
+@contextlib.contextmanager
+def adapter(model, name):
+    """Within the block, adapter `name` is active in every layer (None: the plain base model = the teacher)."""
+    ls = [l for _, l in layers(model)]
+    before = [l.active for l in ls]
+    for l in ls:
+        l.active = name
+    try:
+        yield model
+    finally:
+        for l, a in zip(ls, before):
+            l.active = a
+
+
+def merge(model, name):
+    """W <- W + alpha/r B A in every layer: the adapted model at the plain model's cost."""
+    for _, l in layers(model):
+        if l.merged is not None:
+            raise RuntimeError(f"adapter {l.merged!r} is merged already; unmerge it first")
+        with torch.no_grad():
+            l.base.weight += l.delta_weight(name).to(l.base.weight.dtype)
+        l.merged = name
+
+
+def unmerge(model):
+    for _, l in layers(model):
+        if l.merged is not None:
+            with torch.no_grad():
+                l.base.weight -= l.delta_weight(l.merged).to(l.base.weight.dtype)
+            l.merged = None
+
+
+@contextlib.contextmanager
+def merged(model, name):
+    """The model with adapter `name` merged in and active (sampling speed); restored afterwards."""
+    merge(model, name)
+    try:
+        with adapter(model, name):
+            yield model
+    finally:
+        unmerge(model)
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+
+def state_dict(model, name, prefix):
+    """Adapter `name` in the diffusers key format: `{prefix}.{path}.lora_A.weight`, B with alpha/r folded in."""
+    out = {}
+    for path, l in layers(model):
+        out[f"{prefix}.{path}.lora_A.weight"] = l.lora_A[name].weight.detach().float().contiguous()
+        out[f"{prefix}.{path}.lora_B.weight"] = (l.scale[name] * l.lora_B[name].weight.detach().float()).contiguous()
+    return out
+
+
+def load_state_dict(model, name, sd, prefix):
+    """Inverse of state_dict: fills adapter `name` (created by inject with the same targets and rank)."""
+    expected = {f"{prefix}.{path}" for path, _ in layers(model)}
+    found = {k.rsplit(".lora_", 1)[0] for k in sd if k.startswith(prefix + ".") and ".lora_" in k}
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise ValueError(f"LoRA layers do not match the model: {len(missing)} missing (e.g. {missing[:2]}), "
+                         f"{len(extra)} unexpected (e.g. {extra[:2]}); was it made for another model or --lora-targets?")
+    with torch.no_grad():
+        for path, l in layers(model):
+            A, B = sd[f"{prefix}.{path}.lora_A.weight"], sd[f"{prefix}.{path}.lora_B.weight"]
+            if A.shape != l.lora_A[name].weight.shape or B.shape != l.lora_B[name].weight.shape:
+                raise ValueError(f"LoRA shape mismatch at {path}: file has rank {A.shape[0]}, "
+                                 f"model has rank {l.lora_A[name].weight.shape[0]}")
+            l.lora_A[name].weight.copy_(A)
+            l.lora_B[name].weight.copy_(B / l.scale[name])
+
+
+def save(path, tensors, metadata):
+    """Atomic safetensors write: a temp file in the same folder, then rename. A crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path):
+    """(tensors, metadata) of a safetensors file, or one clear error for a missing / corrupt / truncated file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None

@@ -1,0 +1,152 @@
+"""Few-step sampling with a LogCD student (and many-step sampling with its teacher, for comparison).
+
+    python sample.py --steps 2                                  # global.safetensors, 2 milestone steps
+    python sample.py --ckpt local.safetensors --steps 4
+    python sample.py --teacher digits --steps 25 --cfg 2        # the teacher's own DDIM with CFG
+    python sample.py --ckpt global.safetensors --steps 3 --prompts prompts.txt --per-prompt 4 --out grid.png
+
+A student checkpoint samples in any k = 1..M steps: k milestones spread as evenly as the grid t^s = s T / M allows,
+from T down to 0 (local_cd.student_times), one model call per step, LoRA merged into the base weights, no CFG pass.
+Default update: the deterministic jump Psi to the next milestone; `--sampler lcm` re-noises x0_hat with fresh noise.
+The teacher samples with n evenly spaced trailing DDIM (SDXL, the toy) or Euler (FLUX) steps = the same Psi.
+The same --seed gives the same images. `--save-tensors` writes `images` (float32, N x C x H x W, decoded, in
+[-1, 1]) and, for the embedded teacher, `labels` (int64, the prompted digit).
+"""
+import argparse
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+import lora
+from local_cd import load_student, load_teacher, solve, student_times, teacher_times
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", help="student checkpoint (local.safetensors / global.safetensors); default: "
+                                    "global.safetensors if it exists")
+    src.add_argument("--teacher", help="sample the teacher itself: digits (embedded), sdxl, flux, a folder or hub id")
+    p.add_argument("--steps", type=int, default=None, help="model calls per image (student: 1..M, default 4; "
+                                                           "teacher: default 25)")
+    p.add_argument("--cfg", type=float, default=None, help="teacher only: CFG scale w in eps(null) + w (eps(c) - "
+                   "eps(null)) (w = 1: no guidance; FLUX.1-dev: the guidance embedding); default: the teacher's")
+    p.add_argument("--prompts", nargs="+", default=None, help="a text file (one prompt per line) or the prompts "
+                   "themselves; the embedded teacher's prompts are the digits 0..9 (default: all ten)")
+    p.add_argument("--per-prompt", type=int, default=8, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["psi", "lcm"], default="psi", help="student update between milestones: "
+                   "psi = deterministic jump, lcm = re-noise x0_hat with fresh noise")
+    p.add_argument("--clip", action="store_true", help="clip x0_hat to [-1, 1] at every step (pixel-space toy only)")
+    p.add_argument("--batch", type=int, default=None, help="images per model call (default: 1000 on the embedded "
+                                                           "teacher, 4 otherwise)")
+    p.add_argument("--out", default="samples.png", help="labelled PNG grid (rows: prompts)")
+    p.add_argument("--save-tensors", default=None, help="also write the decoded images (and labels) here")
+    p.add_argument("--resolution", type=int, default=1024, help="teacher only (SDXL / FLUX): image size in pixels")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p.parse_args(argv)
+
+
+def read_prompts(spec, teacher):
+    if spec is None:
+        if not teacher.embedded:
+            raise SystemExit("error: --prompts is required for this teacher (a text file or the prompts themselves)")
+        return [p for p in teacher.prompts if p]
+    if len(spec) == 1 and (os.path.exists(spec[0]) or spec[0].endswith(".txt")):
+        if not os.path.isfile(spec[0]):
+            raise SystemExit(f"error: prompts file {spec[0]} does not exist")
+        with open(spec[0]) as f:
+            spec = [line.strip() for line in f if line.strip()]
+        if not spec:
+            raise SystemExit("error: the prompts file is empty")
+    return spec
+
+
+def grid(images, row_labels, title, tile=None):
+    """PIL image: one row per label, images (N, C, H, W) in [-1, 1] laid out row-major, label to the left."""
+    from PIL import Image, ImageDraw
+    N, C, H, W = images.shape
+    cols = N // len(row_labels)
+    tile = tile or (64 if H < 64 else min(H, 256))
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    lab, top = 8 * max([len(l) for l in row_labels] + [1]) + 12, 20
+    out = Image.new("RGB", (lab + cols * (tile + 2), top + len(row_labels) * (tile + 2)), "white")
+    draw = ImageDraw.Draw(out)
+    draw.text((4, 4), title, fill="black")
+    for i in range(N):
+        r, c = divmod(i, cols)
+        im = Image.fromarray(x[i, :, :, 0] if C == 1 else x[i, :, :, :3]).resize((tile, tile), Image.NEAREST)
+        out.paste(im.convert("RGB"), (lab + c * (tile + 2), top + r * (tile + 2)))
+    for r, l in enumerate(row_labels):
+        draw.text((4, top + r * (tile + 2) + tile // 2 - 5), l[:40], fill="black")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.ckpt is None and args.teacher is None:
+        if not os.path.exists("global.safetensors"):
+            raise SystemExit("error: no --ckpt given and no global.safetensors here. Train a student (python local_cd.py,"
+                             " then python global_cd.py), pass --ckpt local.safetensors, or sample the teacher with "
+                             "--teacher digits")
+        args.ckpt = "global.safetensors"
+        print("sampling global.safetensors (pass --ckpt to choose another)")
+    try:
+        if args.ckpt:
+            teacher, _, meta = load_student(args.ckpt, args.device)
+            M, k = int(meta["M"]), args.steps or 4
+            if args.cfg is not None:
+                raise SystemExit("error: --cfg is for the teacher; the student was distilled with CFG "
+                                 f"(w = {meta.get('w')}) and needs no guidance pass")
+            ts = student_times(k, M)
+            what = f"{os.path.basename(args.ckpt)} ({meta['stage']} CD, M={M}), {k} steps {args.sampler}"
+        else:
+            teacher = load_teacher(args.teacher, args.device, args.resolution)
+            k, w = args.steps or 25, args.cfg if args.cfg is not None else teacher.default_w
+            if k < 1:
+                raise SystemExit("error: --steps must be at least 1")
+            ts = teacher_times(k)
+            what = f"teacher {teacher.id}, {k} steps {'Euler' if teacher.prediction == 'flow' else 'DDIM'}, w={w:g}"
+        prompts = read_prompts(args.prompts, teacher)
+        cond_all = teacher.encode([p for p in prompts for _ in range(args.per_prompt)])
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    if args.clip:
+        what += ", x0 clipped"
+
+    N = len(prompts) * args.per_prompt
+    gen = torch.Generator().manual_seed(args.seed)
+    z_T = teacher.noise(N, gen)
+    renoise = torch.randn(k, *z_T.shape, generator=gen).to(z_T.device) if args.sampler == "lcm" else None
+    batch = args.batch or (1000 if teacher.embedded else 4)
+    images = []
+    ctx = lora.merged(teacher.denoiser, "student") if args.ckpt else lora.adapter(teacher.denoiser, None)
+    with torch.no_grad(), ctx:
+        for i in tqdm(range(0, N, batch), desc=what, disable=N <= batch):
+            sl = slice(i, i + batch)
+            cond = {kk: v[sl] for kk, v in cond_all.items()}
+
+            def x0_fn(z, t):
+                x0 = teacher.x0(z, t, cond) if args.ckpt else teacher.x0(z, t, cond, w=w)
+                return x0.clamp(-1, 1) if args.clip else x0
+
+            noises = renoise[:, sl] if renoise is not None else None
+            z0 = solve(x0_fn, z_T[sl], ts, teacher.alpha_sigma, noises)
+            images.append(teacher.decode(z0).float().cpu())
+    images = torch.cat(images)
+
+    grid(images, prompts, what).save(args.out)
+    print(f"wrote {args.out} ({N} images: {what})")
+    if args.save_tensors:
+        tensors = {"images": images.contiguous()}
+        if teacher.embedded:
+            tensors["labels"] = torch.tensor([int(p) if p.isdigit() else -1 for p in prompts
+                                              for _ in range(args.per_prompt)], dtype=torch.int64)
+        lora.save(args.save_tensors, tensors, {"what": what, "seed": args.seed, "prompts": "|".join(prompts)})
+        print(f"wrote {args.save_tensors}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

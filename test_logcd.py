@@ -1,0 +1,519 @@
+"""LogCD test suite: CPU only, no downloads, a few minutes on 2 cores.   python -m pytest -q test_logcd.py
+
+SDXL and FLUX code paths run on tiny pipelines built from configs (random weights, a tokenizer from a
+hand-written vocabulary), the method on the embedded digits teacher.
+"""
+import json
+import os
+import string
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora
+import sample
+from local_cd import (T, Psi, add_student, cached_encode, load_student, load_teacher, milestones, read_checkpoint,
+                      save_checkpoint, segment, solve, student_times, teacher_times, to_x0)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---- fixtures: the embedded teacher and tiny SDXL / FLUX pipelines built from configs ----------------------------
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_teacher("digits", "cpu")
+
+
+def _tokenizer(folder):
+    from transformers import CLIPTokenizer
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + ",.!?'-":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    # without model_max_length the pipelines fail with "OverflowError: int too big to convert"
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77), len(vocab)
+
+
+def _clip(cls, vocab_size):
+    from transformers import CLIPTextConfig
+    return cls(CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=1, projection_dim=16))
+
+
+def _vae(latent_channels, **kw):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                         latent_channels=latent_channels, norm_num_groups=8, sample_size=16, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A StableDiffusionXLPipeline folder: 2 text encoders (hidden 16 + 16 = cross-attention 32), text_time
+    added conditioning, a 2x VAE. Resolution 16 -> latents 4 x 8 x 8."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    d = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    tok, n = _tokenizer(str(d / "tok"))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+    sch = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = StableDiffusionXLPipeline(vae=_vae(4), text_encoder=_clip(CLIPTextModel, n), tokenizer=tok, unet=unet,
+                                     text_encoder_2=_clip(CLIPTextModelWithProjection, n), tokenizer_2=tok, scheduler=sch)
+    pipe.save_pretrained(d / "pipe")
+    return str(d / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A FluxPipeline folder: 1 double + 1 single block, guidance embedding, dynamic shift, a 4-channel 2x VAE with
+    shift_factor. Resolution 32 -> latents 4 x 16 x 16 -> 64 tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    d = tmp_path_factory.mktemp("flux")
+    torch.manual_seed(0)
+    tok, n = _tokenizer(str(d / "tok"))
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    t5 = T5EncoderModel(T5Config(vocab_size=n, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16))
+    sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                          base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=sch, vae=_vae(4, shift_factor=0.1, scaling_factor=0.3, use_quant_conv=False,
+                                                use_post_quant_conv=False),
+                        text_encoder=_clip(CLIPTextModel, n), tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok,
+                        transformer=tr)
+    pipe.save_pretrained(d / "pipe")
+    return str(d / "pipe")
+
+
+@pytest.fixture(autouse=True)
+def prompt_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr("local_cd.CACHE", str(tmp_path / "cache"))
+
+
+def pack(z):
+    B, C, H, W = z.shape
+    return z.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, C * 4)
+
+
+def unpack(x, C, H, W):
+    return x.view(x.shape[0], H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(-1, C, H, W)
+
+
+# ---- time, milestones, the solver Psi ---------------------------------------------------------------------------
+
+def test_milestones_and_segments():
+    assert milestones(8).tolist() == [0, 125, 250, 375, 500, 625, 750, 875, 1000]
+    # t in (t^s, t^{s+1}] belongs to segment s; t = 0 to segment 0
+    t = torch.tensor([0.0, 1.0, 125.0, 125.5, 126.0, 250.0, 999.0, 1000.0])
+    assert segment(t, 8).tolist() == [0, 0, 0, 1, 1, 1, 7, 7]
+    assert segment(torch.tensor([62.5, 63.0]), 16).tolist() == [0, 1]
+
+
+def test_student_times_spread_evenly():
+    assert student_times(4, 8) == [1000, 750, 500, 250, 0]
+    assert student_times(3, 8) == [1000, 625, 375, 0]
+    assert student_times(2, 8) == [1000, 500, 0]
+    assert student_times(1, 8) == [1000, 0]
+    assert student_times(8, 8) == milestones(8).flip(0).tolist()
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="1..8"):
+            student_times(bad, 8)
+
+
+def test_teacher_times_are_diffusers_trailing_ddim():
+    from diffusers import DDIMScheduler
+    s = DDIMScheduler(timestep_spacing="trailing")
+    s.set_timesteps(25)
+    # t = k is the DDPM index k - 1
+    assert [t - 1 for t in teacher_times(25)[:-1]] == s.timesteps.tolist()
+    assert teacher_times(25)[-1] == 0
+
+
+def test_schedule_ends(digits):
+    a, s = digits.alpha_sigma(torch.tensor([0.0, 1.0, 1000.0]))
+    ac = digits.log_ab.exp()
+    assert a[0].item() == 1 and s[0].item() == 0
+    assert torch.allclose(a[1:].flatten() ** 2, ac[[1, 1000]].float())
+    assert torch.allclose(a.flatten() ** 2 + s.flatten() ** 2, torch.ones(3))
+
+
+def test_psi_is_identity_at_s_equals_t(digits):
+    z, x0 = torch.randn(3, 1, 16, 16), torch.randn(3, 1, 16, 16)
+    t = torch.tensor([0.0, 400.0, 1000.0])
+    assert torch.allclose(Psi(z, x0, t, t, digits.alpha_sigma), z)  # t = 0 too, where eps_hat is undefined
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_psi_equals_diffusers_ddim_step(digits, prediction):
+    from diffusers import DDIMScheduler
+    sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                        set_alpha_to_one=True, timestep_spacing="trailing", prediction_type=prediction)
+    sch.set_timesteps(10)
+    torch.manual_seed(0)
+    z = torch.randn(2, 1, 16, 16) * 3
+    for k in sch.timesteps.tolist():
+        out = torch.randn_like(z)
+        ref = sch.step(out, k, z).prev_sample
+        t, s = torch.full((2,), k + 1.0), torch.full((2,), max(k + 1 - 100, 0.0))
+        alpha, sigma = digits.alpha_sigma(t)
+        mine = Psi(z, to_x0(out, z, alpha, sigma, prediction), t, s, digits.alpha_sigma)
+        assert torch.allclose(mine, ref, atol=1e-4, rtol=1e-4), (k, (mine - ref).abs().max())
+        z = ref
+
+
+def test_psi_is_the_euler_step_for_flows():
+    torch.manual_seed(0)
+    z, v = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    flow = lambda t: (1 - t.view(-1, 1, 1, 1) / T, t.view(-1, 1, 1, 1) / T)  # sigma = t / T
+    t, s = torch.tensor([1000.0, 700, 300, 50]), torch.tensor([750.0, 600, 0, 49])
+    x0 = to_x0(v, z, *flow(t), "flow")
+    euler = z + (s - t).view(-1, 1, 1, 1) / T * v  # z_s = z_t + (sigma_s - sigma_t) v
+    assert torch.allclose(Psi(z, x0, t, s, flow), euler, atol=1e-5)
+
+
+def test_x0_conversions_invert_the_forward_process():
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    a = torch.tensor([0.8, 0.3]).view(-1, 1, 1, 1)
+    s = (1 - a ** 2).sqrt()
+    z = a * x0 + s * eps
+    assert torch.allclose(to_x0(eps, z, a, s, "epsilon"), x0, atol=1e-5)
+    assert torch.allclose(to_x0(a * eps - s * x0, z, a, s, "v_prediction"), x0, atol=1e-5)
+    sig = torch.tensor([0.9, 0.2]).view(-1, 1, 1, 1)
+    assert torch.allclose(to_x0(eps - x0, (1 - sig) * x0 + sig * eps, 1 - sig, sig, "flow"), x0, atol=1e-5)
+    with pytest.raises(ValueError):
+        to_x0(eps, z, a, s, "sample")
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------------
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 4 * 4, 5))
+
+
+def _randomize(model, name, std=0.1):
+    for _, l in lora.layers(model):
+        torch.nn.init.normal_(l.lora_B[name].weight, std=std)
+
+
+def test_lora_starts_as_identity_and_trains_only_itself():
+    net, x = _net(), torch.randn(2, 3, 4, 4)
+    y0 = net(x)
+    params = lora.inject(net, r"^(0|3)$", "student", rank=4)
+    assert len(lora.layers(net)) == 2 and len(params) == 4
+    with lora.adapter(net, "student"):
+        assert torch.equal(net(x), y0)  # B = 0
+        net(x).sum().backward()
+    assert all(p.grad is not None for p in params)
+    assert all(not p.requires_grad for n, p in net.named_parameters() if ".lora_" not in n)
+
+
+def test_lora_merge_equals_unmerged_and_restores():
+    net, x = _net(), torch.randn(2, 3, 4, 4)
+    lora.inject(net, r"^(0|3)$", "student", rank=4, alpha=6)  # scale 1.5
+    _randomize(net, "student")
+    base = net(x)
+    with lora.adapter(net, "student"):
+        y = net(x)
+    with lora.merged(net, "student"):
+        assert torch.allclose(net(x), y, atol=1e-5)
+        with pytest.raises(RuntimeError, match="merged"), lora.adapter(net, None):
+            net(x)  # the teacher is not reachable while the student is merged in
+    assert not torch.allclose(y, base) and torch.allclose(net(x), base, atol=1e-6)
+
+
+def test_adapters_switch_and_do_not_leak():
+    net, x = _net(), torch.randn(2, 3, 4, 4)
+    lora.inject(net, r"^(0|3)$", "student", rank=4)
+    lora.inject(net, r"^(0|3)$", "fake", rank=2)
+    _randomize(net, "student")
+    base = net(x)
+    with lora.adapter(net, "student"):
+        y_student = net(x)
+    with lora.adapter(net, "fake"):
+        assert torch.equal(net(x), base)  # fake is still zero
+        net(x).sum().backward()
+    assert all(p.grad is None for p in lora.parameters(net, "student"))
+    assert all(p.grad is not None for p in lora.parameters(net, "fake"))
+    with lora.adapter(net, None):
+        assert torch.equal(net(x), base)
+    with lora.adapter(net, "student"):
+        assert torch.equal(net(x), y_student)
+    with pytest.raises(ValueError, match="exists"):
+        lora.inject(net, r"^(0|3)$", "fake")
+
+
+def test_lora_save_load_round_trip(tmp_path):
+    net, x = _net(), torch.randn(2, 3, 4, 4)
+    lora.inject(net, r"^(0|3)$", "student", rank=4, alpha=3)
+    _randomize(net, "student")
+    with lora.adapter(net, "student"):
+        y = net(x)
+    lora.save(tmp_path / "a.safetensors", lora.state_dict(net, "student", "unet"), {"rank": 4})
+    sd, meta = lora.load(tmp_path / "a.safetensors")
+    assert meta == {"rank": "4"} and set(sd) == {"unet.0.lora_A.weight", "unet.0.lora_B.weight",
+                                                 "unet.3.lora_A.weight", "unet.3.lora_B.weight"}
+    net2 = _net()
+    lora.inject(net2, r"^(0|3)$", "student", rank=4, alpha=3)
+    lora.load_state_dict(net2, "student", sd, "unet")
+    with lora.adapter(net2, "student"):
+        assert torch.allclose(net2(x), y, atol=1e-6)
+    net3 = _net()
+    lora.inject(net3, r"^0$", "student", rank=4, alpha=3)
+    with pytest.raises(ValueError, match="do not match"):
+        lora.load_state_dict(net3, "student", sd, "unet")
+
+
+def test_lora_targets_must_match():
+    with pytest.raises(ValueError, match="match no"):
+        lora.inject(_net(), r"to_q$", "student")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_exported_lora_loads_in_diffusers(family, tiny_sdxl, tiny_flux, tmp_path):
+    """pipe.load_lora_weights(file) gives the same denoiser output as the hand-written path (tolerance 1e-5)."""
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline
+    path, cls, res = (tiny_sdxl, StableDiffusionXLPipeline, 16) if family == "sdxl" else (tiny_flux, FluxPipeline, 32)
+    t = load_teacher(path, "cpu", resolution=res)
+    add_student(t, rank=4, alpha=6)
+    _randomize(t.denoiser, "student")
+    lora.save(tmp_path / "lora.safetensors", lora.state_dict(t.denoiser, "student", t.lora_prefix), {})
+    z, tt, cond = t.noise(2, torch.Generator().manual_seed(0)), torch.tensor([700.0, 300.0]), t.encode(["a cat", "a"])
+    with torch.no_grad():
+        base = t.forward(z, tt, cond)
+        with lora.adapter(t.denoiser, "student"):
+            mine = t.forward(z, tt, cond)
+    pipe = cls.from_pretrained(path)
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+    t.denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    with torch.no_grad():
+        theirs = t.forward(z, tt, cond)
+    assert (mine - base).abs().max() > 0.1
+    assert torch.allclose(theirs, mine, atol=1e-5), (theirs - mine).abs().max()
+
+
+# ---- teachers -------------------------------------------------------------------------------------------------
+
+def test_digits_teacher(digits):
+    assert digits.id == "digits" and digits.latent_shape == (1, 16, 16) and digits.embedded
+    assert digits.prompts == [str(i) for i in range(10)] + [""]
+    z, t = digits.noise(2, torch.Generator().manual_seed(0)), torch.tensor([500.0, 500.0])
+    c = digits.encode(["3", "7"])
+    with torch.no_grad():  # w = 1 is the conditional model
+        assert torch.allclose(digits.x0(z, t, c, w=1.0), digits.x0(z, t, c), atol=1e-5)
+    with pytest.raises(ValueError, match="knows the prompts"):
+        digits.encode(["a cat"])
+
+
+def test_sdxl_teacher_sampling_equals_diffusers_ddim(tiny_sdxl):
+    """Our Psi loop with CFG (trailing DDIM) reproduces StableDiffusionXLPipeline + DDIMScheduler, latents in/out."""
+    from diffusers import DDIMScheduler
+    t = load_teacher(tiny_sdxl, "cpu", resolution=16)
+    assert t.latent_shape == (4, 8, 8) and t.prediction == "epsilon"
+    z = t.noise(2, torch.Generator().manual_seed(0))
+    cond = t.encode(["a cat", "a dog"])
+    with torch.no_grad():
+        mine = solve(lambda z_, tt: t.x0(z_, tt, cond, w=5.0), z, teacher_times(4), t.alpha_sigma)
+    pipe = t.pipe
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                               set_alpha_to_one=True, clip_sample=False)
+    ref = pipe(["a cat", "a dog"], num_inference_steps=4, guidance_scale=5.0, height=16, width=16, latents=z.clone(),
+               output_type="latent").images
+    assert torch.allclose(mine, ref, atol=1e-4, rtol=1e-5), (mine - ref).abs().max()
+    assert t.decode(mine).shape == (2, 3, 16, 16)
+
+
+def test_flux_teacher_sampling_equals_diffusers_euler(tiny_flux):
+    """Shifted sigmas, packing, ids and the guidance embedding reproduce FluxPipeline's Euler sampler."""
+    t = load_teacher(tiny_flux, "cpu", resolution=32)
+    assert t.latent_shape == (4, 16, 16) and t.prediction == "flow" and not t.true_cfg
+    z = t.noise(2, torch.Generator().manual_seed(0))
+    cond = t.encode(["a cat", "a dog"])
+    with torch.no_grad():
+        mine = solve(lambda z_, tt: t.x0(z_, tt, cond, w=3.5), z, teacher_times(4), t.alpha_sigma)
+    ref = t.pipe(["a cat", "a dog"], num_inference_steps=4, guidance_scale=3.5, height=32, width=32,
+                 latents=pack(z), output_type="latent", max_sequence_length=512).images
+    assert torch.allclose(mine, unpack(ref, 4, 16, 16), atol=1e-4), (mine - unpack(ref, 4, 16, 16)).abs().max()
+    assert t.decode(mine).shape == (2, 3, 32, 32)
+
+
+def test_prompts_are_encoded_once(tmp_path):
+    calls = []
+
+    def enc(prompts):
+        calls.append(list(prompts))
+        return {"e": torch.stack([torch.full((2,), float(len(p))) for p in prompts])}
+
+    a = cached_encode(["ab", "c", "ab"], enc, str(tmp_path))
+    b = cached_encode(["c", "ab", "dddd"], enc, str(tmp_path))
+    assert calls == [["ab", "c"], ["dddd"]]
+    assert a["e"][:, 0].tolist() == [2, 1, 2] and b["e"][:, 0].tolist() == [1, 2, 4]
+
+
+def test_bad_teachers(tmp_path):
+    with pytest.raises(ValueError, match="unknown teacher"):
+        load_teacher("sdxl-turbo-typo")
+    with pytest.raises(ValueError, match="not a teacher folder"):
+        load_teacher(str(tmp_path))
+    (tmp_path / "prompt_embeds.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="unet/ and scheduler/"):
+        load_teacher(str(tmp_path))
+
+
+# ---- checkpoints and sample.py ------------------------------------------------------------------------------------
+
+def _zero_student(path, teacher="digits", stage="local", **meta):
+    t = load_teacher(teacher, "cpu")
+    add_student(t, rank=4)
+    save_checkpoint(str(path), t, stage, {"M": 8, **meta})
+    return t
+
+
+def _load(path):
+    return lora.load(str(path))[0]
+
+
+def test_zero_student_samples_like_the_teacher_without_cfg(tmp_path, digits):
+    """A fresh student (B = 0) at k milestone steps is the teacher's k-step DDIM at w = 1: sample.py end to end."""
+    _zero_student(tmp_path / "s.safetensors")
+    common = ["--steps", "2", "--prompts", "3", "8", "--per-prompt", "3", "--seed", "7"]
+    sample.main(["--ckpt", str(tmp_path / "s.safetensors"), *common, "--out", str(tmp_path / "a.png"),
+                 "--save-tensors", str(tmp_path / "a.safetensors")])
+    sample.main(["--teacher", "digits", "--cfg", "1", *common, "--out", str(tmp_path / "b.png"),
+                 "--save-tensors", str(tmp_path / "b.safetensors")])
+    a, b = _load(tmp_path / "a.safetensors"), _load(tmp_path / "b.safetensors")
+    assert a["images"].shape == (6, 1, 16, 16) and a["images"].dtype == torch.float32
+    assert a["labels"].tolist() == [3, 3, 3, 8, 8, 8] and a["labels"].dtype == torch.int64
+    assert torch.allclose(a["images"], b["images"], atol=1e-5)
+    assert a["images"].abs().max() <= 1 and (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_sample_cli_is_deterministic(tmp_path):
+    def run(seed, name):
+        cmd = [sys.executable, os.path.join(HERE, "sample.py"), "--teacher", "digits", "--steps", "3", "--cfg", "2",
+               "--per-prompt", "2", "--seed", str(seed), "--save-tensors", str(tmp_path / name),
+               "--out", str(tmp_path / "g.png")]
+        subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
+        return _load(tmp_path / name)["images"]
+
+    a, b, c = run(1, "a.safetensors"), run(1, "b.safetensors"), run(2, "c.safetensors")
+    assert a.shape == (20, 1, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_lcm_sampler_and_clip(tmp_path):
+    _zero_student(tmp_path / "s.safetensors")
+    for extra in (["--sampler", "lcm"], ["--clip"]):
+        sample.main(["--ckpt", str(tmp_path / "s.safetensors"), "--steps", "4", "--per-prompt", "1",
+                     "--out", str(tmp_path / "g.png"), "--save-tensors", str(tmp_path / "x.safetensors"), *extra])
+        assert _load(tmp_path / "x.safetensors")["images"].isfinite().all()
+
+
+def test_student_from_tiny_sdxl_and_flux_checkpoints(tmp_path, tiny_sdxl, tiny_flux):
+    for path, res in ((tiny_sdxl, 16), (tiny_flux, 32)):
+        t = load_teacher(path, "cpu", resolution=res)
+        add_student(t, rank=4)
+        _randomize(t.denoiser, "student", std=0.01)
+        save_checkpoint(str(tmp_path / "s.safetensors"), t, "global", {"M": 8})
+        t2, _, meta = load_student(str(tmp_path / "s.safetensors"), "cpu")
+        assert meta["teacher"] == path and t2.latent_shape == t.latent_shape
+        z, tt, c = t.noise(1, torch.Generator().manual_seed(0)), torch.tensor([500.0]), t.encode(["a cat"])
+        with torch.no_grad(), lora.adapter(t.denoiser, "student"), lora.adapter(t2.denoiser, "student"):
+            assert torch.allclose(t.forward(z, tt, c), t2.forward(z, tt, c), atol=1e-5)
+        sample.main(["--ckpt", str(tmp_path / "s.safetensors"), "--steps", "2", "--prompts", "a cat", "--per-prompt",
+                     "1", "--out", str(tmp_path / "g.png"), "--save-tensors", str(tmp_path / "x.safetensors")])
+        assert _load(tmp_path / "x.safetensors")["images"].shape == (1, 3, res, res)
+
+
+# ---- bad input: one clear line, nothing written -------------------------------------------------------------------
+
+def _fails(argv, match, capsys=None):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert match in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_sample_bad_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "never.png")]
+    _fails(out, "no --ckpt given and no global.safetensors")
+    _fails(["--teacher", "nope", *out], "unknown teacher")
+    _zero_student(tmp_path / "s.safetensors")
+    _fails(["--ckpt", "s.safetensors", "--steps", "9", *out], "1..8")
+    _fails(["--ckpt", "s.safetensors", "--steps", "2", "--cfg", "3", *out], "--cfg is for the teacher")
+    _fails(["--ckpt", "missing.safetensors", *out], "no such checkpoint")
+    data = (tmp_path / "s.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    _fails(["--ckpt", "cut.safetensors", *out], "corrupt or truncated")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    _fails(["--ckpt", "junk.safetensors", *out], "corrupt or truncated")
+    _fails(["--teacher", "digits", "--prompts", "nothere.txt", *out], "does not exist")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    _fails(["--teacher", "digits", "--prompts", str(tmp_path / "empty.txt"), *out], "empty")
+    lora.save(tmp_path / "nolora.safetensors", {"x": torch.zeros(1)}, {"format": "logcd", "stage": "local"})
+    _fails(["--ckpt", "nolora.safetensors", *out], "not a LogCD checkpoint")
+    assert not (tmp_path / "never.png").exists()
+
+
+def test_checkpoint_of_another_stage_or_teacher(tmp_path):
+    _zero_student(tmp_path / "s.safetensors", skip=20, w=2.0, step=0)
+    meta = read_checkpoint(str(tmp_path / "s.safetensors"))[1]
+    for key in ("stage", "teacher", "M", "skip", "w", "rank", "alpha", "step", "git_commit", "lora_targets"):
+        assert key in meta
+    with pytest.raises(ValueError, match="'local' checkpoint; expected global"):
+        read_checkpoint(str(tmp_path / "s.safetensors"), stages=("global",))
+    with pytest.raises(ValueError, match="from teacher 'digits', not 'sdxl'"):
+        read_checkpoint(str(tmp_path / "s.safetensors"), teacher_id="sdxl")
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.safetensors"
+    lora.save(path, {"a": torch.ones(2)}, {"step": 1})
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        lora.save(path, {"a": torch.zeros(2)}, {"step": 2})
+    t, meta = lora.load(path)
+    assert meta["step"] == "1" and torch.equal(t["a"], torch.ones(2)) and os.listdir(tmp_path) == ["c.safetensors"]
+
+
+# ---- the evaluator -------------------------------------------------------------------------------------------------
+
+def test_frechet_distance():
+    from eval import frechet
+    torch.manual_seed(0)
+    a = torch.randn(4000, 3)
+    assert frechet(a, a) == pytest.approx(0, abs=1e-6)
+    # N(0, I) vs N(m, 4 I) in 3-d: |m|^2 + 3 (1 + 4 - 2 * 2) = |m|^2 + 3
+    b = torch.randn(4000, 3) * 2 + torch.tensor([1.0, 0, 0])
+    assert frechet(a, b) == pytest.approx(4.0, rel=0.1)
+
+
+def test_classifier_reads_real_digits():
+    from eval import load_classifier, score
+    from toy.digits import load_digits, split
+    net, meta = load_classifier()
+    assert float(meta["held_out_accuracy"]) > 0.95
+    x, y = load_digits()
+    _, te = split(len(x))
+    s = score(x[te], y[te], net)
+    assert s["alignment"] > 0.95 and s["FD"] < score(torch.rand_like(x[te]) * 2 - 1, y[te], net)["FD"] / 10
