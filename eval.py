@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+from local_cd import load_teacher
 from toy.digits import load_digits, split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,11 +137,11 @@ def main():
              **score(real[sub], y[sub], net)}]
     src = ["--teacher", args.teacher]
     if args.table == "teacher":
-        w = [] if args.cfg is None else ["--cfg", str(args.cfg)]
+        w = args.cfg if args.cfg is not None else load_teacher(args.teacher, "cpu").default_w
         for clip in (False, True):
             for n in (25, 8, 4, 3, 2):
-                x, lab = sample(src, n, args.seed, args.per_prompt, w + (["--clip"] if clip else []))
-                rows.append({"row": "teacher DDIM", "steps": n, "w": args.cfg or "default", "clip": clip,
+                x, lab = sample(src, n, args.seed, args.per_prompt, ["--cfg", str(w)] + (["--clip"] if clip else []))
+                rows.append({"row": "teacher DDIM", "steps": n, "w": w, "clip": clip,
                              **score(x, lab, net)})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     else:

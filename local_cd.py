@@ -175,10 +175,10 @@ class DDPMTeacher(Teacher):
         return alpha.float().view(-1, 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
 
     def forward(self, z, t, cond):
-        """Raw UNet output; the UNet reads t = k as its training index k - 1."""
+        """Raw UNet output; the UNet reads t = k as its training index k - 1 (kept in fp32: bf16 rounds 999 to 1000)."""
         extra = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
         dtype = self.denoiser.dtype
-        out = self.denoiser(z.to(dtype), (t - 1).to(dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+        out = self.denoiser(z.to(dtype), (t - 1).float(), encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                             added_cond_kwargs={k: v.to(dtype) for k, v in extra.items()} or None)
         return out.sample
 
@@ -378,8 +378,8 @@ def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None,
     try:
         cls = DiffusionPipeline.load_config(path)["_class_name"]
     except Exception as e:
-        raise ValueError(f"cannot read the pipeline config of {path!r} ({type(e).__name__}); offline? download it "
-                         f"first (huggingface-cli download {path}) and pass the folder") from None
+        raise ValueError(f"cannot read the pipeline config of {path!r} ({type(e).__name__}); offline or gated? "
+                         f"download it first (hf download {path} --local-dir DIR) and pass DIR") from None
     if "StableDiffusionXL" in cls:
         from diffusers import StableDiffusionXLPipeline
         return SDXLTeacher(StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype), device, id, resolution)

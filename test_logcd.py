@@ -366,6 +366,13 @@ def test_prompts_are_encoded_once(tmp_path):
     assert a["e"][:, 0].tolist() == [2, 1, 2] and b["e"][:, 0].tolist() == [1, 2, 4]
 
 
+def test_hub_teacher_offline_is_one_clear_line():
+    code = "from local_cd import load_teacher\ntry:\n    load_teacher('sdxl', 'cpu')\nexcept ValueError as e:\n    print(e)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in r.stdout and "hf download" in r.stdout, r.stdout + r.stderr
+
+
 def test_bad_teachers(tmp_path):
     with pytest.raises(ValueError, match="unknown teacher"):
         load_teacher("sdxl-turbo-typo")
