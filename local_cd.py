@@ -186,7 +186,7 @@ class DDPMTeacher(Teacher):
 class DigitsTeacher(DDPMTeacher):
     """A folder in the embedded layout (DESIGN.md section 8): the prompts are rows of a table, the latent is the image."""
     embedded = True
-    default_w = 2.0  # measured on the embedded teacher: README, "The embedded teacher"
+    default_w = 1.5  # measured on the embedded teacher: README, "The embedded teacher"
 
     def __init__(self, folder, device, id):
         from diffusers import UNet2DConditionModel
