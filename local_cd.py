@@ -134,6 +134,7 @@ class Teacher:
     into), lora_prefix (diffusers key prefix), lora_targets (regex of module paths), latent_shape (C, H, W),
     default_w, and implement alpha_sigma, forward, encode, null, decode."""
     embedded = False
+    _null = None  # the null-prompt conditioning, encoded once
 
     def x0(self, z, t, cond, w=None, null=None):
         """x0_hat of the denoiser as it stands (teacher, or student with an adapter active); with w, CFG against the
@@ -251,12 +252,12 @@ class SDXLTeacher(DDPMTeacher):
         return c
 
     def null(self, n):
-        if self.pipe.config.get("force_zeros_for_empty_prompt", True):  # SDXL's own unconditional input
-            c = {k: torch.zeros_like(v) for k, v in self.encode([""]).items() if k != "time_ids"}
-            c["time_ids"] = self.time_ids.to(self.device)[None]
-        else:
+        if self._null is None:
             c = self.encode([""])
-        return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
+            if self.pipe.config.get("force_zeros_for_empty_prompt", True):  # SDXL's own unconditional input
+                c = {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in c.items()}
+            self._null = c
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
 
     def decode(self, z):
         with torch.no_grad():
@@ -338,7 +339,8 @@ class FluxTeacher(Teacher):
         return {k: v.to(self.device) for k, v in cached_encode(list(prompts), self._encode, self.cache_dir).items()}
 
     def null(self, n):
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self.encode([""]).items()}
+        self._null = self._null or self.encode([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
 
     def decode(self, z):
         c = self.vae.config
