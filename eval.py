@@ -2,6 +2,7 @@
 
     python eval.py --table teacher      # teacher DDIM at 25 / 8 / 4 / 3 / 2 steps (the yardstick for every stage)
     python eval.py --table cfg          # the teacher across CFG scales w (how its default w was chosen)
+    python eval.py --table student --ckpt local.safetensors --steps 8 4 3 2
     python eval.py --train-classifier   # retrain the judge (deterministic; its weights are committed)
 
 A small CNN trained deterministically on the digits is the judge:
@@ -118,7 +119,9 @@ def table(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", choices=["teacher", "cfg"], help="which table to print")
+    p.add_argument("--table", choices=["teacher", "cfg", "student"], help="which table to print")
+    p.add_argument("--ckpt", default="local.safetensors", help="the student checkpoint of --table student")
+    p.add_argument("--steps", type=int, nargs="+", default=[8, 4, 3, 2], help="step counts of --table student")
     p.add_argument("--teacher", default="digits", help="an embedded-layout teacher (name or folder)")
     p.add_argument("--cfg", type=float, default=None, help="w for --table teacher (default: the teacher's)")
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +147,11 @@ def main():
                 rows.append({"row": "teacher DDIM", "steps": n, "w": w, "clip": clip,
                              **score(x, lab, net)})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
+    elif args.table == "student":
+        for k in args.steps:
+            x, lab = sample(["--ckpt", args.ckpt], k, args.seed, args.per_prompt)
+            rows.append({"row": os.path.basename(args.ckpt), "steps": k, "w": "-", "clip": False, **score(x, lab, net)})
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
     else:
         for w in (1.0, 1.5, 2.0, 3.0, 5.0, 7.0):
             x, lab = sample(src, 25, args.seed, args.per_prompt, ["--cfg", str(w)])

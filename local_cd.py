@@ -3,7 +3,7 @@
 Paper: "LogCD: Local-to-global Consistency Distillation for Few-step Image Generation" (CVPR 2026), Method 1.
 This file holds what all stages share (DESIGN.md sections 3, 7): the teachers (the embedded digits teacher,
 SDXL, FLUX.1-dev), their noise schedules on one time axis t in [0, T], the solver Psi, CFG, milestones and
-checkpoints. Importing it does nothing; the stage-1 training loop runs behind `if __name__ == "__main__":`.
+checkpoints. Importing it does nothing; the stage-1 training loop (main) runs when it is a script.
 
 Time: t in [0, T], T = 1000, for every teacher; t = 0 is the clean latent (alpha = 1, sigma = 0).
   DDPM teachers (SDXL, the digits toy): t = k is the training index k - 1 (so t = T is index 999, "trailing").
@@ -408,15 +408,34 @@ def add_student(teacher, rank=64, alpha=None, targets=None):
     return lora.inject(teacher.denoiser, targets, "student", rank, alpha)
 
 
-def save_checkpoint(path, teacher, stage, meta, extra=None):
-    """The student LoRA (diffusers keys) + `extra` tensors (optimizer states, ...) + metadata, written atomically.
-    meta: the stage's hyper-parameters (M, skip, w, p, q, step, ...); teacher, resolution and LoRA shape are added."""
+def save_checkpoint(path, teacher, stage, meta):
+    """The student LoRA (diffusers keys, so pipe.load_lora_weights reads it) + metadata, written atomically.
+    meta: the stage's hyper-parameters (M, skip, w, p, q, step, ...); teacher, resolution and LoRA shape are added.
+    Training state for --resume goes to a file of its own (state_path), which diffusers never has to read."""
     tensors = lora.state_dict(teacher.denoiser, "student", teacher.lora_prefix)
-    tensors.update(extra or {})
     meta = {"format": "logcd", "stage": stage, "teacher": teacher.id, "lora_prefix": teacher.lora_prefix,
             "resolution": getattr(teacher, "resolution", teacher.latent_shape[-1]), **teacher.student_lora,
             "git_commit": git_commit(), **meta}
     lora.save(path, tensors, meta)
+
+
+def state_path(path):
+    """local.safetensors -> local.state.safetensors: optimizer, RNG and data state for --resume."""
+    return path[:-len(".safetensors")] + ".state.safetensors" if path.endswith(".safetensors") else path + ".state"
+
+
+def optimizer_tensors(opt, prefix="optim"):
+    return {f"{prefix}.{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def load_optimizer(opt, tensors, prefix="optim"):
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, i, k = key.split(".")
+            sd["state"].setdefault(int(i), {})[k] = v
+    opt.load_state_dict(sd)
 
 
 def read_checkpoint(path, stages=("local", "global"), teacher_id=None):
@@ -440,5 +459,300 @@ def load_student(path, device=None, stages=("local", "global"), teacher_id=None)
     return teacher, tensors, meta
 
 
+# ==== Stage 1: local consistency distillation ======================================================================
+
+def trajectory_times(M, skip, offset=0):
+    """The teacher's solver grid for the image-free training data, T down to 0, and which steps are training pairs.
+    In each segment (t^s, t^{s+1}]: t^{s+1}, then t_m = t^{s+1} - offset, t_m - skip, ... and finally t^s. Every
+    step after the segment's first goes from t_m to t_n = max(t_m - skip, t^s): one training pair per teacher step.
+    (The first, t^{s+1} -> t^{s+1} - offset, only moves the grid: offset in [0, skip) lets t_m reach every t.)"""
+    ts, is_pair = [float(T)], []
+    for s in reversed(range(M)):
+        lo, hi = s * T / M, (s + 1) * T / M
+        t = hi - offset
+        if offset:
+            ts.append(t)
+            is_pair.append(False)
+        while t > lo:
+            t = max(t - skip, lo)
+            ts.append(t)
+            is_pair.append(True)
+    return ts, is_pair
+
+
+class TrajectoryBuffer:
+    """Image-free stage-1 data: teacher trajectories from pure noise (CFG, the solver Psi on trajectory_times),
+    cut into (z_{t_m}, z_{t_n}) pairs and kept in a pool that every batch samples from. The naive way re-runs the
+    teacher from T to t_m for each pair; here one teacher step makes one pair, and each pair is drawn `reuse`
+    times on average before new trajectories replace the oldest (FIFO)."""
+
+    def __init__(self, teacher, cond_all, M, skip, w, trajectories, capacity, reuse, generator):
+        self.teacher, self.cond_all, self.M, self.skip, self.w = teacher, cond_all, M, skip, w
+        self.trajectories, self.capacity, self.reuse, self.gen = trajectories, capacity, reuse, generator
+        self.pool = None
+        self.made = self.served = 0  # pairs made / pairs served
+        self.teacher_forwards = 0  # model forward passes, counted per sample (a CFG step = 2)
+        self.naive_forwards = 0  # what re-running the teacher from T to t_n for each served pair would have cost
+        self.cfg_passes = 1 if isinstance(teacher, FluxTeacher) and not teacher.true_cfg else 2
+
+    @torch.no_grad()
+    def refill(self):
+        n, dev = self.trajectories, self.teacher.device
+        idx = torch.randint(0, len(next(iter(self.cond_all.values()))), (n,), generator=self.gen)
+        cond = cond_index(self.cond_all, idx.to(dev))
+        offset = int(torch.randint(0, math.ceil(min(self.skip, T / self.M)), (1,), generator=self.gen))
+        ts, is_pair = trajectory_times(self.M, self.skip, offset)
+        z = self.teacher.noise(n, self.gen)
+        rows = {k: [] for k in ("z_m", "z_n", "t_m", "t_n", "t_s", "prompt", "depth")}
+        for depth, (t, s, keep) in enumerate(zip(ts[:-1], ts[1:], is_pair)):
+            t_, s_ = torch.full((n,), t, device=dev), torch.full((n,), s, device=dev)
+            # z_{t_n} = Psi(z_{t_m}, x0_hat_w(z_{t_m}), t_m, t_n): one teacher solver step with CFG
+            z_next = Psi(z, self.teacher.x0(z, t_, cond, w=self.w), t_, s_, self.teacher.alpha_sigma)
+            self.teacher_forwards += n * self.cfg_passes
+            if keep:
+                t_s = float(milestones(self.M)[segment(t, self.M)])
+                for k, v in (("z_m", z), ("z_n", z_next), ("t_m", t_), ("t_n", s_), ("t_s", torch.full_like(t_, t_s)),
+                             ("prompt", idx.to(dev)), ("depth", torch.full((n,), depth + 1, device=dev))):
+                    rows[k].append(v.float() if v.is_floating_point() else v)
+            z = z_next
+        new = {k: torch.cat(v) for k, v in rows.items()}
+        self.pool = new if self.pool is None else {k: torch.cat([self.pool[k], new[k]])[-self.capacity:]
+                                                   for k in new}
+        self.made += len(new["t_m"])
+
+    def sample(self, B):
+        """B pairs: (z_m, t_m, z_n, t_n, t_s, cond)."""
+        while self.pool is None or len(self.pool["t_m"]) < min(B, self.capacity) or self.served >= self.reuse * self.made:
+            self.refill()
+        i = torch.randint(0, len(self.pool["t_m"]), (B,), generator=self.gen).to(self.teacher.device)
+        p = {k: v[i] for k, v in self.pool.items()}
+        self.served += B
+        self.naive_forwards += int(p["depth"].sum()) * self.cfg_passes
+        return p["z_m"], p["t_m"], p["z_n"], p["t_n"], p["t_s"], cond_index(self.cond_all, p["prompt"])
+
+    def state(self):
+        return ({f"buffer.{k}": v.cpu() for k, v in self.pool.items()} if self.pool is not None else {},
+                {k: getattr(self, k) for k in ("made", "served", "teacher_forwards", "naive_forwards")})
+
+    def load(self, tensors, counters):
+        pool = {k[len("buffer."):]: v.to(self.teacher.device) for k, v in tensors.items() if k.startswith("buffer.")}
+        self.pool = pool or None
+        for k, v in counters.items():
+            setattr(self, k, int(v))
+
+
+def local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond):
+    """The stage-1 loss on a batch of pairs, with the student adapter active. Returns (loss, target, student
+    forwards). Pairs whose t_n is the milestone itself need no student forward for their target."""
+    # g_theta(z_{t_m}, t_m, t^s) = Psi(z_{t_m}, x0_theta(z_{t_m}, t_m), t_m, t^s)
+    g_m = Psi(z_m, teacher.x0(z_m, t_m, cond), t_m, t_s, teacher.alpha_sigma)
+    with torch.no_grad():
+        # sg[g_theta(z_{t_n}, t_n, t^s)]; at t_n = t^s it is z_{t^s} itself (the boundary condition)
+        g_n, inner = z_n.clone(), (t_n > t_s).nonzero().flatten()
+        if len(inner):
+            zi, ti, si = z_n[inner], t_n[inner], t_s[inner]
+            g_n[inner] = Psi(zi, teacher.x0(zi, ti, cond_index(cond, inner)), ti, si, teacher.alpha_sigma).to(g_n.dtype)
+    # L = d(g_theta(z_{t_m}, t_m, t^s), sg[g_theta(z_{t_n}, t_n, t^s)])
+    return d(g_m, g_n).mean(), g_n, len(z_m) + len(inner)
+
+
+PRESETS = {  # the paper's hyper-parameters per teacher family; the embedded teacher's finish in minutes on a CPU
+    "digits": dict(iters=600, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=200),
+    "sdxl": dict(iters=12000, batch=4, lr=1e-4, w=7.0, trajectories=4, buffer=512, reuse=4, save_every=500),
+    "flux": dict(iters=6000, batch=2, lr=1e-4, w=3.5, trajectories=2, buffer=256, reuse=4, save_every=500),
+}
+
+
+def family(teacher):
+    return "digits" if teacher.embedded else "flux" if isinstance(teacher, FluxTeacher) else "sdxl"
+
+
+def distance(name, llpips_path=None):
+    """d(x, y) of the consistency loss, per sample: mse, or L-LPIPS (a latent-space perceptual distance)."""
+    if name == "mse":
+        return lambda x, y: (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    if not llpips_path or not os.path.exists(llpips_path):
+        raise SystemExit(f"error: --d llpips needs L-LPIPS weights for this teacher (--llpips FILE; "
+                         f"{llpips_path or 'none given'} not found): train them with llpips.py, or use --d mse")
+    import llpips  # noqa: the L-LPIPS network (llpips.py)
+    net = llpips.load(llpips_path)
+    return lambda x, y: net(x, y)
+
+
+def parse_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__ + STAGE1, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--teacher", default="digits", help="digits (embedded, default), sdxl, flux, a teacher folder or hub id")
+    a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
+    a("--M", type=int, default=8, help="M: number of segments; milestones t^s = s T / M")
+    a("--skip", type=float, default=20, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
+    a("--w", type=float, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
+      "(paper: 7 for SDXL; FLUX.1-dev: its guidance embedding, 3.5; embedded teacher: its measured default)")
+    a("--d", choices=["mse", "llpips"], default="mse", help="d: the consistency distance")
+    a("--llpips", default=None, help="L-LPIPS weights for --d llpips")
+    a("--rank", type=int, default=64, help="LoRA rank r (alpha = r)")
+    a("--lr", type=float, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
+    a("--batch", type=int, default=None, help="training pairs per iteration and rank")
+    a("--iters", type=int, default=None, help="iterations (paper: 12K SDXL, 6K FLUX)")
+    a("--trajectories", type=int, default=None, help="teacher trajectories per buffer refill (per rank)")
+    a("--buffer", type=int, default=None, help="capacity of the pair pool")
+    a("--reuse", type=float, default=None, help="draws per training pair on average before it is replaced")
+    a("--out", default="local.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
+    a("--save-every", type=int, default=None)
+    a("--resume", action="store_true", help="continue the run saved at --out (LoRA, optimizer, step, RNG, buffer)")
+    a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
+    a("--resolution", type=int, default=1024, help="SDXL / FLUX image size")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=50)
+    a("--device", default=None)
+    return p.parse_args(argv)
+
+
+STAGE1 = """
+Stage 1 (this script): local consistency. [0, T] is cut into M segments at milestones t^s = s T / M; inside each
+segment the student learns to map any z_t to the segment's lower end t^s, as the teacher's ODE would:
+
+  g_theta(z_t, t, t^s) = Psi(z_t, x0_theta(z_t, t), t, t^s)
+  L = d( g_theta(z_{t_m}, t_m, t^s),  sg[ g_theta(z_{t_n}, t_n, t^s) ] ),  t_n = max(t_m - skip, t^s)
+
+z_{t_n} is one teacher solver step with CFG from z_{t_m}; z_{t_m} comes from teacher trajectories started at pure
+noise (image-free), reused across many training pairs. Stop-gradient target, no EMA; only the LoRA trains.
+
+  python local_cd.py                                    # the embedded teacher, minutes on a CPU
+  torchrun --nproc_per_node 4 local_cd.py --teacher sdxl --prompts prompts.txt
+  python sample.py --ckpt local.safetensors --steps 4
+"""
+
+
+def main(argv=None):
+    import torch.distributed as dist
+    from tqdm import tqdm
+    args = parse_args(argv)
+
+    # distributed: torchrun sets RANK; gloo on CPU, nccl on GPU; only rank 0 logs and saves
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, args.device or default_device()
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+
+    try:
+        teacher = load_teacher(args.teacher, device, args.resolution)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    for k, v in PRESETS[family(teacher)].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.w = teacher.default_w if args.w is None else args.w
+    if teacher.embedded:
+        prompts = [p for p in teacher.prompts if p]
+    else:
+        if not args.prompts or not os.path.isfile(args.prompts):
+            raise SystemExit(f"error: --prompts FILE is required for this teacher ({args.prompts or 'none given'})")
+        with open(args.prompts) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise SystemExit(f"error: {args.prompts} holds no prompts")
+    d = distance(args.d, args.llpips)
+
+    torch.manual_seed(args.seed)  # the same LoRA init on every rank
+    params = add_student(teacher, args.rank)
+    if args.grad_checkpointing:
+        teacher.denoiser.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda or None)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own trajectories and pairs
+    with torch.no_grad():
+        cond_all = teacher.encode(prompts)  # once; SDXL / FLUX text encoders run only for uncached prompts
+    buffer = TrajectoryBuffer(teacher, cond_all, args.M, args.skip, args.w, args.trajectories, args.buffer,
+                              args.reuse, gen)
+    hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d, "lr": args.lr, "batch": args.batch * world,
+               "seed": args.seed}
+    step = n_student = 0  # n_student: student forward passes, counted per sample
+    if args.resume:
+        try:
+            tensors, meta = read_checkpoint(args.out, ("local",), teacher.id)
+            state, smeta = lora.load(state_path(args.out))
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: cannot resume: {e}")
+        if smeta.get("step") != meta.get("step"):
+            raise SystemExit(f"error: {args.out} (step {meta.get('step')}) and its state file (step {smeta.get('step')})"
+                             " disagree; a save was interrupted")
+        lora.load_state_dict(teacher.denoiser, "student", tensors, teacher.lora_prefix)
+        load_optimizer(opt, state)
+        step = int(meta["step"])
+        if master:  # ranks > 0 start fresh buffers; a single-process resume continues exactly
+            gen.set_state(state["rng"])
+            buffer.load(state, json.loads(smeta["buffer"]))
+            n_student = int(smeta["student_forwards"])
+        log(f"resumed {args.out} at step {step}")
+    if ddp:  # identical LoRA on every rank
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+    def save():
+        if not master:
+            return
+        tensors, counters = buffer.state()
+        meta = {**hparams, "step": step}
+        lora.save(state_path(args.out), {**optimizer_tensors(opt), **tensors, "rng": gen.get_state()},
+                  {"step": step, "buffer": json.dumps(counters), "student_forwards": n_student})
+        save_checkpoint(args.out, teacher, "local", meta)
+
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
+        f"lr={args.lr:g} batch={args.batch}x{world} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
+        f"LoRA parameters)")
+    bar = tqdm(total=args.iters, initial=step, disable=not master, desc="local CD")
+    while step < args.iters:
+        z_m, t_m, z_n, t_n, t_s, cond = buffer.sample(args.batch)
+        with lora.adapter(teacher.denoiser, "student"), autocast:
+            loss, _, n = local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond)
+        n_student += n
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if ddp:  # average the LoRA gradients over ranks (one flat all-reduce) and the loss for logging
+            flat = torch.cat([p.grad.flatten() for p in params]) / world
+            dist.all_reduce(flat)
+            torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
+        if not torch.isfinite(loss):
+            bar.close()
+            raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. {args.out} keeps the last good "
+                             "checkpoint (try a lower --lr)")
+        opt.step()
+        step += 1
+        bar.update(1)
+        served = max(buffer.served, 1)
+        if master and (step % args.log_every == 0 or step == args.iters):
+            bar.set_postfix(loss=f"{loss.item():.4g}", teacher_fwd_per_pair=f"{buffer.teacher_forwards / served:.2f}",
+                            student_fwd_per_pair=f"{n_student / served:.2f}")
+        if step % args.save_every == 0 or step == args.iters:
+            save()
+    bar.close()
+    served = max(buffer.served, 1)
+    log(f"model forwards per training pair: teacher {buffer.teacher_forwards / served:.2f} + student "
+        f"{n_student / served:.2f} = {(buffer.teacher_forwards + n_student) / served:.2f} (this run's pairs; the "
+        f"naive way, re-running the teacher from T for every pair: {buffer.naive_forwards / served:.1f} + student)")
+    log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 4")
+    if ddp:  # a cheap guard: every rank must hold rank 0's LoRA
+        flat = torch.nn.utils.parameters_to_vector(params).detach()
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        diff = (flat - ref).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        log(f"LoRA identical on all {world} ranks: max difference {diff.item():.3g}")
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    raise SystemExit("the stage-1 training loop is not written yet (issue 3); this file provides the foundation")
+    main()

@@ -524,3 +524,141 @@ def test_classifier_reads_real_digits():
     _, te = split(len(x))
     s = score(x[te], y[te], net)
     assert s["alignment"] > 0.95 and s["FD"] < score(torch.rand_like(x[te]) * 2 - 1, y[te], net)["FD"] / 10
+
+
+# ---- stage 1: local consistency distillation ---------------------------------------------------------------------
+
+import local_cd  # noqa: E402
+from local_cd import TrajectoryBuffer, cond_index, local_loss, trajectory_times  # noqa: E402
+
+FAST = ["--batch", "8", "--trajectories", "2", "--buffer", "256", "--rank", "4", "--log-every", "1"]
+
+
+def test_trajectory_grid_is_made_of_training_pairs():
+    for offset in (0, 7):
+        ts, is_pair = trajectory_times(8, 20, offset)
+        assert ts[0] == T and ts[-1] == 0 and len(is_pair) == len(ts) - 1
+        assert set(milestones(8).tolist()) <= set(ts)  # the trajectory passes through every milestone
+        for t, s, keep in zip(ts[:-1], ts[1:], is_pair):
+            t_s = milestones(8)[segment(t, 8)].item()
+            if keep:  # t_n = max(t_m - skip, t^s)
+                assert s == max(t - 20, t_s)
+            else:  # only the grid's shift at the top of a segment
+                assert t in milestones(8).tolist() and t - s == offset
+    assert sum(not k for k in trajectory_times(8, 20, 7)[1]) == 8 and all(trajectory_times(8, 20, 0)[1])
+
+
+def test_buffer_pairs_are_teacher_steps_from_noise(digits):
+    """z_{t_m} is the teacher's own trajectory from pure noise; z_{t_n} one CFG solver step from it."""
+    seed, n, w = 3, 2, 1.5
+    cond_all = digits.encode([str(i) for i in range(10)])
+    buf = TrajectoryBuffer(digits, cond_all, 8, 20, w, n, 10_000, 4, torch.Generator().manual_seed(seed))
+    buf.refill()
+    # the same draws, in the buffer's order: prompts, offset, noise
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 10, (n,), generator=g)
+    offset = int(torch.randint(0, 20, (1,), generator=g))
+    z_T = digits.noise(n, g)
+    ts, _ = trajectory_times(8, 20, offset)
+    pool = buf.pool
+    assert len(pool["t_m"]) == n * sum(trajectory_times(8, 20, offset)[1]) == buf.made
+    assert buf.teacher_forwards == 2 * n * (len(ts) - 1)
+    for j in (0, 17, len(pool["t_m"]) - 1):
+        k, depth = j % n, int(pool["depth"][j])
+        c = cond_index(cond_all, idx[k:k + 1])
+        with torch.no_grad():
+            z_m = solve(lambda z, t: digits.x0(z, t, c, w=w), z_T[k:k + 1], ts[:depth], digits.alpha_sigma)
+            tm, tn = pool["t_m"][j:j + 1], pool["t_n"][j:j + 1]
+            z_n = Psi(z_m, digits.x0(z_m, tm, c, w=w), tm, tn, digits.alpha_sigma)
+        assert pool["prompt"][j] == idx[k] and tm.item() == ts[depth - 1] and tn.item() == ts[depth]
+        assert torch.allclose(pool["z_m"][j], z_m[0], atol=1e-4) and torch.allclose(pool["z_n"][j], z_n[0], atol=1e-4)
+        assert pool["t_s"][j] == milestones(8)[segment(tm, 8)].item()
+
+
+def test_local_loss_zero_by_construction_and_target_is_constant(digits):
+    add_student_t = load_teacher("digits", "cpu")
+    params = add_student(add_student_t, rank=4)
+    _randomize(add_student_t.denoiser, "student", std=0.05)
+    z = torch.randn(4, 1, 16, 16)
+    t_m, t_s = torch.tensor([125.0, 300.0, 610.0, 1000.0]), torch.tensor([0.0, 250.0, 500.0, 875.0])
+    c = add_student_t.encode(["1", "2", "3", "4"])
+    mse = local_cd.distance("mse")
+    with lora.adapter(add_student_t.denoiser, "student"):
+        # t_n = t_m: the target is the student at the same point, so the loss is exactly zero
+        loss, _, n = local_loss(add_student_t, mse, z, t_m, z, t_m, t_s, c)
+        assert loss.item() < 1e-12 and n == 8
+        # t_n = t^s: the target is z_{t^s} itself (no forward); any other t_n: a forward, without gradient
+        t_n = torch.tensor([0.0, 280.0, 500.0, 900.0])
+        loss, target, n = local_loss(add_student_t, mse, z, t_m, z * 0.9, t_n, t_s, c)
+    assert n == 4 + 2 and torch.equal(target[[0, 2]], z[[0, 2]] * 0.9)
+    assert not target.requires_grad and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in params)
+
+
+def _run(tmp_path, *extra, out="local.safetensors"):
+    local_cd.main([*FAST, "--out", str(tmp_path / out), *extra])
+    return _load(tmp_path / out)
+
+
+def test_stage1_resume_equals_uninterrupted(tmp_path):
+    a = _run(tmp_path, "--iters", "4", "--save-every", "2", out="a.safetensors")
+    _run(tmp_path, "--iters", "2", out="b.safetensors")
+    b = _run(tmp_path, "--iters", "4", "--resume", out="b.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    meta = read_checkpoint(str(tmp_path / "b.safetensors"), ("local",), "digits")[1]
+    assert meta["step"] == "4" and meta["M"] == "8" and float(meta["skip"]) == 20 and meta["w"] == "1.5"
+
+
+def test_stage1_checkpoint_samples(tmp_path):
+    _run(tmp_path, "--iters", "2")
+    sample.main(["--ckpt", str(tmp_path / "local.safetensors"), "--steps", "4", "--per-prompt", "1",
+                 "--out", str(tmp_path / "g.png")])
+    assert (tmp_path / "g.png").exists()
+
+
+def test_stage1_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def nan_later(name, path=None):
+        def d(x, y):
+            calls.append(1)
+            v = (x - y).pow(2).flatten(1).mean(1)
+            return v * float("nan") if len(calls) > 2 else v
+        return d
+
+    monkeypatch.setattr(local_cd, "distance", nan_later)
+    with pytest.raises(SystemExit, match="loss is nan at step 2"):
+        _run(tmp_path, "--iters", "5", "--save-every", "1")
+    assert read_checkpoint(str(tmp_path / "local.safetensors"))[1]["step"] == "2"
+
+
+def test_stage1_bad_inputs(tmp_path):
+    with pytest.raises(SystemExit, match="--d llpips needs L-LPIPS weights"):
+        _run(tmp_path, "--d", "llpips")
+    with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
+        _run(tmp_path, "--resume")
+    _zero_student(tmp_path / "g.safetensors", stage="global")
+    with pytest.raises(SystemExit, match="'global' checkpoint; expected local"):
+        _run(tmp_path, "--resume", out="g.safetensors")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_stage1_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_path):
+    path, res = (tiny_sdxl, 16) if family == "sdxl" else (tiny_flux, 32)
+    (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
+    with pytest.raises(SystemExit, match="--prompts FILE is required"):
+        _run(tmp_path, "--teacher", path, "--resolution", str(res), "--iters", "2")
+    _run(tmp_path, "--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res),
+         "--iters", "2", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50")
+    t, _, meta = load_student(str(tmp_path / "local.safetensors"), "cpu")
+    assert meta["teacher"] == path and meta["w"] == ("7.0" if family == "sdxl" else "3.5")
+
+
+def test_stage1_torchrun_two_ranks_agree(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(HERE, "local_cd.py"), *FAST, "--iters", "3", "--out", str(tmp_path / "l.safetensors")]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LoRA identical on all 2 ranks: max difference 0" in r.stdout
+    assert read_checkpoint(str(tmp_path / "l.safetensors"))[1]["batch"] == "16"
