@@ -557,7 +557,7 @@ def local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond):
 
 
 PRESETS = {  # the paper's hyper-parameters per teacher family; the embedded teacher's finish in minutes on a CPU
-    "digits": dict(iters=600, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=200),
+    "digits": dict(iters=400, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=100),
     "sdxl": dict(iters=12000, batch=4, lr=1e-4, w=7.0, trajectories=4, buffer=512, reuse=4, save_every=500),
     "flux": dict(iters=6000, batch=2, lr=1e-4, w=3.5, trajectories=2, buffer=256, reuse=4, save_every=500),
 }
