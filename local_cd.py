@@ -127,6 +127,23 @@ def cached_encode(prompts, encode_fn, cache_dir):
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def read_prompts(spec, teacher):
+    """Prompts from a list (a single existing path or *.txt: one prompt per line). The embedded teacher defaults to
+    its own prompts (the digits); other teachers need prompts."""
+    if spec is None:
+        if not teacher.embedded:
+            raise ValueError("--prompts is required for this teacher (a text file, one prompt per line)")
+        return [p for p in teacher.prompts if p]
+    if len(spec) == 1 and (os.path.exists(spec[0]) or spec[0].endswith(".txt")):
+        if not os.path.isfile(spec[0]):
+            raise ValueError(f"prompts file {spec[0]} does not exist")
+        with open(spec[0]) as f:
+            spec = [line.strip() for line in f if line.strip()]
+        if not spec:
+            raise ValueError("the prompts file is empty")
+    return spec
+
+
 # ---- teachers --------------------------------------------------------------------------------------------------
 
 class Teacher:
@@ -652,15 +669,12 @@ def main(argv=None):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.w = teacher.default_w if args.w is None else args.w
-    if teacher.embedded:
-        prompts = [p for p in teacher.prompts if p]
-    else:
-        if not args.prompts or not os.path.isfile(args.prompts):
-            raise SystemExit(f"error: --prompts FILE is required for this teacher ({args.prompts or 'none given'})")
-        with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise SystemExit(f"error: {args.prompts} holds no prompts")
+    try:
+        if args.prompts and not os.path.isfile(args.prompts):
+            raise ValueError(f"prompts file {args.prompts} does not exist")
+        prompts = read_prompts(args.prompts and [args.prompts], teacher)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     d = distance(args.d, args.llpips)
 
     torch.manual_seed(args.seed)  # the same LoRA init on every rank

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import lora
-from local_cd import load_student, load_teacher, solve, student_times, teacher_times
+from local_cd import load_student, load_teacher, read_prompts, solve, student_times, teacher_times
 
 
 def parse_args(argv=None):
@@ -47,21 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=1024, help="teacher only (SDXL / FLUX): image size in pixels")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p.parse_args(argv)
-
-
-def read_prompts(spec, teacher):
-    if spec is None:
-        if not teacher.embedded:
-            raise SystemExit("error: --prompts is required for this teacher (a text file or the prompts themselves)")
-        return [p for p in teacher.prompts if p]
-    if len(spec) == 1 and (os.path.exists(spec[0]) or spec[0].endswith(".txt")):
-        if not os.path.isfile(spec[0]):
-            raise SystemExit(f"error: prompts file {spec[0]} does not exist")
-        with open(spec[0]) as f:
-            spec = [line.strip() for line in f if line.strip()]
-        if not spec:
-            raise SystemExit("error: the prompts file is empty")
-    return spec
 
 
 def grid(images, row_labels, title, tile=None):

@@ -647,7 +647,7 @@ def test_stage1_bad_inputs(tmp_path):
 def test_stage1_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_path):
     path, res = (tiny_sdxl, 16) if family == "sdxl" else (tiny_flux, 32)
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
-    with pytest.raises(SystemExit, match="--prompts FILE is required"):
+    with pytest.raises(SystemExit, match="--prompts is required"):
         _run(tmp_path, "--teacher", path, "--resolution", str(res), "--iters", "2")
     _run(tmp_path, "--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res),
          "--iters", "2", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50")
