@@ -660,6 +660,8 @@ def main(argv=None):
         rank, world, device = 0, 1, args.device or default_device()
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
+    if cuda:  # cuDNN SDPA backward crashed on FLUX (illegal memory access; H200, torch 2.11): use flash / efficient
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     try:
         teacher = load_teacher(args.teacher, device, args.resolution)
