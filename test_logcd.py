@@ -476,6 +476,9 @@ def test_sample_bad_inputs(tmp_path, monkeypatch):
     lora.save(tmp_path / "nolora.safetensors", {"x": torch.zeros(1)}, {"format": "logcd", "stage": "local"})
     _fails(["--ckpt", "nolora.safetensors", *out], "not a LogCD checkpoint")
     assert not (tmp_path / "never.png").exists()
+    _zero_student(tmp_path / "global.safetensors", stage="global")  # no --ckpt: global.safetensors, said aloud
+    sample.main(["--steps", "2", "--per-prompt", "1", "--out", str(tmp_path / "g.png")])
+    assert (tmp_path / "g.png").exists()
 
 
 def test_checkpoint_of_another_stage_or_teacher(tmp_path):
