@@ -16,6 +16,7 @@ import os
 import subprocess
 
 import torch
+import torch.nn.functional as F
 
 import lora
 
@@ -149,7 +150,7 @@ def read_prompts(spec, teacher):
 class Teacher:
     """What every stage needs of a teacher. Subclasses set: id, prediction, denoiser (the nn.Module LoRA goes
     into), lora_prefix (diffusers key prefix), lora_targets (regex of module paths), latent_shape (C, H, W),
-    default_w, and implement alpha_sigma, forward, encode, null, decode."""
+    default_w, and implement alpha_sigma, forward, encode, null, decode, encode_images (images -> latents)."""
     embedded = False
     _null = None  # the null-prompt conditioning, encoded once
 
@@ -233,6 +234,10 @@ class DigitsTeacher(DDPMTeacher):
     def decode(self, z):
         return z.float().clamp(-1, 1)
 
+    def encode_images(self, x):
+        """Images (B, 3, H, W) in [-1, 1] -> latents: grey, resized to the teacher's resolution (identity VAE)."""
+        return F.interpolate(x.float().mean(1, keepdim=True), size=self.latent_shape[1:], mode="area")
+
 
 class SDXLTeacher(DDPMTeacher):
     """stabilityai/stable-diffusion-xl-base-1.0 (or any StableDiffusionXLPipeline folder): two text encoders,
@@ -280,6 +285,10 @@ class SDXLTeacher(DDPMTeacher):
         with torch.no_grad():
             x = self.vae.decode(z.float() / self.vae.config.scaling_factor).sample
         return x.clamp(-1, 1)
+
+    def encode_images(self, x):
+        with torch.no_grad():
+            return self.vae.encode(x.float()).latent_dist.mean * self.vae.config.scaling_factor
 
 
 class FluxTeacher(Teacher):
@@ -364,6 +373,11 @@ class FluxTeacher(Teacher):
         with torch.no_grad():
             x = self.vae.decode(z.float() / c.scaling_factor + (c.shift_factor or 0.0)).sample
         return x.clamp(-1, 1)
+
+    def encode_images(self, x):
+        c = self.vae.config
+        with torch.no_grad():
+            return (self.vae.encode(x.float()).latent_dist.mean - (c.shift_factor or 0.0)) * c.scaling_factor
 
 
 def default_device():

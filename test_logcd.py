@@ -665,3 +665,128 @@ def test_stage1_torchrun_two_ranks_agree(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "LoRA identical on all 2 ranks: max difference 0" in r.stdout
     assert read_checkpoint(str(tmp_path / "l.safetensors"))[1]["batch"] == "16"
+
+
+# ---- L-LPIPS -----------------------------------------------------------------------------------------------------
+
+import llpips  # noqa: E402
+
+
+def _torchvision_stub():
+    """The lpips package builds its VGG from torchvision; torchvision's CPU wheel is not installable here, so the
+    test hands it torchvision's VGG16 `features` layout (conv widths, ReLUs, 5 max-pools) built from scratch."""
+    import types
+    import torch.nn as nn
+
+    def vgg16(pretrained=False, **kw):
+        layers, c = [], 3
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
+                c = v
+        return types.SimpleNamespace(features=nn.Sequential(*layers))
+
+    tv = types.ModuleType("torchvision")
+    tv.models = types.SimpleNamespace(vgg16=vgg16)
+    return tv
+
+
+def test_llpips_pixel_mode_equals_the_lpips_package(monkeypatch):
+    """Pixel mode (3 channels, pools kept, LPIPS scaling) = lpips.LPIPS(net='vgg'): same weights, same distances."""
+    monkeypatch.setitem(sys.modules, "torchvision", _torchvision_stub())
+    import lpips
+    ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    torch.manual_seed(0)
+    mine = llpips.LLPIPS(3, pixel=True).eval()
+    ours = [m for m in mine.slices.modules() if isinstance(m, torch.nn.Conv2d)]
+    theirs = [m for m in ref.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(ours) == len(theirs) == 13
+    with torch.no_grad():
+        for a, b in zip(ours, theirs):
+            b.weight.copy_(a.weight)
+            b.bias.copy_(a.bias)
+        for head, lin in zip(mine.heads, ref.lins):
+            lin.model[-1].weight.copy_(head.weight)
+        x, y = torch.rand(3, 3, 48, 48) * 2 - 1, torch.rand(3, 3, 48, 48) * 2 - 1
+        d_ref, d = ref(x, y).flatten(), mine(x, y)
+    assert torch.allclose(d, d_ref, rtol=1e-4, atol=1e-6), (d, d_ref)
+
+
+def test_llpips_latent_mode_shapes_and_bad_input():
+    net = llpips.LLPIPS(4, width=0.125).eval()
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) == 1  # first three pools removed
+    x = torch.randn(2, 4, 16, 16)
+    d = net(x, x + 0.1 * torch.randn_like(x))
+    assert d.shape == (2,) and (d > 0).all() and net(x, x).abs().max() < 1e-6
+    assert net(x, x + 0.1, spatial=True).shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
+        net(x[:, :3], x[:, :3])
+    with pytest.raises(ValueError, match="NaN"):
+        net(x, x * float("nan"))
+
+
+def _synthetic_bapps(root, n_train=192, n_val=96, seed=0):
+    """A folder in the exact BAPPS layout: smooth reference textures, two distortions of different strength (coarse
+    blotches and fine noise of equal energy, mixed), and five simulated raters who prefer the patch with the weaker
+    perceived distortion. Pixel MSE cannot tell the kinds apart; a perceptual distance has to learn it."""
+    import numpy as np
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for subset in ("mixed",):
+            d = os.path.join(root, "2afc", split, subset)
+            for k in ("ref", "p0", "p1", "judge"):
+                os.makedirs(os.path.join(d, k))
+            ref = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=16, mode="bicubic",
+                                                  align_corners=False).clamp(0, 1)
+
+            def distort(x, s):
+                """Coarse blotches (perceived as s) or fine pixel noise of the same energy (perceived as 0.3 s)."""
+                kind = torch.rand(len(x), generator=g) < 0.5
+                coarse = torch.nn.functional.interpolate(torch.randn(len(x), 3, 4, 4, generator=g), size=16,
+                                                         mode="bilinear", align_corners=False)
+                fine = torch.randn(x.shape, generator=g)
+                e = torch.where(kind.view(-1, 1, 1, 1), coarse / coarse.std((1, 2, 3), keepdim=True), fine)
+                return (x + 0.2 * s.view(-1, 1, 1, 1) * e).clamp(0, 1), torch.where(kind, s, 0.3 * s)
+
+            s0, s1 = torch.rand(n, generator=g), torch.rand(n, generator=g)
+            (p0, e0), (p1, e1) = distort(ref, s0), distort(ref, s1)
+            votes = torch.bernoulli(torch.sigmoid(8 * (e0 - e1)).repeat(5, 1), generator=g).mean(0)
+            for i in range(n):
+                for k, x in (("ref", ref), ("p0", p0), ("p1", p1)):
+                    Image.fromarray((x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+                        os.path.join(d, k, f"{i:04d}.png"))
+                np.save(os.path.join(d, "judge", f"{i:04d}.npy"), np.array([votes[i].item()]))
+
+
+def test_llpips_learns_2afc_on_synthetic_bapps(tmp_path):
+    root = str(tmp_path / "bapps")
+    _synthetic_bapps(root)
+    files = llpips.read_bapps(root, "val")["mixed"]
+    val = llpips.load_subset(files, load_teacher("digits", "cpu").encode_images, 1)
+    torch.manual_seed(0)
+    untrained = llpips.two_afc(llpips.LLPIPS(1, width=0.125).eval(), val)
+    out = str(tmp_path / "l.safetensors")
+    llpips.main(["--bapps", root, "--teacher", "digits", "--upsample", "1", "--width", "0.125", "--epochs", "4",
+                 "--decay-epochs", "2", "--batch", "16", "--lr", "1e-3", "--out", out])
+    net = llpips.load(out)
+    trained = llpips.two_afc(net, val)
+    assert float(net.meta["2afc_mixed"]) == pytest.approx(trained, abs=1e-4)
+    assert net.channels == 1 and all((h.weight >= 0).all() for h in net.heads)
+    mse = llpips.two_afc(lambda x, y: (x - y).pow(2).flatten(1).mean(1), val)
+    assert trained > max(untrained, mse) + 0.05 and trained > 0.75, (untrained, mse, trained)
+
+
+def test_bapps_bad_layouts(tmp_path):
+    root = str(tmp_path / "b")
+    with pytest.raises(ValueError, match="BAPPS layout"):
+        llpips.read_bapps(root, "train")
+    _synthetic_bapps(root, n_train=4, n_val=4)
+    os.remove(os.path.join(root, "2afc", "train", "mixed", "p1", "0002.png"))
+    with pytest.raises(ValueError, match="do not match"):
+        llpips.read_bapps(root, "train")
+    os.rename(os.path.join(root, "2afc", "val", "mixed", "judge"), os.path.join(root, "2afc", "val", "mixed", "j"))
+    with pytest.raises(ValueError, match="lacks judge/"):
+        llpips.read_bapps(root, "val")
