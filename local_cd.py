@@ -598,16 +598,21 @@ def family(teacher):
     return "digits" if teacher.embedded else "flux" if isinstance(teacher, FluxTeacher) else "sdxl"
 
 
-def distance(name, llpips_path=None):
-    """d(x, y) of the consistency loss, per sample: mse, or L-LPIPS (a latent-space perceptual distance)."""
+def distance(name, llpips_path=None, channels=None, device="cpu"):
+    """d(x, y) of the consistency loss, per sample: mse, or L-LPIPS (a perceptual distance on latents, llpips.py)."""
     if name == "mse":
         return lambda x, y: (x.float() - y.float()).pow(2).flatten(1).mean(1)
     if not llpips_path or not os.path.exists(llpips_path):
         raise SystemExit(f"error: --d llpips needs L-LPIPS weights for this teacher (--llpips FILE; "
                          f"{llpips_path or 'none given'} not found): train them with llpips.py, or use --d mse")
-    import llpips  # noqa: the L-LPIPS network (llpips.py)
-    net = llpips.load(llpips_path)
-    return lambda x, y: net(x, y)
+    import llpips
+    try:
+        net = llpips.load(llpips_path, device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if channels is not None and net.channels != channels:
+        raise SystemExit(f"error: {llpips_path} compares {net.channels}-channel latents; this teacher's have {channels}")
+    return net
 
 
 def parse_args(argv=None):
@@ -621,7 +626,7 @@ def parse_args(argv=None):
     a("--w", type=float, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
       "(paper: 7 for SDXL; FLUX.1-dev: its guidance embedding, 3.5; embedded teacher: its measured default)")
     a("--d", choices=["mse", "llpips"], default="mse", help="d: the consistency distance")
-    a("--llpips", default=None, help="L-LPIPS weights for --d llpips")
+    a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
     a("--rank", type=int, default=64, help="LoRA rank r (alpha = r)")
     a("--lr", type=float, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
     a("--batch", type=int, default=None, help="training pairs per iteration and rank")
@@ -691,7 +696,9 @@ def main(argv=None):
         prompts = read_prompts(args.prompts and [args.prompts], teacher)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    d = distance(args.d, args.llpips)
+    if args.d == "llpips" and args.llpips is None and teacher.id == "digits":
+        args.llpips = os.path.join(HERE, "toy", "llpips.safetensors")  # the embedded teacher's own L-LPIPS
+    d = distance(args.d, args.llpips, teacher.latent_shape[0], device)
 
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
     params = add_student(teacher, args.rank)

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import llpips
 import lora
 import sample
 from local_cd import (T, Psi, add_student, cached_encode, load_student, load_teacher, milestones, read_checkpoint,
@@ -613,6 +614,11 @@ def test_stage1_resume_equals_uninterrupted(tmp_path):
     assert meta["step"] == "4" and meta["M"] == "8" and float(meta["skip"]) == 20 and meta["w"] == "1.5"
 
 
+def test_stage1_with_the_embedded_llpips(tmp_path):
+    _run(tmp_path, "--iters", "2", "--d", "llpips")
+    assert read_checkpoint(str(tmp_path / "local.safetensors"))[1]["d"] == "llpips"
+
+
 def test_stage1_checkpoint_samples(tmp_path):
     _run(tmp_path, "--iters", "2")
     sample.main(["--ckpt", str(tmp_path / "local.safetensors"), "--steps", "4", "--per-prompt", "1",
@@ -623,7 +629,7 @@ def test_stage1_checkpoint_samples(tmp_path):
 def test_stage1_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     calls = []
 
-    def nan_later(name, path=None):
+    def nan_later(*args):
         def d(x, y):
             calls.append(1)
             v = (x - y).pow(2).flatten(1).mean(1)
@@ -638,7 +644,12 @@ def test_stage1_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_stage1_bad_inputs(tmp_path):
     with pytest.raises(SystemExit, match="--d llpips needs L-LPIPS weights"):
-        _run(tmp_path, "--d", "llpips")
+        _run(tmp_path, "--d", "llpips", "--llpips", str(tmp_path / "none.safetensors"))
+    llpips.save(str(tmp_path / "rgb.safetensors"), llpips.LLPIPS(3, width=0.125))
+    with pytest.raises(SystemExit, match="compares 3-channel latents; this teacher's have 1"):
+        _run(tmp_path, "--d", "llpips", "--llpips", str(tmp_path / "rgb.safetensors"))
+    with pytest.raises(SystemExit, match="not an L-LPIPS weights file"):
+        _run(tmp_path, "--d", "llpips", "--llpips", os.path.join(HERE, "toy", "classifier.safetensors"))
     with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
         _run(tmp_path, "--resume")
     _zero_student(tmp_path / "g.safetensors", stage="global")
@@ -669,7 +680,6 @@ def test_stage1_torchrun_two_ranks_agree(tmp_path):
 
 # ---- L-LPIPS -----------------------------------------------------------------------------------------------------
 
-import llpips  # noqa: E402
 
 
 def _torchvision_stub():
@@ -790,3 +800,9 @@ def test_bapps_bad_layouts(tmp_path):
     os.rename(os.path.join(root, "2afc", "val", "mixed", "judge"), os.path.join(root, "2afc", "val", "mixed", "j"))
     with pytest.raises(ValueError, match="lacks judge/"):
         llpips.read_bapps(root, "val")
+
+
+def test_llpips_bench_runs_at_tiny_size():
+    rows = llpips.bench("tiny", batch=1, device="cpu", repeats=1)
+    assert [r[0] for r in rows] == ["L-LPIPS on latents", "VAE decode + pixel LPIPS"]
+    assert all(r[1] > 0 for r in rows) and rows[1][2] == "not measured (CPU)"
