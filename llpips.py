@@ -255,7 +255,10 @@ def main(argv=None):
     opt = torch.optim.Adam(list(net.parameters()) + list(rank.parameters()), lr=args.lr, betas=(0.5, 0.999))
     epochs, epoch = args.epochs + args.decay_epochs, 0
     if args.resume:
-        state, meta = lora.load(state_path(args.out))
+        try:
+            state, meta = lora.load(state_path(args.out))
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: cannot resume: {e}")
         net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
         rank.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rank.")})
         from local_cd import load_optimizer

@@ -789,6 +789,18 @@ def test_llpips_learns_2afc_on_synthetic_bapps(tmp_path):
     assert trained > max(untrained, mse) + 0.05 and trained > 0.75, (untrained, mse, trained)
 
 
+def test_llpips_training_resumes(tmp_path):
+    root, out = str(tmp_path / "b"), str(tmp_path / "l.safetensors")
+    _synthetic_bapps(root, n_train=32, n_val=16)
+    common = ["--bapps", root, "--teacher", "digits", "--upsample", "1", "--width", "0.0625", "--batch", "16",
+              "--out", out]
+    llpips.main([*common, "--epochs", "1", "--decay-epochs", "0"])
+    llpips.main([*common, "--epochs", "1", "--decay-epochs", "1", "--resume"])
+    assert llpips.load(out).meta["epoch"] == "2"
+    with pytest.raises(SystemExit, match="cannot resume"):
+        llpips.main([*common[:-1], str(tmp_path / "other.safetensors"), "--resume"])
+
+
 def test_bapps_bad_layouts(tmp_path):
     root = str(tmp_path / "b")
     with pytest.raises(ValueError, match="BAPPS layout"):
