@@ -227,7 +227,8 @@ def main(argv=None):
     if not args.bapps:
         p.error("--bapps DIR is required (or --bench)")
 
-    from local_cd import CACHE, default_device, load_teacher, state_path  # the trainer alone needs a teacher
+    # the trainer alone needs a teacher (its VAE) and the shared checkpoint helpers
+    from local_cd import CACHE, default_device, load_optimizer, load_teacher, optimizer_tensors, state_path
     device = args.device or default_device()
     try:
         splits = {s: read_bapps(args.bapps, s) for s in ("train", "val")}
@@ -251,8 +252,8 @@ def main(argv=None):
     channels = train["ref"].shape[1]
 
     torch.manual_seed(args.seed)
-    net, rank = LLPIPS(channels, args.width).to(device), RankNet().to(device)
-    opt = torch.optim.Adam(list(net.parameters()) + list(rank.parameters()), lr=args.lr, betas=(0.5, 0.999))
+    net, ranker = LLPIPS(channels, args.width).to(device), RankNet().to(device)
+    opt = torch.optim.Adam(list(net.parameters()) + list(ranker.parameters()), lr=args.lr, betas=(0.5, 0.999))
     epochs, epoch = args.epochs + args.decay_epochs, 0
     if args.resume:
         try:
@@ -260,8 +261,7 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
         net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
-        rank.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rank.")})
-        from local_cd import load_optimizer
+        ranker.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rank.")})
         load_optimizer(opt, state)
         epoch = int(meta["epoch"])
     gen = torch.Generator().manual_seed(args.seed)
@@ -276,7 +276,7 @@ def main(argv=None):
             ref, p0, p1, judge = (train[k][idx].to(device) for k in ("ref", "p0", "p1", "judge"))
             d0, d1 = net(ref, p0), net(ref, p1)
             # BCE between the ranking net's P(judge prefers p1 | d0, d1) and the judges' share
-            loss = F.binary_cross_entropy_with_logits(rank(d0, d1), judge)
+            loss = F.binary_cross_entropy_with_logits(ranker(d0, d1), judge)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -286,9 +286,8 @@ def main(argv=None):
         scores = {f"2afc_{sub}": two_afc(net, {k: v.to(device) for k, v in d.items()})
                   for (s, sub), d in data.items() if s == "val"}
         print(f"epoch {epoch + 1}: val 2AFC " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()))
-        from local_cd import optimizer_tensors
         lora.save(state_path(args.out), {**{f"net.{k}": v for k, v in net.state_dict().items()},
-                                         **{f"rank.{k}": v for k, v in rank.state_dict().items()},
+                                         **{f"rank.{k}": v for k, v in ranker.state_dict().items()},
                                          **optimizer_tensors(opt)}, {"epoch": epoch + 1})
         save(args.out, net, {"teacher": teacher.id, "upsample": args.upsample, "epoch": epoch + 1,
                              **{k: f"{v:.4f}" for k, v in scores.items()}})

@@ -710,8 +710,8 @@ def main(argv=None):
         cond_all = teacher.encode(prompts)  # once; SDXL / FLUX text encoders run only for uncached prompts
     buffer = TrajectoryBuffer(teacher, cond_all, args.M, args.skip, args.w, args.trajectories, args.buffer,
                               args.reuse, gen)
-    hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d, "lr": args.lr, "batch": args.batch * world,
-               "seed": args.seed}
+    hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d, "llpips": args.llpips or "", "lr": args.lr,
+               "batch": args.batch * world, "seed": args.seed}
     step = n_student = 0  # n_student: student forward passes, counted per sample
     if args.resume:
         try:
