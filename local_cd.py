@@ -91,10 +91,11 @@ def cfg(out_c, out_null, w):
 def solve(x0_fn, z, ts, alpha_sigma, noises=None):
     """Runs z from ts[0] down to ts[-1]. Each step: x0_hat = x0_fn(z, t), then z = Psi(z, x0_hat, t, s).
     With noises (one N(0, I) tensor like z per step), the LCM-style multistep sampler instead re-noises x0_hat to s:
-    z = alpha_s x0_hat + sigma_s noises[i]. Returns the final z (at ts[-1] = 0: the clean latent)."""
+    z = alpha_s x0_hat + sigma_s noises[i]. Returns the final z (at ts[-1] = 0: the clean latent).
+    Each time is a number (the whole batch) or a tensor (B,) (one time per sample, as stage 2's teacher solver uses)."""
     B = z.shape[0]
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
-        t_, s_ = torch.full((B,), t, device=z.device), torch.full((B,), s, device=z.device)
+        t_, s_ = (torch.as_tensor(u, dtype=torch.float32, device=z.device).expand(B) for u in (t, s))
         x0_hat = x0_fn(z, t_)
         if noises is None:
             z = Psi(z, x0_hat, t_, s_, alpha_sigma)
@@ -490,6 +491,51 @@ def load_student(path, device=None, stages=("local", "global"), teacher_id=None)
     return teacher, tensors, meta
 
 
+# ---- distributed: torchrun, no DDP wrapper (the LoRA gradients are averaged by hand, in one flat all-reduce) ---------
+
+def init_distributed(device=None):
+    """(rank, world, device, ddp). torchrun sets RANK: gloo on CPU, nccl on GPU, one GPU per rank."""
+    import torch.distributed as dist
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if not ddp:
+        return 0, 1, device or default_device(), False
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def all_reduce_grads(params, world):
+    """p.grad <- the mean of p.grad over ranks, for all params at once (a missing grad counts as zero)."""
+    import torch.distributed as dist
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params]) / world
+    dist.all_reduce(flat)
+    torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+
+
+def mean_over_ranks(x, world):
+    import torch.distributed as dist
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world
+
+
+def rank_difference(params):
+    """max |theta - theta of rank 0| over all ranks: 0 when every rank holds the same weights (a cheap guard)."""
+    import torch.distributed as dist
+    flat = torch.nn.utils.parameters_to_vector(params).detach()
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
 # ==== Stage 1: local consistency distillation ======================================================================
 
 def trajectory_times(M, skip, offset=0):
@@ -666,18 +712,9 @@ def main(argv=None):
     from tqdm import tqdm
     args = parse_args(argv)
 
-    # distributed: torchrun sets RANK; gloo on CPU, nccl on GPU; only rank 0 logs and saves
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, args.device or default_device()
-    master = rank == 0
+    rank, world, device, ddp = init_distributed(args.device)  # torchrun: one process per GPU (or CPU rank)
+    cuda = str(device).startswith("cuda")
+    master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
     if cuda:  # cuDNN SDPA backward crashed on FLUX (illegal memory access; H200, torch 2.11): use flash / efficient
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -756,12 +793,8 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if ddp:  # average the LoRA gradients over ranks (one flat all-reduce) and the loss for logging
-            flat = torch.cat([p.grad.flatten() for p in params]) / world
-            dist.all_reduce(flat)
-            torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
-            loss = loss.detach().clone()
-            dist.all_reduce(loss)
-            loss /= world
+            all_reduce_grads(params, world)
+            loss = mean_over_ranks(loss, world)
         if not torch.isfinite(loss):
             bar.close()
             raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. {args.out} keeps the last good "
@@ -782,12 +815,7 @@ def main(argv=None):
         f"naive way, re-running the teacher from T for every pair: {buffer.naive_forwards / served:.1f} + student)")
     log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 4")
     if ddp:  # a cheap guard: every rank must hold rank 0's LoRA
-        flat = torch.nn.utils.parameters_to_vector(params).detach()
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        diff = (flat - ref).abs().max()
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        log(f"LoRA identical on all {world} ranks: max difference {diff.item():.3g}")
+        log(f"LoRA identical on all {world} ranks: max difference {rank_difference(params):.3g}")
         dist.destroy_process_group()
 
 

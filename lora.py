@@ -77,7 +77,9 @@ def inject(model, targets, name, rank=64, alpha=None):
     path matches the regex `targets` (re.search), wrapping it in a LoRALayer the first time. Freezes the base.
     Returns the adapter's parameters (fp32, whatever the base dtype)."""
     alpha = rank if alpha is None else alpha
-    model.requires_grad_(False)
+    for path, p in model.named_parameters():  # freeze the base; adapters added before keep training
+        if ".lora_" not in path:
+            p.requires_grad_(False)
     for path, m in list(model.named_modules()):
         if isinstance(m, (nn.Linear, nn.Conv2d)) and re.search(targets, path) and ".lora_" not in path:
             if not path.endswith(".base"):

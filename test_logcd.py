@@ -678,6 +678,261 @@ def test_stage1_torchrun_two_ranks_agree(tmp_path):
     assert read_checkpoint(str(tmp_path / "l.safetensors"))[1]["batch"] == "16"
 
 
+# ---- stage 2: global consistency, GAN, DMD --------------------------------------------------------------------------
+
+import global_cd  # noqa: E402
+
+G_FAST = ["--batch", "4", "--log-every", "1"]
+
+
+def _stage1(path, teacher="digits", resolution=1024, M=8, w=1.5):
+    """A stage-1 checkpoint without the training: a rank-4 student with small random B."""
+    t = load_teacher(teacher, "cpu", resolution=resolution)
+    add_student(t, rank=4)
+    torch.manual_seed(1)
+    _randomize(t.denoiser, "student", std=0.02)
+    save_checkpoint(str(path), t, "local", {"M": M, "w": w, "skip": 20, "step": 400})
+    return t
+
+
+def _run2(tmp_path, *extra, init="local.safetensors", out="global.safetensors"):
+    global_cd.main([*G_FAST, "--init", str(tmp_path / init), "--out", str(tmp_path / out), *extra])
+    return _load(tmp_path / out)
+
+
+def _captured(monkeypatch):
+    """Runs of global_cd.main in this test leave their teacher (base + adapters) in the returned list."""
+    seen = []
+
+    def load_student(*a, **k):
+        seen.append(local_cd.load_student(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(global_cd, "load_student", load_student)
+    return seen
+
+
+def test_stage2_runs_and_its_checkpoint_samples_in_2_3_4_steps(tmp_path):
+    _stage1(tmp_path / "local.safetensors")
+    g = _run2(tmp_path, "--iters", "2")
+    init = _load(tmp_path / "local.safetensors")
+    assert set(g) == set(init) and any(not torch.equal(g[k], init[k]) for k in g)  # same LoRA layout, trained
+    meta = read_checkpoint(str(tmp_path / "global.safetensors"), ("global",), "digits")[1]
+    for key, value in {"M": "8", "w": "1.5", "p": "3", "q": "4", "lambda1": "0.1", "lambda2": "1.0", "step": "2",
+                       "rank": "4", "init_step": "400", "d": "llpips", "fake_rank": "16"}.items():
+        assert meta[key] == value, key
+    state = _load(tmp_path / "global.state.safetensors")
+    assert any(k.startswith("disc.heads.") for k in state) and any(k.startswith("fake.") for k in state)
+    assert {k.split(".")[0] for k in state} >= {"student_optim", "disc_optim", "fake_optim", "rng"}
+    for k in (2, 3, 4):
+        sample.main(["--ckpt", str(tmp_path / "global.safetensors"), "--steps", str(k), "--per-prompt", "1",
+                     "--out", str(tmp_path / "g.png"), "--save-tensors", str(tmp_path / "x.safetensors")])
+        assert _load(tmp_path / "x.safetensors")["images"].isfinite().all()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_stage2_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_path):
+    path, res = (tiny_sdxl, 16) if family == "sdxl" else (tiny_flux, 32)
+    (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
+    _stage1(tmp_path / "local.safetensors", path, res, M=4, w=3.0)
+    with pytest.raises(SystemExit, match="--d llpips needs L-LPIPS weights"):  # the paper's d, weights not given
+        _run2(tmp_path, "--prompts", str(tmp_path / "prompts.txt"), "--iters", "1")
+    _run2(tmp_path, "--prompts", str(tmp_path / "prompts.txt"), "--iters", "2", "--batch", "2", "--d", "mse")
+    _, _, meta = load_student(str(tmp_path / "global.safetensors"), "cpu", ("global",))
+    assert meta["teacher"] == path and meta["M"] == "4" and meta["stage"] == "global"
+
+
+def test_stage2_adapters_do_not_leak_and_the_teacher_is_unchanged(tmp_path, monkeypatch, digits):
+    seen = _captured(monkeypatch)
+    _stage1(tmp_path / "local.safetensors")
+    _run2(tmp_path, "--iters", "2")
+    t = seen[0][0]  # the run's teacher: base + student + fake, after training
+    z, tt, c = torch.randn(3, 1, 16, 16), torch.tensor([100.0, 500.0, 900.0]), digits.encode(["1", "5", "9"])
+    with torch.no_grad():
+        ref = digits.forward(z, tt, c)  # a freshly loaded teacher
+        with lora.adapter(t.denoiser, None):
+            assert torch.equal(t.forward(z, tt, c), ref)  # the base weights were not touched
+        with lora.adapter(t.denoiser, "student"):
+            student = t.forward(z, tt, c)
+        with lora.adapter(t.denoiser, "fake"):
+            fake = t.forward(z, tt, c)
+    saved, _, _ = load_student(str(tmp_path / "global.safetensors"), "cpu", ("global",))
+    with torch.no_grad(), lora.adapter(saved.denoiser, "student"):
+        assert torch.allclose(saved.forward(z, tt, c), student, atol=1e-6)  # the file holds the student, not fake
+    assert not torch.allclose(fake, ref, atol=1e-4) and not torch.allclose(fake, student, atol=1e-4)
+    fake_file = {k: v for k, v in _load(tmp_path / "global.state.safetensors").items() if k.startswith("fake.")}
+    assert fake_file.keys() == {"fake" + k[len("unet"):] for k in _load(tmp_path / "global.safetensors")}
+
+
+def test_stage2_gradients_stay_in_their_own_parameters(digits):
+    """Generator step: only the student LoRA gets gradients (not the heads, not the fake score); discriminator step:
+    only the heads; fake-score step: only the fake adapter. The base weights never."""
+    t = load_teacher("digits", "cpu")
+    student = add_student(t, rank=4)
+    torch.manual_seed(0)
+    _randomize(t.denoiser, "student", std=0.02)
+    fake = lora.inject(t.denoiser, t.lora_targets, "fake", 4)
+    disc = global_cd.Discriminator(t)
+    groups = {"student": student, "fake": fake, "heads": list(disc.parameters())}
+    g, B = torch.Generator().manual_seed(0), 4
+    c = t.encode(["1", "2", "3", "4"])
+    z_m, t_m = torch.randn(B, 1, 16, 16), torch.tensor([125.0, 250.0, 750.0, 1000.0])
+    mse = local_cd.distance("mse")
+
+    def grads_after(loss):
+        for ps in groups.values():
+            for p in ps:
+                p.grad = None
+        loss.backward()
+        assert all(p.grad is None for p in t.denoiser.parameters() if not p.requires_grad)
+        return {k for k, ps in groups.items() if any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps)}
+
+    l_cons, x0_m, x0_n = global_cd.global_loss(t, mse, z_m, t_m, t_m - 125, c, 1.5, 3)
+    disc.requires_grad_(False)
+    l_gan = -disc(x0_m, global_cd.uniform(B, 0, 500, g, "cpu"), torch.randn(x0_m.shape), c).mean()
+    disc.requires_grad_(True)
+    assert grads_after(l_cons.mean() + 0.1 * l_gan + global_cd.dmd_loss(t, x0_m, c, 1.5, g)) == {"student"}
+    x0_m = x0_m.detach()
+    logits = disc(torch.cat([x0_n, x0_m]), torch.full((2 * B,), 200.0), torch.randn(2 * B, 1, 16, 16),
+                  local_cd.cond_cat(c, c))
+    assert grads_after(torch.relu(1 - logits[:B]).mean() + torch.relu(1 + logits[B:]).mean()) == {"heads"}
+    assert grads_after(global_cd.fake_score_loss(t, x0_m, c, g)) == {"fake"}
+
+
+def test_global_loss_targets_are_the_teacher_solver_and_the_student(digits):
+    t = load_teacher("digits", "cpu")
+    add_student(t, rank=4)
+    torch.manual_seed(0)
+    _randomize(t.denoiser, "student", std=0.02)
+    c = t.encode(["3", "7"])
+    z_m, t_m = torch.randn(2, 1, 16, 16), torch.tensor([125.0, 500.0])
+    t_n = t_m - 125
+    _, x0_m, target = global_cd.global_loss(t, local_cd.distance("mse"), z_m, t_m, t_n, c, 1.5, 3)
+    with torch.no_grad():
+        for i in range(2):
+            ci = local_cd.cond_index(c, slice(i, i + 1))
+            ts = torch.linspace(t_m[i].item(), t_n[i].item(), 4).tolist()  # p = 3 equal teacher steps with CFG
+            z_n = solve(lambda z, s: t.x0(z, s, ci, w=1.5), z_m[i:i + 1], ts, t.alpha_sigma)
+            with lora.adapter(t.denoiser, "student"):
+                want = z_n if t_n[i] == 0 else t.x0(z_n, t_n[i:i + 1], ci)  # at t = 0: z_0 itself
+                assert torch.allclose(x0_m[i], t.x0(z_m[i:i + 1], t_m[i:i + 1], ci)[0], atol=1e-5)
+            assert torch.allclose(target[i], want[0], atol=1e-5)
+    assert x0_m.requires_grad and not target.requires_grad
+
+
+def test_dmd_gradient_is_the_normalised_score_difference(digits):
+    t = load_teacher("digits", "cpu")
+    lora.inject(t.denoiser, t.lora_targets, "fake", 4)
+    c = t.encode(["0", "6"])
+    x0 = torch.randn(2, 1, 16, 16, requires_grad=True)
+    # a fresh fake adapter IS the teacher: without guidance (w = 1) the real and fake scores agree, no gradient
+    global_cd.dmd_loss(t, x0, c, 1.0, torch.Generator().manual_seed(0)).backward()
+    assert x0.grad.abs().max() < 1e-6  # (rounding: CFG at w = 1 is computed as null + 1 (c - null))
+    torch.manual_seed(0)
+    _randomize(t.denoiser, "fake", std=0.05)
+    x0.grad = None
+    global_cd.dmd_loss(t, x0, c, 1.5, torch.Generator().manual_seed(0)).backward()
+    g = torch.Generator().manual_seed(0)  # the same draws: t, then eps
+    tt = global_cd.uniform(2, *global_cd.DMD_T, g, "cpu")
+    with torch.no_grad():
+        z = global_cd.renoise(t, x0, tt, global_cd.randn_like(x0, g))
+        real = t.x0(z, tt, c, w=1.5)
+        with lora.adapter(t.denoiser, "fake"):
+            fake = t.x0(z, tt, c)
+    want = (fake - real) / (x0 - real).abs().mean(dim=(1, 2, 3), keepdim=True) / x0.numel()
+    assert torch.allclose(x0.grad, want, rtol=1e-4, atol=1e-9) and want.abs().max() > 0
+
+
+def test_discriminator_reads_the_teacher_encoder_and_stops_there(digits, tiny_flux):
+    for t in (load_teacher("digits", "cpu"), load_teacher(tiny_flux, "cpu", resolution=32)):
+        add_student(t, rank=4)
+        torch.manual_seed(0)
+        _randomize(t.denoiser, "student", std=0.1)
+        blocks = global_cd.feature_blocks(t)
+        z = torch.randn(2, *t.latent_shape, requires_grad=True)
+        tt, c = torch.tensor([100.0, 600.0]), t.encode(["1", "2"]) if t.embedded else t.encode(["a", "b"])
+        full, calls = [], []
+        hooks = [b.register_forward_hook(lambda m, i, o: full.append(o[1] if not t.embedded else
+                                                                     (o[0] if isinstance(o, tuple) else o)))
+                 for b in blocks]
+        last = t.denoiser.conv_out if t.embedded else t.denoiser.proj_out
+        end = last.register_forward_hook(lambda m, i, o: calls.append(1))
+        with torch.no_grad(), lora.adapter(t.denoiser, None):
+            t.forward(z, tt, c)  # the teacher's full forward, reference features
+        for h in hooks:
+            h.remove()
+        with lora.adapter(t.denoiser, "student"):  # an active student must not change what D sees
+            feats = global_cd.teacher_features(t, z, tt, c)
+        end.remove()
+        assert len(calls) == 1  # only the reference forward reached the output layer
+        assert len(feats) == len(full) == len(blocks)
+        for f, r in zip(feats, full):
+            r = r if t.embedded else r.transpose(1, 2).reshape(f.shape)
+            assert torch.allclose(f, r, atol=1e-6)
+        sum(f.sum() for f in feats).backward()
+        assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_stage2_resume_equals_uninterrupted(tmp_path):
+    _stage1(tmp_path / "local.safetensors")
+    a = _run2(tmp_path, "--iters", "4", "--save-every", "2", out="a.safetensors")
+    _run2(tmp_path, "--iters", "2", out="b.safetensors")
+    b = _run2(tmp_path, "--iters", "4", "--resume", out="b.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = _load(tmp_path / "a.state.safetensors"), _load(tmp_path / "b.state.safetensors")
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_stage2_ablations_drop_their_parts(tmp_path):
+    _stage1(tmp_path / "local.safetensors")
+    _run2(tmp_path, "--iters", "1", "--lambda1", "0", "--lambda2", "0")
+    state = _load(tmp_path / "global.state.safetensors")
+    assert {k.split(".")[0] for k in state} == {"student_optim", "rng"}
+    with pytest.raises(SystemExit, match="resume with the same values"):
+        _run2(tmp_path, "--iters", "2", "--resume")
+    _run2(tmp_path, "--iters", "1", "--d", "llpips", "--lambda2", "0", out="l.safetensors")
+    assert read_checkpoint(str(tmp_path / "l.safetensors"))[1]["llpips"].endswith("llpips.safetensors")
+
+
+def test_stage2_bad_inputs(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="no such checkpoint.*run stage 1 first"):
+        _run2(tmp_path, "--iters", "1")
+    _zero_student(tmp_path / "global0.safetensors", stage="global")
+    with pytest.raises(SystemExit, match="'global' checkpoint; expected local"):
+        _run2(tmp_path, "--iters", "1", init="global0.safetensors")
+    _stage1(tmp_path / "local.safetensors")
+    with pytest.raises(SystemExit, match="distilled from teacher 'digits', not 'sdxl'"):
+        _run2(tmp_path, "--iters", "1", "--teacher", "sdxl")
+    with pytest.raises(SystemExit, match="--q: .* in 1..8 steps, not 9"):
+        _run2(tmp_path, "--iters", "1", "--q", "9")
+    with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
+        _run2(tmp_path, "--iters", "1", "--resume")
+    calls = []
+
+    def nan_later(*args):
+        def d(x, y):
+            calls.append(1)
+            v = (x - y).pow(2).flatten(1).mean(1)
+            return v * float("nan") if len(calls) > 2 else v
+        return d
+
+    monkeypatch.setattr(global_cd, "distance", nan_later)
+    with pytest.raises(SystemExit, match="student loss is nan at step 2"):
+        _run2(tmp_path, "--iters", "5", "--save-every", "1")
+    assert read_checkpoint(str(tmp_path / "global.safetensors"))[1]["step"] == "2"
+
+
+def test_stage2_torchrun_two_ranks_agree(tmp_path):
+    _stage1(tmp_path / "local.safetensors")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           os.path.join(HERE, "global_cd.py"), *G_FAST, "--iters", "2", "--init", str(tmp_path / "local.safetensors"),
+           "--out", str(tmp_path / "g.safetensors")]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "student, heads and fake score identical on all 2 ranks: max difference 0" in r.stdout
+    assert read_checkpoint(str(tmp_path / "g.safetensors"))[1]["batch"] == "8"
+
+
 # ---- L-LPIPS -----------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,432 @@
+"""LogCD stage 2, global consistency distillation: the stage-1 student becomes ONE LoRA that samples in 2, 3 or 4 steps.
+
+Paper: "LogCD: Local-to-global Consistency Distillation for Few-step Image Generation" (CVPR 2026), Method 2 and 4.
+DESIGN.md section 5. Everything shared with stage 1 (teachers, time, Psi, solve, CFG, checkpoints) is in local_cd.py.
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from local_cd import (HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance, family,
+                      init_distributed, load_optimizer, load_student, mean_over_ranks, optimizer_tensors, rank_difference,
+                      read_checkpoint, read_prompts, save_checkpoint, solve, state_path, student_times)
+
+DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
+GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
+
+
+def uniform(n, lo, hi, gen, device):
+    return (lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)).float().to(device)
+
+
+def randn_like(x, gen):
+    return torch.randn(x.shape, generator=gen).to(x.device)  # CPU draws: the same numbers on any device
+
+
+def renoise(teacher, x0, t, eps):
+    """The forward process: z_t = alpha_t x0 + sigma_t eps."""
+    alpha, sigma = teacher.alpha_sigma(t)
+    return alpha * x0 + sigma * eps
+
+
+# ---- image-free inputs and the milestone consistency loss --------------------------------------------------------
+
+@torch.no_grad()
+def student_samples(teacher, cond, q, M, gen):
+    """hat z_0: the current student's own q-step samples from pure noise (Psi sampler on the milestone grid)."""
+    z_T = teacher.noise(len(next(iter(cond.values()))), gen)
+    with lora.adapter(teacher.denoiser, "student"):
+        return solve(lambda z, t: teacher.x0(z, t, cond), z_T, student_times(q, M), teacher.alpha_sigma)
+
+
+def global_loss(teacher, d, z_m, t_m, t_n, cond, w, p):
+    """d(x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)]) between adjacent milestones t_n = t_m - T/M, where
+    hat z_{t_n} comes from z_{t_m} by p teacher solver steps with CFG. Returns (loss per sample, x0_m with grad,
+    x0_n = the target). At t_n = 0 the target is hat z_0 itself (the boundary condition; no student forward)."""
+    with torch.no_grad(), lora.adapter(teacher.denoiser, None):
+        # hat z_{t_n} = Psi o ... o Psi (z_{t_m}): p steps of the teacher with CFG, t_m -> t_n in equal parts
+        ts = [t_m + (t_n - t_m) * i / p for i in range(p + 1)]
+        z_n = solve(lambda z, t: teacher.x0(z, t, cond, w=w), z_m, ts, teacher.alpha_sigma)
+    with lora.adapter(teacher.denoiser, "student"):
+        with torch.no_grad():
+            x0_n, inner = z_n.clone(), (t_n > 0).nonzero().flatten()
+            if len(inner):
+                x0_n[inner] = teacher.x0(z_n[inner], t_n[inner], cond_index(cond, inner)).to(x0_n.dtype)
+        x0_m = teacher.x0(z_m, t_m, cond)
+    return d(x0_m, x0_n), x0_m, x0_n
+
+
+# ---- GAN: the frozen teacher's encoder as the discriminator's backbone, trainable heads ---------------------------
+
+class _Enough(Exception):
+    """Raised by the last hooked block: the discriminator needs no more of the network."""
+
+
+def feature_blocks(teacher):
+    """Where the discriminator reads the teacher: a UNet's down blocks and mid block (its encoder); for a FLUX
+    transformer, 4 evenly spaced double-stream blocks (its first third)."""
+    net = teacher.denoiser
+    if isinstance(teacher, FluxTeacher):
+        n = len(net.transformer_blocks)
+        return [net.transformer_blocks[i] for i in sorted({max(round(n * (j + 1) / 4) - 1, 0) for j in range(4)})]
+    return [*net.down_blocks, net.mid_block]
+
+
+def teacher_features(teacher, z, t, cond):
+    """Feature maps (B, C, h, w) of the frozen teacher (no adapter active) at feature_blocks, for z at time t. The
+    network stops after the last of them. Gradients flow to z (the generator step needs them)."""
+    blocks, feats, collecting = feature_blocks(teacher), [], [True]
+    H, W = z.shape[-2:]
+
+    def hook(module, inputs, output):
+        if not collecting[0]:
+            return  # a gradient-checkpointed block recomputing itself during backward
+        if isinstance(teacher, FluxTeacher):  # image tokens (B, HW/4, D) -> a (B, D, H/2, W/2) map
+            h = output[1]  # FluxTransformerBlock returns (encoder_hidden_states, hidden_states)
+            h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], H // 2, W // 2)
+        else:
+            h = output[0] if isinstance(output, tuple) else output
+        feats.append(h)
+        if module is blocks[-1]:
+            raise _Enough
+
+    handles = [b.register_forward_hook(hook) for b in blocks]
+    try:
+        with lora.adapter(teacher.denoiser, None):
+            teacher.forward(z, t, cond)
+    except _Enough:
+        pass
+    finally:
+        collecting[0] = False
+        for h in handles:
+            h.remove()
+    return feats
+
+
+class Head(nn.Module):
+    """A small residual conv head on one feature map: 1x1 conv in, [GroupNorm, SiLU, 3x3 conv] x 2 as a residual,
+    1x1 conv to a map of patch logits, averaged to one logit per sample."""
+
+    def __init__(self, channels):
+        super().__init__()
+        width = min(channels, 256)
+        groups = math.gcd(32, width)
+        self.inp = nn.Conv2d(channels, width, 1)
+        self.res = nn.Sequential(nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
+                                 nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1))
+        self.out = nn.Conv2d(width, 1, 1)
+
+    def forward(self, h):
+        h = self.inp(h.float())
+        h = h + self.res(h)
+        return self.out(h).flatten(1).mean(1)
+
+
+class Discriminator(nn.Module):
+    """D(x0, t, eps, c): x0 re-noised to t with eps, the frozen teacher's features, one head per feature map, the
+    heads' logits averaged. Only the heads are parameters: the backbone is the teacher's (shared) base weights."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher  # a plain attribute: the base weights are not this module's parameters
+        with torch.no_grad():
+            z, t = teacher.noise(1), torch.full((1,), T / 2, device=teacher.device)
+            feats = teacher_features(teacher, z, t, cond_index(teacher.null(1), slice(0, 1)))
+        self.heads = nn.ModuleList(Head(f.shape[1]) for f in feats).to(teacher.device)
+
+    def forward(self, x0, t, eps, cond):
+        feats = teacher_features(self.teacher, renoise(self.teacher, x0, t, eps), t, cond)
+        return sum(head(f) for head, f in zip(self.heads, feats)) / len(self.heads)
+
+
+# ---- DMD: real score = the teacher with CFG, fake score = adapter `fake` on the same base ---------------------------
+
+def dmd_loss(teacher, x0, cond, w, gen):
+    """Distribution matching (DMD2): noise the generated x0 to a random t; the gradient on x0 is (fake - real) x0
+    predictions, normalised per sample by mean |x0 - real|. Written as a loss whose gradient in x0 is exactly that."""
+    t = uniform(len(x0), *DMD_T, gen, x0.device)
+    with torch.no_grad():
+        z_t = renoise(teacher, x0, t, randn_like(x0, gen))
+        with lora.adapter(teacher.denoiser, None):
+            real = teacher.x0(z_t, t, cond, w=w)
+        with lora.adapter(teacher.denoiser, "fake"):
+            fake = teacher.x0(z_t, t, cond)
+        # grad = (x0_fake - x0_real) / mean |x0 - x0_real|
+        grad = (fake - real) / (x0 - real).abs().mean(dim=tuple(range(1, x0.dim())), keepdim=True).clamp_min(1e-6)
+    # L = 1/2 || x0 - sg[x0 - grad] ||^2, so dL/dx0 = grad (up to the mean's 1/numel)
+    return 0.5 * F.mse_loss(x0.float(), (x0 - grad).float().detach())
+
+
+def fake_score_loss(teacher, x0, cond, gen):
+    """The fake score tracks the student's distribution: the denoising loss ||eps_hat - eps||^2 on the student's
+    samples (detached), adapter `fake` active, at a random noise level."""
+    x0 = x0.detach()
+    t = uniform(len(x0), *DMD_T, gen, x0.device)
+    eps = randn_like(x0, gen)
+    z_t = renoise(teacher, x0, t, eps)
+    with lora.adapter(teacher.denoiser, "fake"):
+        x0_hat = teacher.x0(z_t, t, cond)
+    alpha, sigma = teacher.alpha_sigma(t)
+    # eps_hat = (z_t - alpha_t x0_hat) / sigma_t
+    eps_hat = (z_t - alpha * x0_hat) / sigma
+    return F.mse_loss(eps_hat.float(), eps)
+
+
+# ---- the training script ------------------------------------------------------------------------------------------
+
+PRESETS = {  # the paper's hyper-parameters per teacher family; the embedded teacher's finish in minutes on a CPU
+    "digits": dict(iters=120, batch=32, lr=3e-5, lr_aux=1e-3, fake_rank=16, fake_updates=2, save_every=40),
+    "sdxl": dict(iters=3000, batch=4, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250),
+    "flux": dict(iters=6000, batch=2, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250),
+}
+
+STAGE2 = """
+Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
+sampler visits. Starting from a stage-1 student (--init), each iteration:
+
+  image-free inputs:  hat z_0 = the current student's q-step samples (no grad), re-noised with fresh noise
+                      z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps at a random milestone t_m, t_n = t_m - T/M
+  teacher target:     hat z_{t_n} = p teacher solver steps with CFG from z_{t_m} (Psi, DDIM / Euler)
+  consistency:        L_GoCD  = d( x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)] )   (hat z_0 at t_n = 0)
+  GAN (lambda1):      hinge; D = frozen teacher encoder + trainable heads; real = sg[x0 at t_n], fake = x0 at t_m
+  DMD (lambda2):      real score = teacher with CFG, fake score = LoRA adapter `fake` on the same base, trained
+                      online (--fake-updates denoising steps per student step); DMD2's normalised gradient
+  total:              L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
+
+One copy of the base weights serves the teacher (no adapter), the student (adapter `student`), the fake score
+(adapter `fake`) and the discriminator's backbone. Paper: p = 3, q = 4, lambda1 = 0.1, lambda2 = 1, lr 1e-5;
+3K iterations for SDXL, 6K for FLUX.1-dev. Ablations (the paper's Table 3): --d mse, --lambda1 0, --lambda2 0.
+
+  python global_cd.py                                   # after python local_cd.py: the embedded teacher, minutes
+  torchrun --nproc_per_node 4 global_cd.py --init local.safetensors --prompts prompts.txt --llpips sdxl_llpips.safetensors
+  python sample.py --steps 2                            # samples global.safetensors
+"""
+
+
+def parse_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__ + STAGE2, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--init", default="local.safetensors", help="the stage-1 checkpoint to continue (its teacher, M and w are used)")
+    a("--teacher", default=None, help="optional check: the teacher --init must have been distilled from")
+    a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
+    a("--p", type=int, default=3, help="p: teacher solver steps from t_m to t_n")
+    a("--q", type=int, default=4, help="q: student steps that make the image-free inputs")
+    a("--w", type=float, default=None, help="w: CFG scale of the teacher target and the DMD real score "
+      "(default: the stage-1 checkpoint's)")
+    a("--d", choices=["mse", "llpips"], default="llpips", help="d: the consistency distance")
+    a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
+    a("--lambda1", type=float, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
+    a("--lambda2", type=float, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")
+    a("--fake-rank", type=int, default=None, help="LoRA rank of the fake score (default: the "
+      "student's; embedded preset: 16)")
+    a("--fake-updates", type=int, default=None, help="fake-score updates per student update (DMD2's two time-scales)")
+    a("--lr", type=float, default=None, help="AdamW learning rate of the student (paper: 1e-5)")
+    a("--lr-aux", type=float, default=None, help="learning rate of the discriminator heads and the fake score")
+    a("--batch", type=int, default=None, help="samples per iteration and rank")
+    a("--iters", type=int, default=None, help="iterations (paper: 3K SDXL, 6K FLUX)")
+    a("--out", default="global.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
+    a("--save-every", type=int, default=None)
+    a("--resume", action="store_true", help="continue the run saved at --out (LoRAs, heads, optimizers, step, RNG)")
+    a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=int, default=10)
+    a("--device", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import torch.distributed as dist
+    from tqdm import tqdm
+    args = parse_args(argv)
+    rank, world, device, ddp = init_distributed(args.device)  # torchrun: one process per GPU (or CPU rank)
+    cuda = str(device).startswith("cuda")
+    master = rank == 0  # only rank 0 logs and saves
+    log = print if master else (lambda *a, **k: None)
+    if cuda:  # cuDNN SDPA backward crashed on FLUX (illegal memory access; H200, torch 2.11): use flash / efficient
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+    # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata
+    source, stages = (args.out, ("global",)) if args.resume else (args.init, ("local",))
+    try:
+        teacher, tensors, meta = load_student(source, device, stages)
+    except (ValueError, FileNotFoundError) as e:
+        if args.resume:
+            raise SystemExit(f"error: cannot resume: {e}")
+        hint = " (run stage 1 first: python local_cd.py)" if isinstance(e, FileNotFoundError) else ""
+        raise SystemExit(f"error: {e}{hint}")
+    if args.teacher is not None and args.teacher != teacher.id:
+        raise SystemExit(f"error: {source} was distilled from teacher {teacher.id!r}, not {args.teacher!r}")
+    for k, v in PRESETS[family(teacher)].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    M = int(meta["M"])
+    args.w = float(meta["w"]) if args.w is None else args.w
+    try:
+        if not 1 <= args.q <= M:
+            raise ValueError(f"--q: the student samples in 1..{M} steps, not {args.q}")
+        if args.p < 1:
+            raise ValueError(f"--p must be at least 1, not {args.p}")
+        if args.prompts and not os.path.isfile(args.prompts):
+            raise ValueError(f"prompts file {args.prompts} does not exist")
+        prompts = read_prompts(args.prompts and [args.prompts], teacher)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if args.d == "llpips" and args.llpips is None and teacher.id == "digits":
+        args.llpips = os.path.join(HERE, "toy", "llpips.safetensors")  # the embedded teacher's own L-LPIPS
+    d = distance(args.d, args.llpips, teacher.latent_shape[0], device)
+
+    torch.manual_seed(args.seed)  # the same initial heads and fake adapter on every rank
+    params = lora.parameters(teacher.denoiser, "student")
+    disc = Discriminator(teacher) if args.lambda1 > 0 else None
+    shape = teacher.student_lora
+    args.fake_rank = args.fake_rank or int(meta.get("fake_rank", 0) if args.resume else 0) or int(shape["rank"])
+    fake = lora.inject(teacher.denoiser, shape["lora_targets"], "fake", args.fake_rank) if args.lambda2 > 0 else None
+    # what trains, each with its own AdamW: name -> (parameters, lr, betas); names key the optimizers in the state file
+    trainable = {"student": (params, args.lr, (0.9, 0.999))}
+    if disc:
+        trainable["disc"] = (list(disc.parameters()), args.lr_aux, (0.0, 0.99))
+    if fake:
+        trainable["fake"] = (fake, args.lr_aux, (0.9, 0.999))
+    opts = {k: torch.optim.AdamW(ps, lr=lr, betas=b, weight_decay=0.0, fused=cuda or None)
+            for k, (ps, lr, b) in trainable.items()}
+    if args.grad_checkpointing:
+        teacher.denoiser.enable_gradient_checkpointing()
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
+    with torch.no_grad():
+        cond_all = teacher.encode(prompts)  # once; SDXL / FLUX text encoders run only for uncached prompts
+    n_prompts = len(prompts)
+    hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d, "llpips": args.llpips or "",
+               "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
+               "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
+               "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed,
+               "init": meta.get("init", args.init) if args.resume else args.init,
+               "init_step": meta.get("init_step", meta.get("step")) if args.resume else meta.get("step"),
+               "skip": meta.get("skip")}
+    step = 0
+    if args.resume:
+        try:
+            state, smeta = lora.load(state_path(args.out))
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: cannot resume: {e}")
+        if smeta.get("step") != meta.get("step"):
+            raise SystemExit(f"error: {args.out} (step {meta.get('step')}) and its state file (step {smeta.get('step')})"
+                             " disagree; a save was interrupted")
+        if float(smeta.get("lambda1", 0)) != args.lambda1 or float(smeta.get("lambda2", 0)) != args.lambda2:
+            raise SystemExit(f"error: {args.out} was trained with lambda1 = {smeta.get('lambda1')}, lambda2 = "
+                             f"{smeta.get('lambda2')}; resume with the same values")
+        for k, o in opts.items():
+            load_optimizer(o, state, f"{k}_optim")
+        if disc:
+            disc.load_state_dict({k[len("disc."):]: v for k, v in state.items() if k.startswith("disc.")})
+        if fake:
+            lora.load_state_dict(teacher.denoiser, "fake", state, "fake")
+        step = int(meta["step"])
+        if master:  # ranks > 0 continue with fresh random streams; a single-process resume continues exactly
+            gen.set_state(state["rng"])
+        log(f"resumed {args.out} at step {step}")
+    if ddp:  # identical student, heads and fake score on every rank
+        for ps, _, _ in trainable.values():
+            for p in ps:
+                dist.broadcast(p.data, 0)
+
+    def save():
+        if not master:
+            return
+        tensors = {"rng": gen.get_state()}
+        for k, o in opts.items():
+            tensors.update(optimizer_tensors(o, f"{k}_optim"))
+        if disc:
+            tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
+        if fake:
+            tensors.update(lora.state_dict(teacher.denoiser, "fake", "fake"))
+        lora.save(state_path(args.out), tensors, {"step": step, "lambda1": args.lambda1, "lambda2": args.lambda2})
+        save_checkpoint(args.out, teacher, "global", {**hparams, "step": step})
+
+    def update(loss, name):
+        """One AdamW step of `name` (student / disc / fake) on loss, gradients averaged over ranks. A non-finite loss
+        stops the run before the step: the last checkpoint on disk stays the last good one."""
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        if ddp:
+            all_reduce_grads(trainable[name][0], world)
+            loss = mean_over_ranks(loss, world)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: the {name} loss is {loss.item()} at step {step}; stopped. {args.out} keeps the "
+                             "last good checkpoint (try a lower --lr / --lr-aux)")
+        opts[name].step()
+        return loss.item()
+
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} d={args.d} "
+        f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
+        f"batch={args.batch}x{world} iters={args.iters}")
+    bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
+    logs = {}
+    B = args.batch
+    while step < args.iters:
+        idx = torch.randint(0, n_prompts, (B,), generator=gen).to(device)
+        cond = cond_index(cond_all, idx)
+        # image-free inputs: the student's q-step samples, re-noised with fresh noise to a random milestone t_m
+        x0_q = student_samples(teacher, cond, args.q, M, gen)
+        s = torch.randint(1, M + 1, (B,), generator=gen).to(device)
+        t_m, t_n = s * (T / M), (s - 1) * (T / M)
+        eps = randn_like(x0_q, gen)
+        # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
+        # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
+        z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
+
+        # the student step: L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
+        with autocast:
+            l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, args.w, args.p)
+            loss = l_cons.mean()
+            logs["cons"] = loss.item()
+            if disc:  # the generator's hinge term; the heads get no gradient from it
+                disc.requires_grad_(False)
+                l_gan = -disc(x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen), cond).mean()
+                disc.requires_grad_(True)
+                loss = loss + args.lambda1 * l_gan
+                logs["gan"] = l_gan.item()
+            if fake:
+                l_dmd = dmd_loss(teacher, x0_m, cond, args.w, gen)
+                loss = loss + args.lambda2 * l_dmd
+                logs["dmd"] = l_dmd.item()
+        try:
+            logs["loss"] = update(loss, "student")
+            x0_m = x0_m.detach()
+            if disc:  # the discriminator step: real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
+                with autocast:
+                    t_g, eps = uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen)
+                    logits = disc(torch.cat([x0_n, x0_m]), torch.cat([t_g, t_g]), torch.cat([eps, eps]),
+                                  cond_cat(cond, cond))
+                    real, fake_logit = logits.chunk(2)
+                    l_d = F.relu(1 - real).mean() + F.relu(1 + fake_logit).mean()
+                logs["disc"] = update(l_d, "disc")
+            for _ in range(args.fake_updates if fake else 0):  # the fake score follows the student
+                with autocast:
+                    l_f = fake_score_loss(teacher, x0_m, cond, gen)
+                logs["fake"] = update(l_f, "fake")
+        except SystemExit:
+            bar.close()
+            raise
+        step += 1
+        bar.update(1)
+        if master and (step % args.log_every == 0 or step == args.iters):
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+        if step % args.save_every == 0 or step == args.iters:
+            save()
+    bar.close()
+    log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 2  (or 3, 4)")
+    if ddp:  # a cheap guard: every rank must hold rank 0's weights
+        diff = max(rank_difference(ps) for ps, _, _ in trainable.values())
+        log(f"student, heads and fake score identical on all {world} ranks: max difference {diff:.3g}")
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
