@@ -3,7 +3,6 @@
 Paper: "LogCD: Local-to-global Consistency Distillation for Few-step Image Generation" (CVPR 2026), Method 2 and 4.
 DESIGN.md section 5. Everything shared with stage 1 (teachers, time, Psi, solve, CFG, checkpoints) is in local_cd.py.
 """
-import json
 import math
 import os
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 import lora
 from local_cd import (HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance, family,
                       init_distributed, load_optimizer, load_student, mean_over_ranks, optimizer_tensors, rank_difference,
-                      read_checkpoint, read_prompts, save_checkpoint, solve, state_path, student_times)
+                      read_prompts, save_checkpoint, solve, state_path, student_times)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -190,7 +189,8 @@ Stage 2 (this script): global consistency, only between milestones t^s = s T / M
 sampler visits. Starting from a stage-1 student (--init), each iteration:
 
   image-free inputs:  hat z_0 = the current student's q-step samples (no grad), re-noised with fresh noise
-                      z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps at a random milestone t_m, t_n = t_m - T/M
+                      z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps at a random milestone t_m (pure noise at
+                      t_m = T, as the sampler starts), t_n = t_m - T/M
   teacher target:     hat z_{t_n} = p teacher solver steps with CFG from z_{t_m} (Psi, DDIM / Euler)
   consistency:        L_GoCD  = d( x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)] )   (hat z_0 at t_n = 0)
   GAN (lambda1):      hinge; D = frozen teacher encoder + trainable heads; real = sg[x0 at t_n], fake = x0 at t_m
