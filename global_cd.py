@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lora
 from local_cd import (HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance, family,
                       init_distributed, load_optimizer, load_student, mean_over_ranks, optimizer_tensors, rank_difference,
-                      read_prompts, save_checkpoint, solve, state_path, student_times)
+                      read_prompts, read_state, save_checkpoint, solve, state_path, student_times)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -311,12 +311,9 @@ def main(argv=None):
     step = 0
     if args.resume:
         try:
-            state, smeta = lora.load(state_path(args.out))
+            state, smeta = read_state(args.out, meta)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
-        if smeta.get("step") != meta.get("step"):
-            raise SystemExit(f"error: {args.out} (step {meta.get('step')}) and its state file (step {smeta.get('step')})"
-                             " disagree; a save was interrupted")
         if float(smeta.get("lambda1", 0)) != args.lambda1 or float(smeta.get("lambda2", 0)) != args.lambda2:
             raise SystemExit(f"error: {args.out} was trained with lambda1 = {smeta.get('lambda1')}, lambda2 = "
                              f"{smeta.get('lambda2')}; resume with the same values")

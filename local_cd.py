@@ -456,6 +456,15 @@ def state_path(path):
     return path[:-len(".safetensors")] + ".state.safetensors" if path.endswith(".safetensors") else path + ".state"
 
 
+def read_state(path, meta):
+    """(tensors, metadata) of the resume state beside checkpoint `path` (metadata `meta`); both must be of one step."""
+    state, smeta = lora.load(state_path(path))
+    if smeta.get("step") != meta.get("step"):
+        raise ValueError(f"{path} (step {meta.get('step')}) and its state file (step {smeta.get('step')}) disagree; "
+                         "a save was interrupted")
+    return state, smeta
+
+
 def optimizer_tensors(opt, prefix="optim"):
     return {f"{prefix}.{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
 
@@ -753,12 +762,9 @@ def main(argv=None):
     if args.resume:
         try:
             tensors, meta = read_checkpoint(args.out, ("local",), teacher.id)
-            state, smeta = lora.load(state_path(args.out))
+            state, smeta = read_state(args.out, meta)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
-        if smeta.get("step") != meta.get("step"):
-            raise SystemExit(f"error: {args.out} (step {meta.get('step')}) and its state file (step {smeta.get('step')})"
-                             " disagree; a save was interrupted")
         lora.load_state_dict(teacher.denoiser, "student", tensors, teacher.lora_prefix)
         load_optimizer(opt, state)
         step = int(meta["step"])

@@ -877,6 +877,11 @@ def test_stage2_resume_equals_uninterrupted(tmp_path):
     _stage1(tmp_path / "local.safetensors")
     a = _run2(tmp_path, "--iters", "4", "--save-every", "2", out="a.safetensors")
     _run2(tmp_path, "--iters", "2", out="b.safetensors")
+    good = (tmp_path / "b.state.safetensors").read_bytes()
+    (tmp_path / "b.state.safetensors").write_bytes((tmp_path / "a.state.safetensors").read_bytes())  # step 4, not 2
+    with pytest.raises(SystemExit, match="disagree; a save was interrupted"):
+        _run2(tmp_path, "--iters", "4", "--resume", out="b.safetensors")
+    (tmp_path / "b.state.safetensors").write_bytes(good)
     b = _run2(tmp_path, "--iters", "4", "--resume", out="b.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = _load(tmp_path / "a.state.safetensors"), _load(tmp_path / "b.state.safetensors")
