@@ -296,7 +296,7 @@ def main(argv=None):
     opts = {k: torch.optim.AdamW(ps, lr=lr, betas=b, weight_decay=0.0, fused=cuda or None)
             for k, (ps, lr, b) in trainable.items()}
     if args.grad_checkpointing:
-        teacher.denoiser.enable_gradient_checkpointing()
+        lora.gradient_checkpointing(teacher.denoiser)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
     with torch.no_grad():
         cond_all = teacher.encode(prompts)  # once; SDXL / FLUX text encoders run only for uncached prompts

@@ -749,7 +749,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
     params = add_student(teacher, args.rank)
     if args.grad_checkpointing:
-        teacher.denoiser.enable_gradient_checkpointing()
+        lora.gradient_checkpointing(teacher.denoiser)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda or None)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own trajectories and pairs
     with torch.no_grad():

@@ -21,6 +21,7 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -116,6 +117,24 @@ def adapter(model, name):
     finally:
         for l, a in zip(ls, before):
             l.active = a
+
+
+def gradient_checkpointing(model):
+    """Turns on a diffusers model's gradient checkpointing so that the recomputation in backward runs with the
+    adapter that was active in the forward. (Plain checkpointing recomputes with whatever adapter is active when
+    backward runs -- usually none, outside the `adapter` block -- and torch stops with "a different number of
+    tensors was saved".) Call it after the adapters are injected."""
+    ls = [l for _, l in layers(model)]
+
+    def checkpoint(block, *args):
+        name = ls[0].active if ls else None  # `adapter` sets every layer alike
+
+        def run(*a):
+            with adapter(model, name):
+                return block(*a)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
 
 def merge(model, name):

@@ -260,6 +260,26 @@ def test_adapters_switch_and_do_not_leak():
         lora.inject(net, r"^(0|3)$", "fake")
 
 
+def test_gradient_checkpointing_recomputes_with_the_forward_adapter():
+    """The training loops call backward outside `adapter(..., "student")`: checkpointed blocks must still recompute
+    with the student's LoRA, giving the same gradients as without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        t = load_teacher("digits", "cpu")
+        torch.manual_seed(0)
+        params = add_student(t, rank=4)
+        _randomize(t.denoiser, "student", std=0.05)
+        if checkpointing:
+            lora.gradient_checkpointing(t.denoiser)
+        z, tt, c = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([300.0, 700.0]), \
+            t.encode(["1", "2"])
+        with lora.adapter(t.denoiser, "student"):
+            loss = t.x0(z, tt, c).pow(2).mean()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert grads[1].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_lora_save_load_round_trip(tmp_path):
     net, x = _net(), torch.randn(2, 3, 4, 4)
     lora.inject(net, r"^(0|3)$", "student", rank=4, alpha=3)
@@ -664,7 +684,7 @@ def test_stage1_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_pat
     with pytest.raises(SystemExit, match="--prompts is required"):
         _run(tmp_path, "--teacher", path, "--resolution", str(res), "--iters", "2")
     _run(tmp_path, "--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res),
-         "--iters", "2", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50")
+         "--iters", "2", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50", "--grad-checkpointing")
     t, _, meta = load_student(str(tmp_path / "local.safetensors"), "cpu")
     assert meta["teacher"] == path and meta["w"] == ("7.0" if family == "sdxl" else "3.5")
 
@@ -737,7 +757,8 @@ def test_stage2_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_pat
     _stage1(tmp_path / "local.safetensors", path, res, M=4, w=3.0)
     with pytest.raises(SystemExit, match="--d llpips needs L-LPIPS weights"):  # the paper's d, weights not given
         _run2(tmp_path, "--prompts", str(tmp_path / "prompts.txt"), "--iters", "1")
-    _run2(tmp_path, "--prompts", str(tmp_path / "prompts.txt"), "--iters", "2", "--batch", "2", "--d", "mse")
+    _run2(tmp_path, "--prompts", str(tmp_path / "prompts.txt"), "--iters", "2", "--batch", "2", "--d", "mse",
+          "--grad-checkpointing")  # the discriminator's hooks must survive checkpoint recomputation
     _, _, meta = load_student(str(tmp_path / "global.safetensors"), "cpu", ("global",))
     assert meta["teacher"] == path and meta["M"] == "4" and meta["stage"] == "global"
 
