@@ -1099,3 +1099,16 @@ def test_llpips_bench_runs_at_tiny_size():
     rows = llpips.bench("tiny", batch=1, device="cpu", repeats=1)
     assert [r[0] for r in rows] == ["L-LPIPS on latents", "VAE decode + pixel LPIPS"]
     assert all(r[1] > 0 for r in rows) and rows[1][2] == "not measured (CPU)"
+
+
+# ---- bench.py ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_bench_sample_runs_at_tiny_size(model, capsys):
+    """The CI smoke test of bench.py: the table's shape and model-call counts, never its timings."""
+    import bench
+    rows = bench.main(["--model", model, "--repeats", "1", "--json"])
+    assert json.loads(capsys.readouterr().out)["rows"] == rows
+    cfg_calls = 50 if model == "tiny-sdxl" else 25  # FLUX.1-dev: guidance embedding, one pass per step
+    assert [r["calls"] for r in rows] == [1, cfg_calls, 2, 3, 4]
+    assert all(r["seconds"] > 0 and r["peak_GiB"] is None for r in rows)
