@@ -3,11 +3,12 @@ does not depend on weight values, so nothing is downloaded). Runs unchanged on C
 
     python bench.py --model sdxl --what sample     # teacher 25 steps with CFG vs the student's 2 / 3 / 4 steps
     python bench.py --model flux --what sample
+    python bench.py --model sdxl --what step1 --batch 4        # a stage-1 update vs one forward at batch 4
     python bench.py --model tiny-sdxl --what sample --json   # what CI runs
 
 Timings are the best of --repeats runs after one warm-up; peak memory is CUDA's allocator peak (not measured on CPU).
 Prompts are random embeddings of the right shape: the text encoders are not part of what is timed.
-(Still to come in issue 6: stage-1 / stage-2 iteration cost and memory, L-LPIPS vs VAE decode + LPIPS.)
+(Still to come in issue 6: the stage-2 iteration, the recipe's GPU-hour projection, L-LPIPS vs VAE decode + LPIPS.)
 """
 import argparse
 import json
@@ -116,10 +117,45 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     return rows
 
 
+def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointing=False):
+    """One stage-1 update on a batch of training pairs (local_loss forward + backward + AdamW step, rank-64 LoRA,
+    bf16 autocast on CUDA) against one plain forward at the same batch. The teacher's share of a real iteration
+    (0.64 forwards per pair from the trajectory buffer, no gradient) is not in it. Target (issue 6): <= 3.5x."""
+    from local_cd import local_loss, milestones, segment
+    z_m, z_n, c = teacher.noise(batch), teacher.noise(batch), cond(batch)
+    g = torch.Generator().manual_seed(0)
+    t_m = (torch.rand(batch, generator=g, dtype=torch.float64) * 1000).clamp(min=skip + 1).float().to(device)
+    t_s = milestones(M)[segment(t_m.cpu(), M)].float().to(device)
+    t_n = torch.maximum(t_m - skip, t_s)
+    with torch.no_grad():
+        one, _ = timed(lambda: teacher.forward(z_m, t_m, c), repeats, device)
+    params = add_student(teacher, rank=64)
+    if checkpointing:
+        lora.gradient_checkpointing(teacher.denoiser)
+    cuda = str(device).startswith("cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    mse = lambda x, y: (x.float() - y.float()).pow(2).flatten(1).mean(1)  # noqa: E731
+
+    def step():
+        with lora.adapter(teacher.denoiser, "student"), autocast:
+            loss, _, _ = local_loss(teacher, mse, z_m, t_m, z_n, t_n, t_s, c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sec, mem = timed(step, repeats, device)
+    return [{"what": f"one forward, batch {batch}", "calls": 1, "seconds": one, "x_one_forward": 1.0, "peak_GiB": None},
+            {"what": f"stage-1 update, batch {batch}{', grad checkpointing' if checkpointing else ''}", "calls": None,
+             "seconds": sec, "x_one_forward": sec / one, "peak_GiB": mem}]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["sdxl", "flux", "tiny-sdxl", "tiny-flux"], default="tiny-sdxl")
-    p.add_argument("--what", choices=["sample"], default="sample")
+    p.add_argument("--what", choices=["sample", "step1"], default="sample", help="sample: teacher vs student sampling; "
+                   "step1: one stage-1 update vs one forward")
+    p.add_argument("--grad-checkpointing", action="store_true", help="step1: with gradient checkpointing")
     p.add_argument("--batch", type=int, default=1, help="images per model call (a CFG pass doubles it)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
@@ -130,7 +166,10 @@ def main(argv=None):
         print(f"note: {args.model} at full size on a CPU takes minutes per forward; the tiny-* models are for CPUs")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     teacher, cond = build(args.model, device, dtype)
-    rows = bench_sample(teacher, cond, args.batch, args.repeats, device)
+    if args.what == "sample":
+        rows = bench_sample(teacher, cond, args.batch, args.repeats, device)
+    else:
+        rows = bench_step1(teacher, cond, args.batch, args.repeats, device, checkpointing=args.grad_checkpointing)
     if args.json:
         print(json.dumps({"model": args.model, "device": torch.cuda.get_device_name() if device.startswith("cuda")
                           else "cpu", "dtype": str(dtype), "rows": rows}, indent=1))
@@ -140,8 +179,8 @@ def main(argv=None):
     print("| what | model calls | seconds | x one forward | speed-up vs teacher | peak GiB |\n|---|---|---|---|---|---|")
     for r in rows:
         mem = f"{r['peak_GiB']:.1f}" if r["peak_GiB"] is not None else "not measured (CPU)"
-        print(f"| {r['what']} | {r['calls']} | {r['seconds']:.4f} | {r['x_one_forward']:.2f} | "
-              f"{r.get('speedup_vs_teacher', float('nan')):.1f} | {mem} |")
+        speedup = f"{r['speedup_vs_teacher']:.1f}" if "speedup_vs_teacher" in r else "-"
+        print(f"| {r['what']} | {r['calls'] or '-'} | {r['seconds']:.4f} | {r['x_one_forward']:.2f} | {speedup} | {mem} |")
     return rows
 
 

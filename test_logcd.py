@@ -1112,3 +1112,9 @@ def test_bench_sample_runs_at_tiny_size(model, capsys):
     cfg_calls = 50 if model == "tiny-sdxl" else 25  # FLUX.1-dev: guidance embedding, one pass per step
     assert [r["calls"] for r in rows] == [1, cfg_calls, 2, 3, 4]
     assert all(r["seconds"] > 0 and r["peak_GiB"] is None for r in rows)
+
+
+def test_bench_stage1_update_runs_at_tiny_size():
+    import bench
+    rows = bench.main(["--model", "tiny-sdxl", "--what", "step1", "--batch", "2", "--repeats", "1", "--grad-checkpointing"])
+    assert [r["calls"] for r in rows] == [1, None] and all(r["seconds"] > 0 for r in rows)
