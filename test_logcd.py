@@ -646,17 +646,21 @@ def test_stage1_checkpoint_samples(tmp_path):
     assert (tmp_path / "g.png").exists()
 
 
-def test_stage1_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def _nan_after(n):
+    """A stand-in for local_cd.distance whose MSE turns NaN after n calls (a training run that blows up)."""
     calls = []
 
-    def nan_later(*args):
+    def distance(*args):
         def d(x, y):
             calls.append(1)
             v = (x - y).pow(2).flatten(1).mean(1)
-            return v * float("nan") if len(calls) > 2 else v
+            return v * float("nan") if len(calls) > n else v
         return d
+    return distance
 
-    monkeypatch.setattr(local_cd, "distance", nan_later)
+
+def test_stage1_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_cd, "distance", _nan_after(2))
     with pytest.raises(SystemExit, match="loss is nan at step 2"):
         _run(tmp_path, "--iters", "5", "--save-every", "1")
     assert read_checkpoint(str(tmp_path / "local.safetensors"))[1]["step"] == "2"
@@ -933,16 +937,7 @@ def test_stage2_bad_inputs(tmp_path, monkeypatch):
         _run2(tmp_path, "--iters", "1", "--q", "9")
     with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
         _run2(tmp_path, "--iters", "1", "--resume")
-    calls = []
-
-    def nan_later(*args):
-        def d(x, y):
-            calls.append(1)
-            v = (x - y).pow(2).flatten(1).mean(1)
-            return v * float("nan") if len(calls) > 2 else v
-        return d
-
-    monkeypatch.setattr(global_cd, "distance", nan_later)
+    monkeypatch.setattr(global_cd, "distance", _nan_after(2))
     with pytest.raises(SystemExit, match="student loss is nan at step 2"):
         _run2(tmp_path, "--iters", "5", "--save-every", "1")
     assert read_checkpoint(str(tmp_path / "global.safetensors"))[1]["step"] == "2"
