@@ -121,7 +121,7 @@ def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointi
     """One stage-1 update on a batch of training pairs (local_loss forward + backward + AdamW step, rank-64 LoRA,
     bf16 autocast on CUDA) against one plain forward at the same batch. The teacher's share of a real iteration
     (0.64 forwards per pair from the trajectory buffer, no gradient) is not in it. Target (issue 6): <= 3.5x."""
-    from local_cd import local_loss, milestones, segment
+    from local_cd import distance, local_loss, milestones, segment
     z_m, z_n, c = teacher.noise(batch), teacher.noise(batch), cond(batch)
     g = torch.Generator().manual_seed(0)
     t_m = (torch.rand(batch, generator=g, dtype=torch.float64) * 1000).clamp(min=skip + 1).float().to(device)
@@ -135,7 +135,7 @@ def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointi
     cuda = str(device).startswith("cuda")
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None)
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    mse = lambda x, y: (x.float() - y.float()).pow(2).flatten(1).mean(1)  # noqa: E731
+    mse = distance("mse")
 
     def step():
         with lora.adapter(teacher.denoiser, "student"), autocast:

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance, family,
-                      init_distributed, load_optimizer, load_student, mean_over_ranks, optimizer_tensors, rank_difference,
-                      read_prompts, read_state, save_checkpoint, solve, state_path, student_times)
+from local_cd import (HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance, family, fill_presets,
+                      init_distributed, load_optimizer, load_student, mean_over_ranks, optimizer_tensors,
+                      rank_difference, read_prompts, read_state, save_checkpoint, solve, state_path, student_times)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -135,7 +135,7 @@ class Discriminator(nn.Module):
         self.teacher = teacher  # a plain attribute: the base weights are not this module's parameters
         with torch.no_grad():
             z, t = teacher.noise(1), torch.full((1,), T / 2, device=teacher.device)
-            feats = teacher_features(teacher, z, t, cond_index(teacher.null(1), slice(0, 1)))
+            feats = teacher_features(teacher, z, t, teacher.null(1))
         self.heads = nn.ModuleList(Head(f.shape[1]) for f in feats).to(teacher.device)
 
     def forward(self, x0, t, eps, cond):
@@ -248,8 +248,6 @@ def main(argv=None):
     cuda = str(device).startswith("cuda")
     master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
-    if cuda:  # cuDNN SDPA backward crashed on FLUX (illegal memory access; H200, torch 2.11): use flash / efficient
-        torch.backends.cuda.enable_cudnn_sdp(False)
 
     # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata
     source, stages = (args.out, ("global",)) if args.resume else (args.init, ("local",))
@@ -262,9 +260,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}{hint}")
     if args.teacher is not None and args.teacher != teacher.id:
         raise SystemExit(f"error: {source} was distilled from teacher {teacher.id!r}, not {args.teacher!r}")
-    for k, v in PRESETS[family(teacher)].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    fill_presets(args, PRESETS[family(teacher)])
     M = int(meta["M"])
     args.w = float(meta["w"]) if args.w is None else args.w
     try:

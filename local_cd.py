@@ -503,10 +503,14 @@ def load_student(path, device=None, stages=("local", "global"), teacher_id=None)
 # ---- distributed: torchrun, no DDP wrapper (the LoRA gradients are averaged by hand, in one flat all-reduce) ---------
 
 def init_distributed(device=None):
-    """(rank, world, device, ddp). torchrun sets RANK: gloo on CPU, nccl on GPU, one GPU per rank."""
+    """A training script's process setup: (rank, world, device, ddp). torchrun sets RANK: gloo on CPU, nccl on GPU,
+    one GPU per rank. On CUDA, cuDNN's scaled-dot-product attention is switched off: its backward crashed on FLUX
+    (illegal memory access; H200, torch 2.11); flash / memory-efficient attention remain."""
     import torch.distributed as dist
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if not ddp:
         return 0, 1, device or default_device(), False
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -514,6 +518,13 @@ def init_distributed(device=None):
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def fill_presets(args, preset):
+    """Every flag left at None takes the teacher family's preset value."""
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
 
 
 def all_reduce_grads(params, world):
@@ -725,16 +736,12 @@ def main(argv=None):
     cuda = str(device).startswith("cuda")
     master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
-    if cuda:  # cuDNN SDPA backward crashed on FLUX (illegal memory access; H200, torch 2.11): use flash / efficient
-        torch.backends.cuda.enable_cudnn_sdp(False)
 
     try:
         teacher = load_teacher(args.teacher, device, args.resolution)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    for k, v in PRESETS[family(teacher)].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    fill_presets(args, PRESETS[family(teacher)])
     args.w = teacher.default_w if args.w is None else args.w
     try:
         if args.prompts and not os.path.isfile(args.prompts):
