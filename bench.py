@@ -1,16 +1,22 @@
 """What LogCD costs at the real sizes, measured with random weights built from the published model configs (cost
 does not depend on weight values, so nothing is downloaded). Runs unchanged on CPU (tiny models, for CI) and CUDA.
 
-    python bench.py --model sdxl --what sample     # teacher 25 steps with CFG vs the student's 2 / 3 / 4 steps
-    python bench.py --model flux --what sample
-    python bench.py --model sdxl --what step1 --batch 4        # a stage-1 update vs one forward at batch 4
-    python bench.py --model tiny-sdxl --what sample --json   # what CI runs
+    python bench.py --model sdxl --what sample           # teacher 25 steps with CFG vs the student's 2 / 3 / 4 steps
+    python bench.py --model sdxl --what step1 --batch 4  # a stage-1 iteration (update + teacher share) vs one forward
+    python bench.py --model sdxl --what step2 --batch 4  # a stage-2 iteration: consistency + GAN + DMD + fake score
+    python bench.py --model flux --what step2 --batch 1 --grad-checkpointing   # FLUX.1-dev WITH DMD on one GPU
+    python bench.py --model sdxl --what llpips --batch 4 # L-LPIPS vs VAE decode + pixel LPIPS (forward + backward)
+    python bench.py --model sdxl --what all --json       # every row of the README's GPU table, and the projection
+    python bench.py --model tiny-sdxl --what all         # what CI runs (tiny shapes, CPU)
 
 Timings are the best of --repeats runs after one warm-up; peak memory is CUDA's allocator peak (not measured on CPU).
-Prompts are random embeddings of the right shape: the text encoders are not part of what is timed.
-(Still to come in issue 6: the stage-2 iteration, the recipe's GPU-hour projection, L-LPIPS vs VAE decode + LPIPS.)
+Prompts are random embeddings of the right shape: the text encoders are not part of what is timed (training caches
+prompt embeddings once). Weights are bf16 on CUDA (LoRA and optimizer state fp32, bf16 autocast), fp32 on CPU.
+A row that does not fit on the GPU is reported as such, with the memory it needed at least.
 """
 import argparse
+import contextlib
+import gc
 import json
 import time
 import types
@@ -18,7 +24,7 @@ import types
 import torch
 
 import lora
-from local_cd import DDPMTeacher, FluxTeacher, add_student, solve, student_times, teacher_times
+from local_cd import DDPMTeacher, FluxTeacher, add_student, distance, solve, student_times, teacher_times
 
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -38,46 +44,67 @@ TINY_FLUX = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_a
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 FLUX_SCHEDULE = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                  "max_image_seq_len": 4096}
+SDXL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, scaling_factor=0.13025)
+# the paper's SDXL recipe: 12K stage-1 + 3K stage-2 iterations on 4 A100s, 70 A100 hours in all
+RECIPE = {"stage1_iters": 12000, "stage2_iters": 3000, "gpus": 4, "paper_gpu_hours": 70}
+
+
+@contextlib.contextmanager
+def built_on(device, dtype):
+    """Parameters are created on `device` in `dtype`: FLUX.1-dev in fp32 on the host would be 48 GB and minutes of
+    random initialisation before the cast."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def build(model, device, dtype):
-    """(teacher, cond(n) -> random prompt conditioning) for sdxl, flux, tiny-sdxl, tiny-flux."""
+    """(teacher, cond(n) -> random prompt conditioning) for sdxl, flux, tiny-sdxl, tiny-flux. teacher.null is the
+    unconditional prompt (zeros), so no text encoder is needed."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
     from diffusers.utils import logging
-    logging.set_verbosity_error()  # casting a freshly built model to bf16 is what we mean to do
+    logging.set_verbosity_error()
     torch.manual_seed(0)
+    tiny = model.startswith("tiny")
     if model.endswith("sdxl"):
-        tiny = model == "tiny-sdxl"
-        unet = UNet2DConditionModel(**(TINY_SDXL_UNET if tiny else SDXL_UNET)).to(dtype)
+        with built_on(device, dtype):
+            unet = UNet2DConditionModel(**(TINY_SDXL_UNET if tiny else SDXL_UNET))
         teacher = DDPMTeacher(unet, SD_SCHEDULE, device)
-        teacher.latent_shape, teacher.default_w, teacher.id = (4, unet.config.sample_size, unet.config.sample_size), 7.0, model
+        size = unet.config.sample_size
+        teacher.latent_shape, teacher.default_w, teacher.id = (4, size, size), 7.0, model
         text, pooled, res = (32, 16, 16) if tiny else (2048, 1280, 1024)
 
-        def cond(n):
+        def cond(n):  # both text encoders' embeddings, the pooled one, and SDXL's micro-conditioning time_ids
             return {"encoder_hidden_states": torch.randn(n, 77, text, device=device),
                     "text_embeds": torch.randn(n, pooled, device=device),
                     "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * n, device=device).float()}
-        # SDXL's null prompt: zero embeddings, the same micro-conditioning
-        teacher.null = lambda n: {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond(n).items()}
-        return teacher, cond
-    tiny = model == "tiny-flux"
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=16 if tiny else 64, **(TINY_FLUX if tiny else FLUX)).to(dtype)
-    # FluxTeacher reads the latent size off the VAE's depth and the shift off the scheduler config; no text encoders
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(8, 8, 8, 8) if tiny else (128, 256, 512, 512), norm_num_groups=8 if tiny else 32,
-                        latent_channels=4 if tiny else 16)
-    pipe = types.SimpleNamespace(transformer=tr, vae=vae, scheduler=types.SimpleNamespace(config=FLUX_SCHEDULE))
-    teacher = FluxTeacher(pipe, device, model, resolution=64 if tiny else 1024)
-    text, pooled, tokens = (32, 16, 16) if tiny else (4096, 768, 512)
-    return teacher, lambda n: {"encoder_hidden_states": torch.randn(n, tokens, text, device=device),
-                               "pooled_projections": torch.randn(n, pooled, device=device)}
+    else:
+        with built_on(device, dtype):
+            tr = FluxTransformer2DModel(patch_size=1, in_channels=16 if tiny else 64, **(TINY_FLUX if tiny else FLUX))
+        # FluxTeacher reads the latent size off the VAE's depth (4 blocks: 8x) and the shift off the scheduler config
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(8,) * 4, norm_num_groups=8, latent_channels=4 if tiny else 16)
+        pipe = types.SimpleNamespace(transformer=tr, vae=vae, scheduler=types.SimpleNamespace(config=FLUX_SCHEDULE))
+        teacher = FluxTeacher(pipe, device, model, resolution=64 if tiny else 1024)
+        text, pooled, tokens = (32, 16, 16) if tiny else (4096, 768, 512)
+
+        def cond(n):  # T5 tokens and CLIP's pooled embedding
+            return {"encoder_hidden_states": torch.randn(n, tokens, text, device=device),
+                    "pooled_projections": torch.randn(n, pooled, device=device)}
+    teacher.null = lambda n: {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond(n).items()}
+    return teacher, cond
 
 
-def timed(f, repeats, device):
-    """(best seconds of `repeats` runs after a warm-up, peak CUDA memory in GiB or None)."""
+def timed(f, repeats, device, warmup=1):
+    """(best seconds of `repeats` runs after `warmup` runs, peak CUDA memory of the last run in GiB or None)."""
     cuda = str(device).startswith("cuda")
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(warmup + repeats):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -86,7 +113,24 @@ def timed(f, repeats, device):
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return min(times[1:]), (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
+    return min(times[warmup:]), (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
+
+
+def row(what, seconds, one=None, calls=None, peak=None, **extra):
+    return {"what": what, "calls": calls, "seconds": seconds, "x_one_forward": seconds / one if one else None,
+            "peak_GiB": peak, **extra}
+
+
+def one_forward(teacher, cond, batch, repeats, device):
+    z, c, t = teacher.noise(batch), cond(batch), torch.full((batch,), 500.0, device=device)
+    with torch.no_grad():
+        sec, mem = timed(lambda: teacher.forward(z, t, c), repeats, device)
+    return row(f"one forward, batch {batch}", sec, sec, 1, mem)
+
+
+def autocast_for(device):
+    cuda = str(device).startswith("cuda")
+    return torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
 
 def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, student_steps=(2, 3, 4), M=8):
@@ -95,92 +139,225 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     z, c = teacher.noise(batch), cond(batch)
     w = teacher.default_w
     add_student(teacher, rank=64)
-    rows = []
+    first = one_forward(teacher, cond, batch, repeats, device)
+    rows, one = [first], first["seconds"]
     with torch.no_grad():
-        t = torch.full((batch,), 500.0, device=device)
-        one, mem = timed(lambda: teacher.forward(z, t, c), repeats, device)
-        rows.append({"what": f"one forward, batch {batch}", "calls": 1, "seconds": one, "x_one_forward": 1.0,
-                     "peak_GiB": mem})
         sec, mem = timed(lambda: solve(lambda z_, t_: teacher.x0(z_, t_, c, w=w), z, teacher_times(teacher_steps),
                                        teacher.alpha_sigma), repeats, device)
         passes = 1 if isinstance(teacher, FluxTeacher) and not teacher.true_cfg else 2
-        teacher_row = {"what": f"teacher, {teacher_steps} steps, CFG w={w:g}", "calls": teacher_steps * passes,
-                       "seconds": sec, "x_one_forward": sec / one, "peak_GiB": mem}
-        rows.append(teacher_row)
+        rows.append(row(f"teacher, {teacher_steps} steps, CFG w={w:g}", sec, one, teacher_steps * passes, mem))
         with lora.merged(teacher.denoiser, "student"):
+            t = torch.full((batch,), 500.0, device=device)
+            sec, mem = timed(lambda: teacher.forward(z, t, c), repeats, device)
+            rows.append(row(f"one forward, batch {batch}, LoRA merged", sec, one, 1, mem))
             for k in student_steps:
                 sec, mem = timed(lambda: solve(lambda z_, t_: teacher.x0(z_, t_, c), z, student_times(k, M),
                                                teacher.alpha_sigma), repeats, device)
-                rows.append({"what": f"student, {k} steps (LoRA merged)", "calls": k, "seconds": sec,
-                             "x_one_forward": sec / one, "peak_GiB": mem,
-                             "speedup_vs_teacher": teacher_row["seconds"] / sec})
+                rows.append(row(f"student, {k} steps (LoRA merged)", sec, one, k, mem,
+                                speedup_vs_teacher=rows[1]["seconds"] / sec))
     return rows
 
 
-def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointing=False):
-    """One stage-1 update on a batch of training pairs (local_loss forward + backward + AdamW step, rank-64 LoRA,
-    bf16 autocast on CUDA) against one plain forward at the same batch. The teacher's share of a real iteration
-    (0.64 forwards per pair from the trajectory buffer, no gradient) is not in it. Target (issue 6): <= 3.5x."""
-    from local_cd import distance, local_loss, milestones, segment
+def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointing=False, buffer=True):
+    """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA) and the teacher's
+    share (one TrajectoryBuffer refill at the family's preset, timed once, divided by the iterations it feeds), against
+    one plain forward at the same batch. Target (issue 6): the update at batch 4 <= 3.5x one forward."""
+    from local_cd import PRESETS, TrajectoryBuffer, family, local_loss, milestones, segment
+    rows = [one_forward(teacher, cond, batch, repeats, device)]
+    one = rows[0]["seconds"]
     z_m, z_n, c = teacher.noise(batch), teacher.noise(batch), cond(batch)
     g = torch.Generator().manual_seed(0)
     t_m = (torch.rand(batch, generator=g, dtype=torch.float64) * 1000).clamp(min=skip + 1).float().to(device)
     t_s = milestones(M)[segment(t_m.cpu(), M)].float().to(device)
     t_n = torch.maximum(t_m - skip, t_s)
-    with torch.no_grad():
-        one, _ = timed(lambda: teacher.forward(z_m, t_m, c), repeats, device)
     params = add_student(teacher, rank=64)
     if checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
-    cuda = str(device).startswith("cuda")
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None)
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=str(device).startswith("cuda") or None)
     mse = distance("mse")
 
-    def step():
-        with lora.adapter(teacher.denoiser, "student"), autocast:
+    def update():
+        with lora.adapter(teacher.denoiser, "student"), autocast_for(device):
             loss, _, _ = local_loss(teacher, mse, z_m, t_m, z_n, t_n, t_s, c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    sec, mem = timed(step, repeats, device)
-    return [{"what": f"one forward, batch {batch}", "calls": 1, "seconds": one, "x_one_forward": 1.0, "peak_GiB": None},
-            {"what": f"stage-1 update, batch {batch}{', grad checkpointing' if checkpointing else ''}", "calls": None,
-             "seconds": sec, "x_one_forward": sec / one, "peak_GiB": mem}]
+    sec, mem = timed(update, repeats, device)
+    ckpt = ", grad checkpointing" if checkpointing else ""
+    rows.append(row(f"stage-1 update, batch {batch}{ckpt}", sec, one, None, mem,
+                    lora_params=sum(p.numel() for p in params)))
+    if buffer:  # the teacher's share: trajectories at the preset, each pair served `reuse` times
+        pre = PRESETS[family(teacher)]
+        buf = TrajectoryBuffer(teacher, {k: v[:1] for k, v in c.items()}, M, skip, teacher.default_w,
+                               pre["trajectories"], pre["buffer"], pre["reuse"], g)
+        refill, _ = timed(buf.refill, 1, device, warmup=0)  # as in training: bf16 weights, no autocast
+        iters_fed = buf.made * pre["reuse"] / batch
+        rows.append(row(f"teacher share per iteration (refill of {pre['trajectories']} trajectories / {iters_fed:.0f} "
+                        "iterations)", refill / iters_fed, one, None, None))
+        rows.append(row(f"stage-1 iteration, batch {batch}{ckpt}", sec + refill / iters_fed, one, None, mem))
+    return rows
+
+
+def bench_step2(teacher, cond, batch, repeats, device, checkpointing=False, lambda1=0.1, lambda2=1.0):
+    """A stage-2 iteration exactly as global_cd.py runs it (global_cd.iteration: q = 4 student steps for the
+    image-free inputs, p = 3 teacher CFG steps, student forward + backward, GAN generator and discriminator steps,
+    DMD with the real and fake scores, 2 fake-score updates), with the student, the fake score (rank 64 each) and the
+    discriminator's backbone all on ONE copy of the base weights. Target (issue 6): FLUX.1-dev with DMD at batch 1
+    fits one 80 GB GPU (with gradient checkpointing)."""
+    import global_cd
+    rows = [one_forward(teacher, cond, batch, repeats, device)]
+    params = add_student(teacher, rank=64)
+    a = global_cd.parse_args([])
+    a.lambda1, a.lambda2, a.w = lambda1, lambda2, teacher.default_w
+    global_cd.fill_presets(a, global_cd.PRESETS["flux" if isinstance(teacher, FluxTeacher) else "sdxl"])
+    disc = global_cd.Discriminator(teacher) if lambda1 > 0 else None
+    fake = lora.inject(teacher.denoiser, teacher.student_lora["lora_targets"], "fake", 64) if lambda2 > 0 else None
+    if checkpointing:
+        lora.gradient_checkpointing(teacher.denoiser)
+    fused = str(device).startswith("cuda") or None
+    opts = {"student": torch.optim.AdamW(params, lr=a.lr, fused=fused)}
+    if disc:
+        opts["disc"] = torch.optim.AdamW(disc.parameters(), lr=a.lr_aux, betas=(0.0, 0.99), fused=fused)
+    if fake:
+        opts["fake"] = torch.optim.AdamW(fake, lr=a.lr_aux, fused=fused)
+
+    def update(loss, name):
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+        return loss.detach()
+
+    gen, c = torch.Generator().manual_seed(0), cond(batch)
+    d = distance("mse")  # L-LPIPS on latents costs ~1% of this (the llpips row)
+    sec, mem = timed(lambda: global_cd.iteration(teacher, c, d, disc, fake is not None, update, a, 8, gen,
+                                                 autocast_for(device)), repeats, device)
+    parts = f"lambda1={lambda1:g} lambda2={lambda2:g}, {a.fake_updates} fake updates"
+    ckpt = ", grad checkpointing" if checkpointing else ""
+    rows.append(row(f"stage-2 iteration, batch {batch}, {parts}{ckpt}", sec, rows[0]["seconds"], None, mem))
+    return rows
+
+
+def bench_llpips(batch, repeats, device, size):
+    """Forward + backward of the two ways to a perceptual loss on latents: L-LPIPS on the latents, or decoding with
+    the VAE (SDXL's architecture) and running pixel LPIPS-VGG. size: latent side (128 = SDXL's 1024 px)."""
+    from diffusers import AutoencoderKL
+
+    from llpips import LLPIPS
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SDXL_VAE).to(device).requires_grad_(False)  # fp32: SDXL's VAE overflows in fp16
+    latent, pixel = LLPIPS(4).to(device).requires_grad_(False), LLPIPS(3, pixel=True).to(device).requires_grad_(False)
+    x, y = torch.randn(batch, 4, size, size, device=device), torch.randn(batch, 4, size, size, device=device)
+    scale = SDXL_VAE["scaling_factor"]
+    ways = {"L-LPIPS on latents": lambda x: latent(x, y).sum(),
+            "VAE decode + pixel LPIPS": lambda x: pixel(vae.decode(x / scale).sample, vae.decode(y / scale).sample).sum()}
+    rows = []
+    for name, f in ways.items():
+        sec, mem = timed(lambda: f(x.clone().requires_grad_(True)).backward(), repeats, device)
+        rows.append(row(f"{name}, batch {batch}, {size}x{size}x4 latents, fwd+bwd", sec, None, None, mem))
+    rows[1]["x_llpips"] = rows[1]["seconds"] / rows[0]["seconds"]
+    return rows
+
+
+def projection(step1, step2, recipe=RECIPE):
+    """GPU hours of the paper's SDXL recipe from measured per-iteration seconds (per-GPU batch as measured; the
+    all-reduce of the LoRA gradients between GPUs is not included)."""
+    hours = recipe["gpus"] * (recipe["stage1_iters"] * step1 + recipe["stage2_iters"] * step2) / 3600
+    return {"what": f"paper's SDXL recipe: {recipe['stage1_iters'] // 1000}K stage-1 + {recipe['stage2_iters'] // 1000}K "
+            f"stage-2 iterations on {recipe['gpus']} GPUs", "gpu_hours": hours,
+            "paper_gpu_hours": recipe["paper_gpu_hours"], "fraction_of_paper": hours / recipe["paper_gpu_hours"]}
+
+
+def measure(what, model, batch, repeats, device, dtype, checkpointing=False, lambda2=1.0):
+    """One bench on a freshly built model. A CUDA out-of-memory error becomes a row that says so."""
+    teacher = None
+    try:
+        if what == "llpips":
+            return bench_llpips(batch, repeats, device, 8 if model.startswith("tiny") else 128)
+        teacher, cond = build(model, device, dtype)
+        if what == "sample":
+            return bench_sample(teacher, cond, batch, repeats, device)
+        if what == "step1":
+            return bench_step1(teacher, cond, batch, repeats, device, checkpointing=checkpointing)
+        return bench_step2(teacher, cond, batch, repeats, device, checkpointing=checkpointing, lambda2=lambda2)
+    except torch.OutOfMemoryError as e:
+        need = torch.cuda.max_memory_allocated() / 2 ** 30
+        hint = "--grad-checkpointing helps" if what != "llpips" and not checkpointing else "a smaller --batch helps"
+        first = str(e).splitlines()[0][:90]
+        return [row(f"{what}, batch {batch}{', grad checkpointing' if checkpointing else ''}: DOES NOT FIT, needs more "
+                    f"than {need:.1f} GiB ({first}); {hint}", float("nan"), peak=need)]
+    finally:
+        del teacher
+        gc.collect()
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def plan(model, batch):
+    """--what all: the README table's rows, (what, batch, checkpointing)."""
+    if model.endswith("flux"):  # FLUX needs checkpointing for training at 1024 px
+        return [("sample", 1, False), ("step1", batch or 2, True), ("step2", batch or 1, True)]
+    return [("sample", 1, False), ("step1", batch or 4, False), ("step1", batch or 4, True),
+            ("step2", batch or 4, False), ("step2", batch or 4, True), ("llpips", 1, False)]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["sdxl", "flux", "tiny-sdxl", "tiny-flux"], default="tiny-sdxl")
-    p.add_argument("--what", choices=["sample", "step1"], default="sample", help="sample: teacher vs student sampling; "
-                   "step1: one stage-1 update vs one forward")
-    p.add_argument("--grad-checkpointing", action="store_true", help="step1: with gradient checkpointing")
-    p.add_argument("--batch", type=int, default=1, help="images per model call (a CFG pass doubles it)")
+    p.add_argument("--what", choices=["sample", "step1", "step2", "llpips", "all"], default="sample",
+                   help="sample: teacher vs student sampling; step1 / step2: one training iteration of a stage vs one "
+                   "forward; llpips: L-LPIPS vs VAE decode + LPIPS; all: the README's rows and the recipe's GPU hours")
+    p.add_argument("--grad-checkpointing", action="store_true", help="step1 / step2: with gradient checkpointing")
+    p.add_argument("--lambda2", type=float, default=1.0, help="step2: DMD weight (0: no fake score, as the paper's FLUX)")
+    p.add_argument("--batch", type=int, default=None, help="images per model call (a CFG pass doubles it); default 1, "
+                   "with --what all the presets' (SDXL 4, FLUX 2 for stage 1 and 1 for stage 2)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--save", default=None, help="also write the JSON to this file (rewritten after each bench)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" and args.model in ("sdxl", "flux"):
+    cuda = device.startswith("cuda")
+    if cuda:  # as in training (local_cd.init_distributed): cuDNN attention's backward crashed on FLUX
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    elif args.model in ("sdxl", "flux"):
         print(f"note: {args.model} at full size on a CPU takes minutes per forward; the tiny-* models are for CPUs")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    teacher, cond = build(args.model, device, dtype)
-    if args.what == "sample":
-        rows = bench_sample(teacher, cond, args.batch, args.repeats, device)
-    else:
-        rows = bench_step1(teacher, cond, args.batch, args.repeats, device, checkpointing=args.grad_checkpointing)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    jobs = plan(args.model, args.batch) if args.what == "all" else [(args.what, args.batch or 1, args.grad_checkpointing)]
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    out = {"model": args.model, "device": name, "dtype": str(dtype), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "rows": []}
+    rows = out["rows"]
+    for what, batch, ckpt in jobs:
+        rows += measure(what, args.model, batch, args.repeats, device, dtype, ckpt, args.lambda2)
+        if args.save:
+            with open(args.save, "w") as f:
+                json.dump(out, f, indent=1)
+    if args.what == "all" and args.model.endswith("sdxl"):
+        it = {r["what"]: r["seconds"] for r in rows}
+        b = args.batch or 4
+        s1, s2 = it.get(f"stage-1 iteration, batch {b}"), next(
+            (v for k, v in it.items() if k.startswith(f"stage-2 iteration, batch {b},") and v == v), None)
+        if s1 and s2:
+            rows.append(projection(s1, s2))
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(out, f, indent=1)
     if args.json:
-        print(json.dumps({"model": args.model, "device": torch.cuda.get_device_name() if device.startswith("cuda")
-                          else "cpu", "dtype": str(dtype), "rows": rows}, indent=1))
+        print(json.dumps(out, indent=1))
         return rows
-    print(f"{args.model} on {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'} ({dtype}), "
-          f"batch {args.batch}, best of {args.repeats}:")
+    print(f"{args.model} on {name} ({dtype}, torch {torch.__version__}), best of {args.repeats} after a warm-up:")
     print("| what | model calls | seconds | x one forward | speed-up vs teacher | peak GiB |\n|---|---|---|---|---|---|")
     for r in rows:
+        if "gpu_hours" in r:
+            print(f"| {r['what']} | | {r['gpu_hours']:.1f} GPU hours ({name}) | | {r['fraction_of_paper']:.2f} of "
+                  f"the paper's {r['paper_gpu_hours']} A100 hours | |")
+            continue
         mem = f"{r['peak_GiB']:.1f}" if r["peak_GiB"] is not None else "not measured (CPU)"
-        speedup = f"{r['speedup_vs_teacher']:.1f}" if "speedup_vs_teacher" in r else "-"
-        print(f"| {r['what']} | {r['calls'] or '-'} | {r['seconds']:.4f} | {r['x_one_forward']:.2f} | {speedup} | {mem} |")
+        x = f"{r['x_one_forward']:.2f}" if r["x_one_forward"] else "-"
+        speedup = f"{r['speedup_vs_teacher']:.1f}" if "speedup_vs_teacher" in r else (
+            f"L-LPIPS {r['x_llpips']:.1f}x cheaper" if "x_llpips" in r else "-")
+        print(f"| {r['what']} | {r['calls'] or '-'} | {r['seconds']:.4f} | {x} | {speedup} | {mem} |")
     return rows
 
 

@@ -11,9 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance, family, fill_presets,
-                      init_distributed, load_optimizer, load_student, mean_over_ranks, optimizer_tensors,
-                      rank_difference, read_prompts, read_state, save_checkpoint, solve, state_path, student_times)
+from local_cd import (HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance, explain_out_of_memory,
+                      family, fill_presets, init_distributed, load_optimizer, load_student, mean_over_ranks,
+                      optimizer_tensors, rank_difference, read_prompts, read_state, save_checkpoint, solve, state_path,
+                      student_times)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -174,6 +175,48 @@ def fake_score_loss(teacher, x0, cond, gen):
     # eps_hat = (z_t - alpha_t x0_hat) / sigma_t
     eps_hat = (z_t - alpha * x0_hat) / sigma
     return F.mse_loss(eps_hat.float(), eps)
+
+
+def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
+    """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
+    a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
+    w, lambda1, lambda2, fake_updates. Returns the losses to log (tensors: no GPU sync here)."""
+    B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
+    # image-free inputs: the student's q-step samples, re-noised with fresh noise to a random milestone t_m
+    x0_q = student_samples(teacher, cond, a.q, M, gen)
+    s = torch.randint(1, M + 1, (B,), generator=gen).to(device)
+    t_m, t_n = s * (T / M), (s - 1) * (T / M)
+    eps = randn_like(x0_q, gen)
+    # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
+    # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
+    z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
+
+    # the student step: L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
+    with autocast:
+        l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w, a.p)
+        loss = logs["cons"] = l_cons.mean()
+        if disc:  # the generator's hinge term; the heads get no gradient from it
+            disc.requires_grad_(False)
+            l_gan = logs["gan"] = -disc(x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen), cond).mean()
+            disc.requires_grad_(True)
+            loss = loss + a.lambda1 * l_gan
+        if fake:
+            l_dmd = logs["dmd"] = dmd_loss(teacher, x0_m, cond, a.w, gen)
+            loss = loss + a.lambda2 * l_dmd
+    logs["loss"] = update(loss, "student")
+    x0_m = x0_m.detach()
+    if disc:  # the discriminator step: real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
+        with autocast:
+            t_g, eps = uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen)
+            logits = disc(torch.cat([x0_n, x0_m]), torch.cat([t_g, t_g]), torch.cat([eps, eps]), cond_cat(cond, cond))
+            real, fake_logit = logits.chunk(2)
+            l_d = F.relu(1 - real).mean() + F.relu(1 + fake_logit).mean()
+        logs["disc"] = update(l_d, "disc")
+    for _ in range(a.fake_updates if fake else 0):  # the fake score follows the student
+        with autocast:
+            l_f = fake_score_loss(teacher, x0_m, cond, gen)
+        logs["fake"] = update(l_f, "fake")
+    return {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}
 
 
 # ---- the training script ------------------------------------------------------------------------------------------
@@ -360,57 +403,17 @@ def main(argv=None):
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
         f"batch={args.batch}x{world} iters={args.iters}")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
-    logs = {}
-    B = args.batch
     while step < args.iters:
-        idx = torch.randint(0, n_prompts, (B,), generator=gen).to(device)
-        cond = cond_index(cond_all, idx)
-        # image-free inputs: the student's q-step samples, re-noised with fresh noise to a random milestone t_m
-        x0_q = student_samples(teacher, cond, args.q, M, gen)
-        s = torch.randint(1, M + 1, (B,), generator=gen).to(device)
-        t_m, t_n = s * (T / M), (s - 1) * (T / M)
-        eps = randn_like(x0_q, gen)
-        # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
-        # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
-        z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
-
-        # the student step: L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
-        with autocast:
-            l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, args.w, args.p)
-            loss = l_cons.mean()
-            logs["cons"] = loss.item()
-            if disc:  # the generator's hinge term; the heads get no gradient from it
-                disc.requires_grad_(False)
-                l_gan = -disc(x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen), cond).mean()
-                disc.requires_grad_(True)
-                loss = loss + args.lambda1 * l_gan
-                logs["gan"] = l_gan.item()
-            if fake:
-                l_dmd = dmd_loss(teacher, x0_m, cond, args.w, gen)
-                loss = loss + args.lambda2 * l_dmd
-                logs["dmd"] = l_dmd.item()
+        cond = cond_index(cond_all, torch.randint(0, n_prompts, (args.batch,), generator=gen).to(device))
         try:
-            logs["loss"] = update(loss, "student")
-            x0_m = x0_m.detach()
-            if disc:  # the discriminator step: real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
-                with autocast:
-                    t_g, eps = uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen)
-                    logits = disc(torch.cat([x0_n, x0_m]), torch.cat([t_g, t_g]), torch.cat([eps, eps]),
-                                  cond_cat(cond, cond))
-                    real, fake_logit = logits.chunk(2)
-                    l_d = F.relu(1 - real).mean() + F.relu(1 + fake_logit).mean()
-                logs["disc"] = update(l_d, "disc")
-            for _ in range(args.fake_updates if fake else 0):  # the fake score follows the student
-                with autocast:
-                    l_f = fake_score_loss(teacher, x0_m, cond, gen)
-                logs["fake"] = update(l_f, "fake")
+            logs = iteration(teacher, cond, d, disc, fake is not None, update, args, M, gen, autocast)
         except SystemExit:
             bar.close()
             raise
         step += 1
         bar.update(1)
         if master and (step % args.log_every == 0 or step == args.iters):
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            bar.set_postfix({k: f"{float(v):.4g}" for k, v in logs.items()})
         if step % args.save_every == 0 or step == args.iters:
             save()
     bar.close()
@@ -422,4 +425,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with explain_out_of_memory():
+        main()

@@ -8,7 +8,7 @@ max-pools are removed (latents are already 8x smaller than pixels; the fourth po
 heads. Trunk and heads are trained from scratch on 2AFC judgments, as LPIPS was (Zhang et al. 2018):
 
     python llpips.py --bapps DIR --teacher sdxl --upsample 4 --out llpips_sdxl.safetensors
-    python llpips.py --bench tiny      # its cost against decoding + pixel LPIPS (--bench sdxl on a GPU)
+    python bench.py --model sdxl --what llpips   # its cost against VAE decode + pixel LPIPS (bench.py)
 
 `pixel=True` builds the original pixel-space LPIPS-VGG (3 channels, all pools, LPIPS's input scaling): the tests
 check it against the `lpips` package, same weights in, same distances out.
@@ -162,44 +162,6 @@ def two_afc(net, data, batch=256):
     return ((d0 < d1) * (1 - j) + (d1 < d0) * j + (d0 == d1) * 0.5).float().mean().item()
 
 
-def bench(size="tiny", batch=4, device=None, repeats=3):
-    """Forward + backward cost of the two ways to get a perceptual loss on latents: L-LPIPS on the latents, or
-    decoding with the VAE and running pixel LPIPS-VGG. The VAE is SDXL's architecture with random weights (cost does
-    not depend on weight values). size: tiny = 16x16 latents (128 px), sdxl = 128x128 latents (1024 px)."""
-    import time
-    from diffusers import AutoencoderKL
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    h = {"tiny": 16, "sdxl": 128}[size]
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        scaling_factor=0.13025).to(device).requires_grad_(False)
-    latent, pixel = LLPIPS(4).to(device).requires_grad_(False), LLPIPS(3, pixel=True).to(device).requires_grad_(False)
-    x, y = torch.randn(batch, 4, h, h, device=device), torch.randn(batch, 4, h, h, device=device)
-    ways = {"L-LPIPS on latents": lambda x: latent(x, y).sum(),
-            "VAE decode + pixel LPIPS": lambda x: pixel(vae.decode(x / 0.13025).sample,
-                                                        vae.decode(y / 0.13025).sample).sum()}
-    rows = []
-    for name, f in ways.items():
-        times = []
-        for i in range(repeats + 1):
-            x_ = x.clone().requires_grad_(True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            f(x_).backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        mem = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device == "cuda" else "not measured (CPU)"
-        rows.append((name, min(times[1:]), mem))
-    print(f"perceptual loss, forward + backward, batch {batch}, {h}x{h}x4 latents ({8 * h} px), {device}:")
-    for name, sec, mem in rows:
-        print(f"  {name:26s} {sec * 1000:9.1f} ms   peak memory {mem}")
-    print(f"  ratio {rows[1][1] / rows[0][1]:.1f}x")
-    return rows
-
-
 def main(argv=None):
     import argparse
     import hashlib
@@ -207,8 +169,6 @@ def main(argv=None):
     from tqdm import tqdm
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bapps", help="BAPPS root: 2afc/{train,val}/<subset>/{ref,p0,p1,judge}")
-    p.add_argument("--bench", choices=["tiny", "sdxl"], help="only time L-LPIPS against VAE decode + pixel LPIPS "
-                   "(forward + backward) at tiny or SDXL latent size")
     p.add_argument("--teacher", default="sdxl", help="whose VAE encodes the patches (digits, sdxl, flux, folder)")
     p.add_argument("--upsample", type=float, default=4, help="patch upsampling before encoding (64 px x 4 -> "
                    "256 px -> 32 x 32 SDXL latents)")
@@ -222,10 +182,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    if args.bench:
-        return bench(args.bench, device=args.device)
     if not args.bapps:
-        p.error("--bapps DIR is required (or --bench)")
+        p.error("--bapps DIR is required (to time L-LPIPS against VAE decode + LPIPS: python bench.py --what llpips)")
 
     # the trainer alone needs a teacher (its VAE) and the shared checkpoint helpers
     from local_cd import CACHE, default_device, load_optimizer, load_teacher, optimizer_tensors, state_path

@@ -9,10 +9,12 @@ Time: t in [0, T], T = 1000, for every teacher; t = 0 is the clean latent (alpha
   DDPM teachers (SDXL, the digits toy): t = k is the training index k - 1 (so t = T is index 999, "trailing").
   Flow teachers (FLUX): sigma = shift(t / T), alpha = 1 - sigma.
 """
+import contextlib
 import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 
 import torch
@@ -520,6 +522,22 @@ def init_distributed(device=None):
     return dist.get_rank(), dist.get_world_size(), device, True
 
 
+@contextlib.contextmanager
+def explain_out_of_memory():
+    """A CUDA out-of-memory error becomes one line: the least this run needs (the peak in use when it failed plus the
+    allocation that failed), the card's size, and the flags that help -- instead of a CUDA trace."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        m = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB)", str(e))
+        asked = float(m.group(1)) / (1024 if m.group(2) == "MiB" else 1) if m else 0.0
+        need = torch.cuda.max_memory_allocated() / 2 ** 30 + asked
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
+        raise SystemExit(f"error: out of GPU memory: this run needs more than {need:.1f} GiB, the GPU has {total:.1f} "
+                         "GiB; try --grad-checkpointing, a smaller --batch, or more GPUs with torchrun (--batch is per "
+                         "GPU)") from None
+
+
 def fill_presets(args, preset):
     """Every flag left at None takes the teacher family's preset value."""
     for k, v in preset.items():
@@ -833,4 +851,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with explain_out_of_memory():
+        main()

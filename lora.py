@@ -21,6 +21,7 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
@@ -59,18 +60,29 @@ class LoRALayer(nn.Module):
     def forward(self, x):
         y = self.base(x)
         name = self.active
-        if name == self.merged:
+        if name == self.merged:  # the plain base (None), or the merged adapter
             return y
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into the base; unmerge before using {name!r}")
-        if name is None:
-            return y
-        A, B = self.lora_A[name], self.lora_B[name]
-        return y + self.scale[name] * B(A(x.to(A.weight.dtype))).to(y.dtype)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast A and B run in bf16 anyway: no round trip
+            x = x.to(A.dtype)
+        # alpha/r * B A x as plain matmuls (convs), scale and sum in one add: a training step is launch-bound at SDXL
+        # size, so each wrapped layer should cost as few ops (and Python calls) as it can
+        if isinstance(self.base, nn.Conv2d):
+            b = self.base
+            h = F.conv2d(F.conv2d(x, A, None, b.stride, b.padding, b.dilation), B)
+        else:
+            h = F.linear(F.linear(x, A), B)
+        return y.add(h.to(y.dtype), alpha=self.scale[name])
 
 
 def layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+    """(module path, LoRALayer) of every wrapped layer. Cached on the model (inject refreshes it): `adapter` runs
+    many times per step -- once per block under gradient checkpointing -- and an SDXL UNet has ~4000 modules."""
+    if "_lora_layers" not in model.__dict__:
+        model.__dict__["_lora_layers"] = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+    return model.__dict__["_lora_layers"]
 
 
 def inject(model, targets, name, rank=64, alpha=None):
@@ -85,8 +97,8 @@ def inject(model, targets, name, rank=64, alpha=None):
         if isinstance(m, (nn.Linear, nn.Conv2d)) and re.search(targets, path) and ".lora_" not in path:
             if not path.endswith(".base"):
                 parent, _, child = path.rpartition(".")
-                m_wrapped = LoRALayer(m)
-                setattr(model.get_submodule(parent) if parent else model, child, m_wrapped)
+                setattr(model.get_submodule(parent) if parent else model, child, LoRALayer(m))
+    model.__dict__.pop("_lora_layers", None)
     found = layers(model)
     if not found:
         raise ValueError(f"LoRA targets {targets!r} match no Linear/Conv2d layer of {type(model).__name__}")

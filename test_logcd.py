@@ -8,6 +8,7 @@ import os
 import string
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -237,6 +238,31 @@ def test_lora_merge_equals_unmerged_and_restores():
         with pytest.raises(RuntimeError, match="merged"), lora.adapter(net, None):
             net(x)  # the teacher is not reachable while the student is merged in
     assert not torch.allclose(y, base) and torch.allclose(net(x), base, atol=1e-6)
+
+
+def test_lora_forward_is_the_formula_and_layers_follow_inject():
+    """y = W x + b + alpha/r B A x for Linear and Conv2d (fp32, and bf16 base under autocast with fp32 adapters);
+    the cached layer list grows when a second inject wraps more layers."""
+    net, x = _net(), torch.randn(2, 3, 4, 4)
+    lora.inject(net, r"^0$", "student", rank=4, alpha=6)  # the conv only; scale 1.5
+    assert [p for p, _ in lora.layers(net)] == ["0"]
+    lora.inject(net, r"^3$", "fake", rank=2)  # wraps the linear too
+    assert [p for p, _ in lora.layers(net)] == ["0", "3"]
+    conv, F_ = net[0], torch.nn.functional
+    A, B = conv.lora_A["student"].weight, conv.lora_B["student"].weight
+    torch.nn.init.normal_(B, std=0.1)
+
+    def ref(x):  # in fp32, with whatever the base weights are now
+        W, b = conv.base.weight.float(), conv.base.bias.float()
+        return F_.conv2d(x, W, b, padding=1) + 1.5 * F_.conv2d(F_.conv2d(x, A, padding=1), B)
+    with lora.adapter(net, "student"):
+        assert torch.allclose(conv(x), ref(x), atol=1e-5)
+        conv.base.to(torch.bfloat16)  # a bf16 base as on a GPU; the adapter stays fp32 and trains under autocast
+        with torch.autocast("cpu", torch.bfloat16):
+            y = conv(x)
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref(x), atol=0.05, rtol=0.05)
+    assert A.dtype == torch.float32 and A.grad is not None and A.grad.dtype == torch.float32
 
 
 def test_adapters_switch_and_do_not_leak():
@@ -1090,12 +1116,6 @@ def test_bapps_bad_layouts(tmp_path):
         llpips.read_bapps(root, "val")
 
 
-def test_llpips_bench_runs_at_tiny_size():
-    rows = llpips.bench("tiny", batch=1, device="cpu", repeats=1)
-    assert [r[0] for r in rows] == ["L-LPIPS on latents", "VAE decode + pixel LPIPS"]
-    assert all(r[1] > 0 for r in rows) and rows[1][2] == "not measured (CPU)"
-
-
 # ---- bench.py ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
@@ -1105,11 +1125,67 @@ def test_bench_sample_runs_at_tiny_size(model, capsys):
     rows = bench.main(["--model", model, "--repeats", "1", "--json"])
     assert json.loads(capsys.readouterr().out)["rows"] == rows
     cfg_calls = 50 if model == "tiny-sdxl" else 25  # FLUX.1-dev: guidance embedding, one pass per step
-    assert [r["calls"] for r in rows] == [1, cfg_calls, 2, 3, 4]
+    assert [r["calls"] for r in rows] == [1, cfg_calls, 1, 2, 3, 4]
+    assert "LoRA merged" in rows[2]["what"]
     assert all(r["seconds"] > 0 and r["peak_GiB"] is None for r in rows)
 
 
-def test_bench_stage1_update_runs_at_tiny_size():
+def test_bench_stage1_iteration_runs_at_tiny_size():
     import bench
     rows = bench.main(["--model", "tiny-sdxl", "--what", "step1", "--batch", "2", "--repeats", "1", "--grad-checkpointing"])
-    assert [r["calls"] for r in rows] == [1, None] and all(r["seconds"] > 0 for r in rows)
+    assert [r["what"].split(",")[0].split(" (")[0] for r in rows] == [
+        "one forward", "stage-1 update", "teacher share per iteration", "stage-1 iteration"]
+    assert all(r["seconds"] > 0 for r in rows)
+    assert rows[3]["seconds"] == pytest.approx(rows[1]["seconds"] + rows[2]["seconds"])
+    assert rows[1]["lora_params"] > 0
+
+
+def test_bench_all_runs_at_tiny_size(tmp_path, capsys):
+    """--what all on tiny FLUX: sampling, a stage-1 and a stage-2 iteration WITH DMD (checkpointing), saved as JSON."""
+    import bench
+    rows = bench.main(["--model", "tiny-flux", "--what", "all", "--repeats", "1", "--save", str(tmp_path / "b.json")])
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["rows"] == rows and saved["model"] == "tiny-flux" and saved["device"] == "cpu"
+    whats = [r["what"] for r in rows]
+    assert any(w.startswith("stage-2 iteration, batch 1, lambda1=0.1 lambda2=1") and "grad checkpointing" in w
+               for w in whats)
+    assert any(w.startswith("stage-1 iteration, batch 2") for w in whats)
+    assert "| stage-2 iteration" in capsys.readouterr().out
+
+
+def test_bench_llpips_and_projection():
+    import bench
+    rows = bench.main(["--what", "llpips", "--repeats", "1"])
+    assert [r["what"].split(",")[0] for r in rows] == ["L-LPIPS on latents", "VAE decode + pixel LPIPS"]
+    assert rows[1]["x_llpips"] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"])
+    p = bench.projection(step1=1.0, step2=2.0)  # 4 GPUs x (12K x 1 s + 3K x 2 s) = 20 GPU hours
+    assert p["gpu_hours"] == pytest.approx(20.0) and p["fraction_of_paper"] == pytest.approx(20 / 70)
+
+
+def test_bench_stage2_runs_and_reports_out_of_memory(monkeypatch):
+    """A stage-2 iteration (global_cd.iteration itself) runs at tiny SDXL size; a CUDA out-of-memory error becomes a
+    row that says the bench does not fit and how much it needed, not a trace."""
+    import bench
+    rows = bench.main(["--model", "tiny-sdxl", "--what", "step2", "--batch", "2", "--repeats", "1"])
+    assert rows[1]["what"].startswith("stage-2 iteration, batch 2, lambda1=0.1 lambda2=1, 2 fake updates")
+    assert rows[1]["seconds"] > 0
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity ...")
+    monkeypatch.setattr(bench, "bench_step2", oom)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 70 * 2 ** 30)
+    rows = bench.main(["--model", "tiny-sdxl", "--what", "step2", "--repeats", "1"])
+    assert len(rows) == 1 and "DOES NOT FIT, needs more than 70.0 GiB" in rows[0]["what"]
+    assert "--grad-checkpointing helps" in rows[0]["what"] and rows[0]["seconds"] != rows[0]["seconds"]  # NaN
+
+
+def test_out_of_memory_is_one_line_with_the_flags_that_help(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 60 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 2 ** 30))
+    with pytest.raises(SystemExit) as e:
+        with local_cd.explain_out_of_memory():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has ...")
+    msg = str(e.value)
+    assert "needs more than 60.5 GiB, the GPU has 80.0 GiB" in msg and "--grad-checkpointing" in msg
+    assert "\n" not in msg
