@@ -39,8 +39,8 @@ TINY_SDXL_UNET = dict(  # the tests' tiny SDXL
     addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
 FLUX = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,  # FLUX.1-dev
             joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-TINY_FLUX = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                 pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+TINY_FLUX = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 FLUX_SCHEDULE = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                  "max_image_seq_len": 4096}
@@ -158,7 +158,7 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     return rows
 
 
-def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointing=False, buffer=True):
+def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointing=False):
     """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA) and the teacher's
     share (one TrajectoryBuffer refill at the family's preset, timed once, divided by the iterations it feeds), against
     one plain forward at the same batch. Target (issue 6): the update at batch 4 <= 3.5x one forward."""
@@ -187,15 +187,15 @@ def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointi
     ckpt = ", grad checkpointing" if checkpointing else ""
     rows.append(row(f"stage-1 update, batch {batch}{ckpt}", sec, one, None, mem,
                     lora_params=sum(p.numel() for p in params)))
-    if buffer:  # the teacher's share: trajectories at the preset, each pair served `reuse` times
-        pre = PRESETS[family(teacher)]
-        buf = TrajectoryBuffer(teacher, {k: v[:1] for k, v in c.items()}, M, skip, teacher.default_w,
-                               pre["trajectories"], pre["buffer"], pre["reuse"], g)
-        refill, _ = timed(buf.refill, 1, device, warmup=0)  # as in training: bf16 weights, no autocast
-        iters_fed = buf.made * pre["reuse"] / batch
-        rows.append(row(f"teacher share per iteration (refill of {pre['trajectories']} trajectories / {iters_fed:.0f} "
-                        "iterations)", refill / iters_fed, one, None, None))
-        rows.append(row(f"stage-1 iteration, batch {batch}{ckpt}", sec + refill / iters_fed, one, None, mem))
+    # the teacher's share: one refill of trajectories at the preset; each pair is then served `reuse` times
+    pre = PRESETS[family(teacher)]
+    buf = TrajectoryBuffer(teacher, {k: v[:1] for k, v in c.items()}, M, skip, teacher.default_w,
+                           pre["trajectories"], pre["buffer"], pre["reuse"], g)
+    refill, _ = timed(buf.refill, 1, device, warmup=0)  # as in training: bf16 weights, no autocast
+    iters_fed = buf.made * pre["reuse"] / batch
+    rows.append(row(f"teacher share per iteration (refill of {pre['trajectories']} trajectories / {iters_fed:.0f} "
+                    "iterations)", refill / iters_fed, one, None, None))
+    rows.append(row(f"stage-1 iteration, batch {batch}{ckpt}", sec + refill / iters_fed, one, None, mem))
     return rows
 
 
@@ -249,8 +249,12 @@ def bench_llpips(batch, repeats, device, size):
     latent, pixel = LLPIPS(4).to(device).requires_grad_(False), LLPIPS(3, pixel=True).to(device).requires_grad_(False)
     x, y = torch.randn(batch, 4, size, size, device=device), torch.randn(batch, 4, size, size, device=device)
     scale = SDXL_VAE["scaling_factor"]
+
+    def decode(x):
+        return vae.decode(x / scale).sample
+
     ways = {"L-LPIPS on latents": lambda x: latent(x, y).sum(),
-            "VAE decode + pixel LPIPS": lambda x: pixel(vae.decode(x / scale).sample, vae.decode(y / scale).sample).sum()}
+            "VAE decode + pixel LPIPS": lambda x: pixel(decode(x), decode(y)).sum()}
     rows = []
     for name, f in ways.items():
         sec, mem = timed(lambda: f(x.clone().requires_grad_(True)).backward(), repeats, device)
@@ -263,8 +267,9 @@ def projection(step1, step2, recipe=RECIPE):
     """GPU hours of the paper's SDXL recipe from measured per-iteration seconds (per-GPU batch as measured; the
     all-reduce of the LoRA gradients between GPUs is not included)."""
     hours = recipe["gpus"] * (recipe["stage1_iters"] * step1 + recipe["stage2_iters"] * step2) / 3600
-    return {"what": f"paper's SDXL recipe: {recipe['stage1_iters'] // 1000}K stage-1 + {recipe['stage2_iters'] // 1000}K "
-            f"stage-2 iterations on {recipe['gpus']} GPUs", "gpu_hours": hours,
+    k1, k2 = recipe["stage1_iters"] // 1000, recipe["stage2_iters"] // 1000
+    return {"what": f"paper's SDXL recipe: {k1}K stage-1 + {k2}K stage-2 iterations on {recipe['gpus']} GPUs",
+            "gpu_hours": hours,
             "paper_gpu_hours": recipe["paper_gpu_hours"], "fraction_of_paper": hours / recipe["paper_gpu_hours"]}
 
 
@@ -308,7 +313,8 @@ def main(argv=None):
                    help="sample: teacher vs student sampling; step1 / step2: one training iteration of a stage vs one "
                    "forward; llpips: L-LPIPS vs VAE decode + LPIPS; all: the README's rows and the recipe's GPU hours")
     p.add_argument("--grad-checkpointing", action="store_true", help="step1 / step2: with gradient checkpointing")
-    p.add_argument("--lambda2", type=float, default=1.0, help="step2: DMD weight (0: no fake score, as the paper's FLUX)")
+    p.add_argument("--lambda2", type=float, default=1.0,
+                   help="step2: DMD weight (0: no fake score, as the paper's FLUX)")
     p.add_argument("--batch", type=int, default=None, help="images per model call (a CFG pass doubles it); default 1, "
                    "with --what all the presets' (SDXL 4, FLUX 2 for stage 1 and 1 for stage 2)")
     p.add_argument("--repeats", type=int, default=3)
@@ -323,7 +329,9 @@ def main(argv=None):
     elif args.model in ("sdxl", "flux"):
         print(f"note: {args.model} at full size on a CPU takes minutes per forward; the tiny-* models are for CPUs")
     dtype = torch.bfloat16 if cuda else torch.float32
-    jobs = plan(args.model, args.batch) if args.what == "all" else [(args.what, args.batch or 1, args.grad_checkpointing)]
+    jobs = [(args.what, args.batch or 1, args.grad_checkpointing)]
+    if args.what == "all":
+        jobs = plan(args.model, args.batch)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     out = {"model": args.model, "device": name, "dtype": str(dtype), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "rows": []}
@@ -347,7 +355,8 @@ def main(argv=None):
         print(json.dumps(out, indent=1))
         return rows
     print(f"{args.model} on {name} ({dtype}, torch {torch.__version__}), best of {args.repeats} after a warm-up:")
-    print("| what | model calls | seconds | x one forward | speed-up vs teacher | peak GiB |\n|---|---|---|---|---|---|")
+    print("| what | model calls | seconds | x one forward | speed-up vs teacher | peak GiB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "gpu_hours" in r:
             print(f"| {r['what']} | | {r['gpu_hours']:.1f} GPU hours ({name}) | | {r['fraction_of_paper']:.2f} of "
