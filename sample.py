@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import lora
-from local_cd import load_student, load_teacher, read_prompts, solve, student_times, teacher_times
+from local_cd import T, load_student, load_teacher, read_prompts, solve, student_times, teacher_times
 
 
 def parse_args(argv=None):
@@ -85,7 +85,8 @@ def main(argv=None):
             if args.cfg is not None:
                 raise SystemExit("error: --cfg is for the teacher; the student was distilled with CFG "
                                  f"(w = {meta.get('w')}) and needs no guidance pass")
-            ts = student_times(k, M)
+            # an LCM-style student (M = 1) is consistent to t = 0 from anywhere: its k steps use a uniform grid
+            ts = student_times(k, M) if M > 1 else [T * (k - i) / k for i in range(k + 1)]
             what = f"{os.path.basename(args.ckpt)} ({meta['stage']} CD, M={M}), {k} steps {args.sampler}"
         else:
             teacher = load_teacher(args.teacher, args.device, args.resolution)

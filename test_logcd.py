@@ -576,6 +576,47 @@ def test_classifier_reads_real_digits():
     assert s["alignment"] > 0.95 and s["FD"] < score(torch.rand_like(x[te]) * 2 - 1, y[te], net)["FD"] / 10
 
 
+def test_paper_table_quick_has_the_tables_shape(tmp_path):
+    """eval.py --table main --quick: every row of Table 1 at its step counts, mean +/- std cells, model calls per
+    sample (CFG: 2 per step), training minutes for the students, and the figure. Shape only, never the numbers."""
+    import eval as ev
+    rows = ev.main(["--table", "main", "--quick", "--figure", str(tmp_path / "f.png"), "--grids", str(tmp_path / "g")])
+    assert [(r["row"].split(" ")[0], r["steps"], r["calls"]) for r in rows] == [
+        ("teacher", 25, 50), ("teacher", 4, 8), ("teacher", 3, 6), ("teacher", 2, 4),
+        ("LCM-style:", 4, 4), ("LCM-style:", 3, 3), ("LCM-style:", 2, 2),
+        ("stage", 4, 4), ("stage", 3, 3), ("stage", 2, 2), ("LogCD", 4, 4), ("LogCD", 3, 3), ("LogCD", 2, 2)]
+    for r in rows:
+        assert " ± " in r["alignment"] and " ± " in r["FD"] and 0 <= r["_alignment"] <= 1 and r["_FD"] > 0
+        assert (r["training (min)"] == "-") == r["row"].startswith("teacher")
+    assert (tmp_path / "f.png").stat().st_size > 0 and len(list((tmp_path / "g").glob("*.png"))) == 13
+    assert set(ev.TABLES) == {"main", "ablation", "M", "p", "q"}
+    assert [len(ev.TABLES[t]) for t in ("ablation", "M", "p", "q")] == [5, 3, 4, 4]
+
+
+def test_clip_score_with_a_tiny_random_clip(tmp_path):
+    """The real-teacher metric: 100 x max(cos, 0) of CLIPModel image and text features, from a saved model folder and
+    a sample.py --save-tensors file (a tiny random CLIP; nothing is downloaded)."""
+    import eval as ev
+    from transformers import CLIPConfig, CLIPModel
+    tok, n = _tokenizer(str(tmp_path / "clip"))
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=8)).eval()
+    model.save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    images, prompts = torch.rand(6, 3, 40, 40) * 2 - 1, ["a cat", "a dog"]
+    lora.save(str(tmp_path / "s.safetensors"), {"images": images}, {"prompts": "|".join(prompts)})
+    cs = ev.main(["--clip-score", str(tmp_path / "clip"), "--samples", str(tmp_path / "s.safetensors")])
+    per_image = [ev.clip_score(model, tok, images[i:i + 1], [prompts[i // 3]]) for i in range(6)]
+    assert 0 <= cs <= 100 and cs == pytest.approx(sum(per_image) / 6, rel=1e-4)
+    lora.save(str(tmp_path / "d.safetensors"), {"images": images[:, :1]}, {"prompts": "0"})
+    with pytest.raises(SystemExit, match="1-channel"):
+        ev.main(["--clip-score", str(tmp_path / "clip"), "--samples", str(tmp_path / "d.safetensors")])
+
+
 # ---- stage 1: local consistency distillation ---------------------------------------------------------------------
 
 import local_cd  # noqa: E402
