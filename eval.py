@@ -190,6 +190,21 @@ def student(s1, s2, seed, runs, quick):
     return ckpt2, sec + sec2
 
 
+def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
+    """score(sample(...)), remembered in runs/scores.json: tables share rows (stage 1 only = local MSE, p = 3 =
+    q = 4 = M = 8 = LogCD) and the teacher's rows cost minutes. A checkpoint's size and mtime are part of the key."""
+    path = os.path.join(runs, "scores.json")
+    stamp = [(os.path.getsize(f), os.path.getmtime(f)) for f in source if f.endswith(".safetensors")]
+    key = json.dumps([source, stamp, k, seed, per_prompt, list(extra)])
+    cache = json.load(open(path)) if os.path.exists(path) else {}
+    if key not in cache or grid:
+        cache[key] = score(*sample(source, k, seed, per_prompt, extra, grid), net)
+        os.makedirs(runs, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(cache, f, indent=0)
+    return cache[key]
+
+
 def mean_std(values):
     v = torch.tensor(values, dtype=torch.float64)
     return v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
@@ -215,7 +230,7 @@ def paper_table(name, runs=RUNS, quick=False, seeds=SEEDS, grids=None):
                 if grids and seed == seeds[0]:
                     os.makedirs(grids, exist_ok=True)
                     grid = os.path.join(grids, f"{name}_{s1 or 'teacher'}_{s2 or 'none'}_{k}.png")
-                scores[k].append(score(*sample(source, k, seed, per_prompt, extra, grid), net))
+                scores[k].append(cached_score(source, k, seed, per_prompt, extra, grid, net, runs))
         for k in steps:
             a, fd = (mean_std([sc[m] for sc in scores[k]]) for m in ("alignment", "FD"))
             rows.append({"row": label, "steps": k, "calls": 2 * k if s1 is None else k,
