@@ -24,7 +24,8 @@ import types
 import torch
 
 import lora
-from local_cd import DDPMTeacher, FluxTeacher, add_student, distance, solve, student_times, teacher_times
+from local_cd import (DDPMTeacher, FluxTeacher, add_student, distance, memory_needed, solve, student_times,
+                      teacher_times)
 
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -286,7 +287,7 @@ def measure(what, model, batch, repeats, device, dtype, checkpointing=False, lam
             return bench_step1(teacher, cond, batch, repeats, device, checkpointing=checkpointing)
         return bench_step2(teacher, cond, batch, repeats, device, checkpointing=checkpointing, lambda2=lambda2)
     except torch.OutOfMemoryError as e:
-        need = torch.cuda.max_memory_allocated() / 2 ** 30
+        need = memory_needed(e)
         hint = "--grad-checkpointing helps" if what != "llpips" and not checkpointing else "a smaller --batch helps"
         first = str(e).splitlines()[0][:90]
         return [row(f"{what}, batch {batch}{', grad checkpointing' if checkpointing else ''}: DOES NOT FIT, needs more "

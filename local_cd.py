@@ -522,16 +522,21 @@ def init_distributed(device=None):
     return dist.get_rank(), dist.get_world_size(), device, True
 
 
+def memory_needed(e):
+    """The least GiB a run that hit this CUDA out-of-memory error needs: the peak in use plus the failed allocation."""
+    m = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB)", str(e))
+    asked = float(m.group(1)) / (1024 if m.group(2) == "MiB" else 1) if m else 0.0
+    return torch.cuda.max_memory_allocated() / 2 ** 30 + asked
+
+
 @contextlib.contextmanager
 def explain_out_of_memory():
-    """A CUDA out-of-memory error becomes one line: the least this run needs (the peak in use when it failed plus the
-    allocation that failed), the card's size, and the flags that help -- instead of a CUDA trace."""
+    """A CUDA out-of-memory error becomes one line: the least this run needs (memory_needed), the card's size, and
+    the flags that help -- instead of a CUDA trace."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        m = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB)", str(e))
-        asked = float(m.group(1)) / (1024 if m.group(2) == "MiB" else 1) if m else 0.0
-        need = torch.cuda.max_memory_allocated() / 2 ** 30 + asked
+        need = memory_needed(e)
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
         raise SystemExit(f"error: out of GPU memory: this run needs more than {need:.1f} GiB, the GPU has {total:.1f} "
                          "GiB; try --grad-checkpointing, a smaller --batch, or more GPUs with torchrun (--batch is per "
