@@ -218,10 +218,10 @@ def student(s1, s2, seed, runs, quick):
 
 
 def train_table(rows, runs, quick, seeds, jobs):
-    """--jobs N: trains the missing runs of these table rows N at a time, in N processes of cores / N threads each: first the
-    stage-1 runs, then the stage-2 runs that start from them. paper_table then finds them finished. On 2 CPU cores,
-    2 jobs of 1 thread train 1.35x faster than 1 job of 2 threads; the checkpoints equal a --jobs 1 run up to float
-    rounding (the thread count changes the order of sums), not bit for bit."""
+    """--jobs N: trains the missing runs of these table rows N at a time, in N processes of cores / N threads each:
+    first the stage-1 runs, then the stage-2 runs that start from them; paper_table then finds them finished. On 2
+    CPU cores, 2 jobs of 1 thread train 1.35x faster than 1 job of 2 threads; the checkpoints equal a --jobs 1 run
+    up to float rounding (the thread count changes the order of sums), not bit for bit."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     recipes = [(s1, s2) for _, s1, s2, _, _ in rows if s1 is not None]
@@ -396,6 +396,8 @@ def main(argv=None):
     p.add_argument("--samples", default=None, help="sample.py --save-tensors output (SDXL / FLUX) for --clip-score")
     p.add_argument("--train-classifier", action="store_true")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be 1 or more, got {args.jobs}")
     if args.train_classifier:
         train_classifier()
     if args.clip_score:

@@ -593,6 +593,8 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path):
     assert (tmp_path / "f.png").stat().st_size > 0 and len(list((tmp_path / "g").glob("*.png"))) == 13
     assert set(ev.TABLES) == {"main", "ablation", "M", "p", "q"}
     assert [len(ev.TABLES[t]) for t in ("ablation", "M", "p", "q")] == [5, 3, 4, 4]
+    with pytest.raises(SystemExit, match="--jobs must be 1 or more"):
+        ev.main(["--table", "q", "--jobs", "0"])
 
 
 def test_eval_training_continues_after_an_interruption(tmp_path):
