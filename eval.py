@@ -184,11 +184,11 @@ def train(stage, argv, seed, folder):
             p = json.load(f)
         before = p["before"] + max(os.path.getmtime(out) - p["start"], 0.0) * p["share"]
 
-    def started(before):
+    def started(before):  # -> the perf_counter this part started at
         with open(part, "w") as f:
             json.dump({"start": time.time(), "share": SHARE, "before": before}, f)
-        return before, time.perf_counter()
-    before, t0 = started(before)
+        return time.perf_counter()
+    t0 = started(before)
     with open(out + ".log", "a" if resume else "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
         main = (local_cd if stage == "local" else global_cd).main
@@ -198,7 +198,8 @@ def train(stage, argv, seed, folder):
             if not (resume and "cannot resume" in str(e)):  # e.g. killed between the state and checkpoint writes
                 raise
             print(f"{e}; starting over", flush=True)
-            before, t0 = started(0.0)
+            before = 0.0
+            t0 = started(before)
             main(argv)
     seconds = before + (time.perf_counter() - t0) * SHARE
     with open(done, "w") as f:
@@ -249,12 +250,21 @@ def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
     path = os.path.join(runs, "scores.json")
     stamp = [(os.path.getsize(f), os.path.getmtime(f)) for f in source if f.endswith(".safetensors")]
     key = json.dumps([source, stamp, k, seed, per_prompt, list(extra)])
-    cache = json.load(open(path)) if os.path.exists(path) else {}
+
+    def read():
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+    cache = read()
     if key not in cache or grid:
-        cache[key] = score(*sample(source, k, seed, per_prompt, extra, grid), net)
+        value = score(*sample(source, k, seed, per_prompt, extra, grid), net)
         os.makedirs(runs, exist_ok=True)
-        with open(path, "w") as f:
+        cache = {**read(), key: value}  # another table's run may have written meanwhile
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(cache, f, indent=0)
+        os.replace(tmp, path)  # a reader never sees half a file
     return cache[key]
 
 
