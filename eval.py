@@ -218,20 +218,38 @@ def student(s1, s2, seed, runs, quick):
     return ckpt2, sec + sec2
 
 
-def train_table(rows, runs, quick, seeds, jobs):
-    """--jobs N: trains the missing runs of these table rows N at a time, in N processes of cores / N threads each:
-    first the stage-1 runs, then the stage-2 runs that start from them; paper_table then finds them finished. On 2
-    CPU cores, 2 jobs of 1 thread train 1.35x faster than 1 job of 2 threads; the checkpoints equal a --jobs 1 run
-    up to float rounding (the thread count changes the order of sums), not bit for bit."""
+def source(s1, s2, sampler, seed, runs, quick):
+    """A table row's sample.py flags for one seed (the teacher, or the student trained for it) and its training
+    seconds (0 for the teacher)."""
+    if s1 is None:
+        return ["--teacher", "digits"], [], 0.0
+    ckpt, sec = student(s1, s2, seed, runs, quick)
+    return ["--ckpt", ckpt], ["--sampler", sampler], sec
+
+
+def run_table(name, runs, quick, seeds, jobs):
+    """--jobs N: does the table's missing work N at a time, in N processes of cores / N threads each, in three rounds
+    (a round's tasks need only earlier rounds): the stage-1 trainings and the teacher's rows; the stage-2 trainings
+    and the stage-1-only rows; the stage-2 rows. A row is scored per (seed, steps): 1000 samples, then alignment and
+    FD, remembered in scores.json. paper_table then finds all of it done. On 2 CPU cores, 2 jobs of 1 thread get
+    1.35x the work of 1 job of 2 threads done; the results equal a --jobs 1 run up to float rounding (the thread
+    count changes the order of sums), not bit for bit."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    recipes = [(s1, s2) for _, s1, s2, _, _ in rows if s1 is not None]
-    stage1 = dict.fromkeys((s1, None, seed, runs, quick) for s1, _ in recipes for seed in seeds)
-    stage2 = dict.fromkeys((s1, s2, seed, runs, quick) for s1, s2 in recipes if s2 for seed in seeds)
+    rows, per_prompt = TABLES[name], 4 if quick else 100
+    scores = [(s1, s2, sampler, k, seed) for _, s1, s2, sampler, steps in rows for seed in seeds for k in steps]
+    s1s = dict.fromkeys(s1 for _, s1, _, _, _ in rows if s1 is not None)
+    s2s = dict.fromkeys((s1, s2) for _, s1, s2, _, _ in rows if s2 is not None)
+    rounds = [[("train", (s1, None, seed, runs, quick)) for s1 in s1s for seed in seeds] +
+              [("score", (*sc, runs, quick, per_prompt)) for sc in scores if sc[0] is None],
+              [("train", (s1, s2, seed, runs, quick)) for s1, s2 in s2s for seed in seeds] +
+              [("score", (*sc, runs, quick, per_prompt)) for sc in scores if sc[0] is not None and sc[1] is None],
+              [("score", (*sc, runs, quick, per_prompt)) for sc in scores if sc[1] is not None]]
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_worker,
                              initargs=(max(1, torch.get_num_threads() // jobs), 1 / jobs)) as pool:
-        for runs_of_stage in (stage1, stage2):
-            list(pool.map(_student, runs_of_stage))
+        for tasks in rounds:
+            for scored in pool.map(_task, tasks):
+                remember(runs, scored)  # here, in one process: workers finishing together cannot lose an entry
 
 
 def _worker(threads, share):
@@ -240,32 +258,56 @@ def _worker(threads, share):
     SHARE = share
 
 
-def _student(args):
-    return student(*args)
+def _task(task):
+    """One unit of run_table's work in a worker: a training, or one row's score for one (seed, steps)."""
+    kind, args = task
+    if kind == "train":
+        student(*args)
+        return {}
+    s1, s2, sampler, k, seed, runs, quick, per_prompt = args
+    src, extra, _ = source(s1, s2, sampler, seed, runs, quick)
+    key = score_key(src, k, seed, per_prompt, extra)
+    if key in read_scores(runs):
+        return {}
+    return {key: score(*sample(src, k, seed, per_prompt, extra), load_classifier()[0])}
+
+
+def score_key(source, k, seed, per_prompt, extra):
+    """scores.json's key: the sample.py command line, plus each checkpoint's size and mtime (a retrained
+    checkpoint is scored again)."""
+    stamp = [(os.path.getsize(f), os.path.getmtime(f)) for f in source if f.endswith(".safetensors")]
+    return json.dumps([source, stamp, k, seed, per_prompt, list(extra)])
+
+
+def read_scores(runs):
+    path = os.path.join(runs, "scores.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def remember(runs, scored):
+    """Adds {key: score} to runs/scores.json, merged with what another eval run wrote meanwhile; atomic."""
+    if not scored:
+        return
+    os.makedirs(runs, exist_ok=True)
+    path = os.path.join(runs, "scores.json")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({**read_scores(runs), **scored}, f, indent=0)
+    os.replace(tmp, path)  # a reader never sees half a file
 
 
 def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
     """score(sample(...)), remembered in runs/scores.json: tables share rows (stage 1 only = local MSE, p = 3 =
-    q = 4 = M = 8 = LogCD) and the teacher's rows cost minutes. A checkpoint's size and mtime are part of the key."""
-    path = os.path.join(runs, "scores.json")
-    stamp = [(os.path.getsize(f), os.path.getmtime(f)) for f in source if f.endswith(".safetensors")]
-    key = json.dumps([source, stamp, k, seed, per_prompt, list(extra)])
-
-    def read():
-        if not os.path.exists(path):
-            return {}
-        with open(path) as f:
-            return json.load(f)
-    cache = read()
-    if key not in cache or grid:
+    q = 4 = M = 8 = LogCD) and the teacher's rows cost minutes. With a grid it samples again to draw it."""
+    key = score_key(source, k, seed, per_prompt, extra)
+    value = read_scores(runs).get(key)
+    if value is None or grid:
         value = score(*sample(source, k, seed, per_prompt, extra, grid), net)
-        os.makedirs(runs, exist_ok=True)
-        cache = {**read(), key: value}  # another table's run may have written meanwhile
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(cache, f, indent=0)
-        os.replace(tmp, path)  # a reader never sees half a file
-    return cache[key]
+        remember(runs, {key: value})
+    return value
 
 
 def mean_std(values):
@@ -275,27 +317,24 @@ def mean_std(values):
 
 def paper_table(name, runs=RUNS, quick=False, seeds=SEEDS, grids=None, jobs=1):
     """Rows of one of the paper's tables: per (row, steps), alignment and FD as mean +/- std over the seeds, model
-    calls per sample, training minutes (mean over seeds, both stages). Trains what is missing (--jobs at a time)."""
+    calls per sample, training minutes (mean over seeds, both stages). Does what is missing (--jobs at a time)."""
     if jobs > 1:
-        train_table(TABLES[name], runs, quick, seeds, jobs)
+        run_table(name, runs, quick, seeds, jobs)
     net, _ = load_classifier()
     per_prompt = 4 if quick else 100
     rows = []
     for label, s1, s2, sampler, steps in TABLES[name]:
         scores, minutes = {k: [] for k in steps}, []
         for seed in seeds:
-            if s1 is None:
-                source, extra = ["--teacher", "digits"], []
-            else:
-                ckpt, sec = student(s1, s2, seed, runs, quick)
-                source, extra = ["--ckpt", ckpt], ["--sampler", sampler]
+            src, extra, sec = source(s1, s2, sampler, seed, runs, quick)
+            if s1 is not None:
                 minutes.append(sec / 60)
             for k in steps:
                 grid = None
                 if grids and seed == seeds[0]:
                     os.makedirs(grids, exist_ok=True)
                     grid = os.path.join(grids, f"{name}_{s1 or 'teacher'}_{s2 or 'none'}_{k}.png")
-                scores[k].append(cached_score(source, k, seed, per_prompt, extra, grid, net, runs))
+                scores[k].append(cached_score(src, k, seed, per_prompt, extra, grid, net, runs))
         for k in steps:
             a, fd = (mean_std([sc[m] for sc in scores[k]]) for m in ("alignment", "FD"))
             rows.append({"row": label, "steps": k, "calls": 2 * k if s1 is None else k,
@@ -397,9 +436,9 @@ def main(argv=None):
     p.add_argument("--runs", default=RUNS, help="where the paper's tables keep their trainings (reused when finished)")
     p.add_argument("--quick", action="store_true", help="the paper's tables on 2-iteration trainings, 2 seeds and 40 "
                    "samples per row, into a temporary folder: checks the table's shape, not its numbers")
-    p.add_argument("--jobs", type=int, default=1, help="the paper's tables: trainings at a time, each on cores / "
-                   "jobs threads (2 on 2 cores: 1.35x faster, equal up to float rounding; 1 reproduces the README "
-                   "pipeline's checkpoints bit for bit)")
+    p.add_argument("--jobs", type=int, default=1, help="the paper's tables: trainings and scorings at a time, each on "
+                   "cores / jobs threads (2 on 2 cores: 1.35x faster, equal up to float rounding; 1 reproduces the "
+                   "README pipeline's checkpoints bit for bit)")
     p.add_argument("--grids", default=None, help="the paper's tables: write each row's seed-0 sample grid into DIR")
     p.add_argument("--figure", default=None, help="the paper's tables: PNG of FD and alignment against steps")
     p.add_argument("--clip-score", default=None, metavar="MODEL", help="CLIPModel hub id or folder: score --samples")

@@ -58,23 +58,35 @@ class LoRALayer(nn.Module):
         return (self.scale[name] * dw).view_as(self.base.weight)
 
     def forward(self, x):
-        y = self.base(x)
         name = self.active
         if name == self.merged:  # the plain base (None), or the merged adapter
-            return y
+            return self.base(x)
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into the base; unmerge before using {name!r}")
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        A, B, b = self.lora_A[name].weight, self.lora_B[name].weight, self.base
         if not torch.is_autocast_enabled(x.device.type):  # under autocast A and B run in bf16 anyway: no round trip
             x = x.to(A.dtype)
-        # alpha/r * B A x as plain matmuls (convs), scale and sum in one add: a training step is launch-bound at SDXL
-        # size, so each wrapped layer should cost as few ops (and Python calls) as it can
-        if isinstance(self.base, nn.Conv2d):
-            b = self.base
-            h = F.conv2d(F.conv2d(x, A, None, b.stride, b.padding, b.dilation), B)
-        else:
-            h = F.linear(F.linear(x, A), B)
+        conv = isinstance(b, nn.Conv2d)
+        if self.folded(name):
+            # y = (W + alpha/r B A) x: one layer whose weight carries the adapter (the gradient reaches A and B
+            # through the product B A)
+            W = b.weight.to(A.dtype) + self.delta_weight(name)
+            return F.conv2d(x, W, b.bias, b.stride, b.padding, b.dilation, b.groups) if conv else F.linear(x, W, b.bias)
+        # y = W x + alpha/r B A x as plain matmuls (convs), scale and sum in one add: a training step is launch-bound
+        # at SDXL size, so each wrapped layer should cost as few ops (and Python calls) as it can
+        y = b(x)
+        h = F.conv2d(F.conv2d(x, A, None, b.stride, b.padding, b.dilation), B) if conv else F.linear(F.linear(x, A), B)
         return y.add(h.to(y.dtype), alpha=self.scale[name])
+
+    def folded(self, name):
+        """Whether the adapter runs folded into the weight, (W + alpha/r B A) x, rather than as W x + alpha/r B (A x):
+        equal up to float rounding; whichever costs fewer multiply-adds per output position over a training step.
+        Apart: A x and B (A x), their input gradients and A's and B's weight gradients, about 3 r (in k^2 + out).
+        Folded: the gradient of the whole weight, in k^2 out (the frozen base alone needs none). SDXL's and FLUX's
+        layers (320-3072 wide, r = 64) run apart; the embedded teacher's (32-64 wide, r = 64) folded."""
+        b, r = self.base, self.lora_A[name].weight.shape[0]
+        fan_in = b.weight[0].numel()  # in k^2 (a Linear: in)
+        return getattr(b, "groups", 1) == 1 and fan_in * b.weight.shape[0] < 3 * r * (fan_in + b.weight.shape[0])
 
 
 def layers(model):

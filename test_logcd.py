@@ -265,6 +265,31 @@ def test_lora_forward_is_the_formula_and_layers_follow_inject():
     assert A.dtype == torch.float32 and A.grad is not None and A.grad.dtype == torch.float32
 
 
+def test_lora_folded_and_apart_agree(monkeypatch):
+    """The two ways LoRALayer runs an adapter, (W + s B A) x and W x + s B (A x), give the same output and the same
+    gradients of A and B; the cost rule keeps SDXL-wide layers apart and folds the embedded teacher's."""
+    net, x = _net(), torch.randn(2, 3, 4, 4)
+    params = lora.inject(net, r"^(0|3)$", "student", rank=4, alpha=6)
+    _randomize(net, "student")
+    out = []
+    for fold in (True, False):
+        monkeypatch.setattr(lora.LoRALayer, "folded", lambda self, name: fold)
+        for p in params:
+            p.grad = None
+        with lora.adapter(net, "student"):
+            y = net(x)
+        y.pow(2).sum().backward()
+        out.append((y, [p.grad.clone() for p in params]))
+    (y1, g1), (y2, g2) = out
+    assert torch.allclose(y1, y2, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+    monkeypatch.undo()
+    sdxl = lora.LoRALayer(torch.nn.Conv2d(640, 640, 3, padding=1))
+    toy = lora.LoRALayer(torch.nn.Conv2d(64, 64, 3, padding=1))
+    for l in (sdxl, toy):
+        l.add("student", 64, 64)
+    assert not sdxl.folded("student") and toy.folded("student")
+
+
 def test_adapters_switch_and_do_not_leak():
     net, x = _net(), torch.randn(2, 3, 4, 4)
     lora.inject(net, r"^(0|3)$", "student", rank=4)
@@ -576,13 +601,16 @@ def test_classifier_reads_real_digits():
     assert s["alignment"] > 0.95 and s["FD"] < score(torch.rand_like(x[te]) * 2 - 1, y[te], net)["FD"] / 10
 
 
-def test_paper_table_quick_has_the_tables_shape(tmp_path):
-    """eval.py --table main --quick (trainings 2 at a time): every row of Table 1 at its step counts, mean +/- std
+def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
+    """eval.py --table main --quick (trainings and scoring 2 at a time): every row of Table 1 at its step counts, mean +/- std
     cells, model calls per sample (CFG: 2 per step), training minutes for the students, and the figure. Shape only,
     never the numbers."""
     import eval as ev
+    sampled, sample = [], ev.sample
+    monkeypatch.setattr(ev, "sample", lambda *a, **k: sampled.append(a) or sample(*a, **k))
     rows = ev.main(["--table", "main", "--quick", "--jobs", "2", "--figure", str(tmp_path / "f.png"),
                     "--grids", str(tmp_path / "g")])
+    assert len(sampled) == 13  # only seed 0's grids: the 2 workers scored every (row, seed, steps) already
     assert [(r["row"].split(" ")[0], r["steps"], r["calls"]) for r in rows] == [
         ("teacher", 25, 50), ("teacher", 4, 8), ("teacher", 3, 6), ("teacher", 2, 4),
         ("LCM-style:", 4, 4), ("LCM-style:", 3, 3), ("LCM-style:", 2, 2),
