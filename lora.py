@@ -2,6 +2,10 @@
 
     y = W x + (alpha / r) * B A x          A: r x in (random), B: out x r (zeros), so a fresh adapter is the identity
 
+computed per layer whichever way is cheaper (`LoRALayer.folded`): apart, W x + alpha/r B (A x), for wide layers
+(SDXL, FLUX), or folded into one weight, (W + alpha/r B A) x, where the adapter is as wide as the layer (the
+embedded teacher's). The two are equal up to float rounding.
+
 LogCD trains only LoRA (rank 64). Stage 2 keeps two adapters on the same base weights: `student` and `fake` (the
 DMD fake score), and the teacher is the base with no adapter active. So one copy of the base serves teacher,
 student, fake score and discriminator backbone:
