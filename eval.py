@@ -4,7 +4,7 @@ paper's tables at toy scale, and a CLIP score for real teachers.
     python eval.py --table teacher      # teacher DDIM at 25 / 8 / 4 / 3 / 2 steps (the yardstick for every stage)
     python eval.py --table cfg          # the teacher across CFG scales w (how its default w was chosen)
     python eval.py --table student --ckpt local.safetensors --steps 8 4 3 2
-    python eval.py --table main         # Table 1: teacher, LCM-style, stage 1 only, LogCD at 4 / 3 / 2 steps
+    python eval.py --table main --jobs 2   # Table 1 (45 min on 2 cores): teacher, LCM-style, stage 1 only, LogCD
     python eval.py --table ablation     # Table 3: local MSE -> local L-LPIPS -> + global -> + GAN -> + DMD
     python eval.py --table M            # Tables 4-6: M in {4, 8, 16}; --table p: p in 1..4; --table q: q in 1..4
     python eval.py --table main --quick # the same code on tiny trainings and 40 samples per row (CI: the table's shape)
