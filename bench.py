@@ -11,7 +11,8 @@ does not depend on weight values, so nothing is downloaded). Runs unchanged on C
 
 Timings are the best of --repeats runs after one warm-up; peak memory is CUDA's allocator peak (not measured on CPU).
 Prompts are random embeddings of the right shape: the text encoders are not part of what is timed (training caches
-prompt embeddings once). Weights are bf16 on CUDA (LoRA and optimizer state fp32, bf16 autocast), fp32 on CPU.
+prompt embeddings once). Precision as in training (local_cd.precision): base weights bf16 on CUDA, fp32 on a CPU
+unless --dtype says otherwise; LoRA and optimizer state fp32; adapter forwards under autocast.
 A row that does not fit on the GPU is reported as such, with the memory it needed at least.
 """
 import argparse
@@ -24,8 +25,8 @@ import types
 import torch
 
 import lora
-from local_cd import (DDPMTeacher, FluxTeacher, add_student, distance, memory_needed, solve, student_times,
-                      teacher_times)
+from local_cd import (DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, distance, memory_needed, precision,
+                      solve, student_times, teacher_times)
 
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -129,11 +130,6 @@ def one_forward(teacher, cond, batch, repeats, device):
     return row(f"one forward, batch {batch}", sec, sec, 1, mem)
 
 
-def autocast_for(device):
-    cuda = str(device).startswith("cuda")
-    return torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-
-
 def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, student_steps=(2, 3, 4), M=8):
     """Teacher n-step sampling with CFG against the student's k-step sampling (LoRA rank 64 merged, no CFG pass).
     Target (issue 6): k steps cost k model calls and no more; SDXL 2 steps >= 12x faster than 25 steps with CFG."""
@@ -159,7 +155,7 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     return rows
 
 
-def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointing=False):
+def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, checkpointing=False):
     """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA) and the teacher's
     share (one TrajectoryBuffer refill at the family's preset, timed once, divided by the iterations it feeds), against
     one plain forward at the same batch. Target (issue 6): the update at batch 4 <= 3.5x one forward."""
@@ -178,7 +174,7 @@ def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointi
     mse = distance("mse")
 
     def update():
-        with lora.adapter(teacher.denoiser, "student"), autocast_for(device):
+        with lora.adapter(teacher.denoiser, "student"), autocast():
             loss, _, _ = local_loss(teacher, mse, z_m, t_m, z_n, t_n, t_s, c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,7 +196,7 @@ def bench_step1(teacher, cond, batch, repeats, device, M=8, skip=20, checkpointi
     return rows
 
 
-def bench_step2(teacher, cond, batch, repeats, device, checkpointing=False, lambda1=0.1, lambda2=1.0):
+def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=False, lambda1=0.1, lambda2=1.0):
     """A stage-2 iteration exactly as global_cd.py runs it (global_cd.iteration: q = 4 student steps for the
     image-free inputs, p = 3 teacher CFG steps, student forward + backward, GAN generator and discriminator steps,
     DMD with the real and fake scores, 2 fake-score updates), with the student, the fake score (rank 64 each) and the
@@ -231,8 +227,8 @@ def bench_step2(teacher, cond, batch, repeats, device, checkpointing=False, lamb
 
     gen, c = torch.Generator().manual_seed(0), cond(batch)
     d = distance("mse")  # L-LPIPS on latents costs ~1% of this (the llpips row)
-    sec, mem = timed(lambda: global_cd.iteration(teacher, c, d, disc, fake is not None, update, a, 8, gen,
-                                                 autocast_for(device)), repeats, device)
+    sec, mem = timed(lambda: global_cd.iteration(teacher, c, d, disc, fake is not None, update, a, 8, gen, autocast),
+                     repeats, device)
     parts = f"lambda1={lambda1:g} lambda2={lambda2:g}, {a.fake_updates} fake updates"
     ckpt = ", grad checkpointing" if checkpointing else ""
     rows.append(row(f"stage-2 iteration, batch {batch}, {parts}{ckpt}", sec, rows[0]["seconds"], None, mem))
@@ -274,9 +270,10 @@ def projection(step1, step2, recipe=RECIPE):
             "paper_gpu_hours": recipe["paper_gpu_hours"], "fraction_of_paper": hours / recipe["paper_gpu_hours"]}
 
 
-def measure(what, model, batch, repeats, device, dtype, checkpointing=False, lambda2=1.0):
+def measure(what, model, batch, repeats, device, dtype_name=None, checkpointing=False, lambda2=1.0):
     """One bench on a freshly built model. A CUDA out-of-memory error becomes a row that says so."""
     teacher = None
+    dtype, autocast = precision(device, dtype_name)  # as the training scripts decide it
     try:
         if what == "llpips":
             return bench_llpips(batch, repeats, device, 8 if model.startswith("tiny") else 128)
@@ -284,8 +281,8 @@ def measure(what, model, batch, repeats, device, dtype, checkpointing=False, lam
         if what == "sample":
             return bench_sample(teacher, cond, batch, repeats, device)
         if what == "step1":
-            return bench_step1(teacher, cond, batch, repeats, device, checkpointing=checkpointing)
-        return bench_step2(teacher, cond, batch, repeats, device, checkpointing=checkpointing, lambda2=lambda2)
+            return bench_step1(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing)
+        return bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing, lambda2=lambda2)
     except torch.OutOfMemoryError as e:
         need = memory_needed(e)
         hint = "--grad-checkpointing helps" if what != "llpips" and not checkpointing else "a smaller --batch helps"
@@ -318,6 +315,7 @@ def main(argv=None):
                    help="step2: DMD weight (0: no fake score, as the paper's FLUX)")
     p.add_argument("--batch", type=int, default=None, help="images per model call (a CFG pass doubles it); default 1, "
                    "with --what all the presets' (SDXL 4, FLUX 2 for stage 1 and 1 for stage 2)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--save", default=None, help="also write the JSON to this file (rewritten after each bench)")
@@ -329,7 +327,7 @@ def main(argv=None):
         torch.backends.cuda.enable_cudnn_sdp(False)
     elif args.model in ("sdxl", "flux"):
         print(f"note: {args.model} at full size on a CPU takes minutes per forward; the tiny-* models are for CPUs")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = precision(device, args.dtype)[0]
     jobs = [(args.what, args.batch or 1, args.grad_checkpointing)]
     if args.what == "all":
         jobs = plan(args.model, args.batch)
@@ -338,7 +336,7 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "rows": []}
     rows = out["rows"]
     for what, batch, ckpt in jobs:
-        rows += measure(what, args.model, batch, args.repeats, device, dtype, ckpt, args.lambda2)
+        rows += measure(what, args.model, batch, args.repeats, device, args.dtype, ckpt, args.lambda2)
         if args.save:
             with open(args.save, "w") as f:
                 json.dump(out, f, indent=1)

@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance, explain_out_of_memory,
-                      family, fill_presets, init_distributed, load_optimizer, load_student, mean_over_ranks,
-                      optimizer_tensors, rank_difference, read_prompts, read_state, save_checkpoint, solve, state_path,
-                      student_times)
+from local_cd import (DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance,
+                      explain_out_of_memory, family, fill_presets, init_distributed, load_optimizer, load_student,
+                      mean_over_ranks, optimizer_tensors, precision, rank_difference, read_prompts, read_state,
+                      save_checkpoint, solve, state_path, student_times)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -180,10 +180,12 @@ def fake_score_loss(teacher, x0, cond, gen):
 def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
     a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
-    w, lambda1, lambda2, fake_updates. Returns the losses to log (tensors: no GPU sync here)."""
+    w, lambda1, lambda2, fake_updates; every forward runs inside autocast() (local_cd.precision), every backward
+    outside it. Returns the losses to log (tensors: no GPU sync here)."""
     B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
     # image-free inputs: the student's q-step samples, re-noised with fresh noise to a random milestone t_m
-    x0_q = student_samples(teacher, cond, a.q, M, gen)
+    with autocast():
+        x0_q = student_samples(teacher, cond, a.q, M, gen)
     s = torch.randint(1, M + 1, (B,), generator=gen).to(device)
     t_m, t_n = s * (T / M), (s - 1) * (T / M)
     eps = randn_like(x0_q, gen)
@@ -192,7 +194,7 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
 
     # the student step: L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
-    with autocast:
+    with autocast():
         l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w, a.p)
         loss = logs["cons"] = l_cons.mean()
         if disc:  # the generator's hinge term; the heads get no gradient from it
@@ -206,14 +208,14 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     logs["loss"] = update(loss, "student")
     x0_m = x0_m.detach()
     if disc:  # the discriminator step: real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
-        with autocast:
+        with autocast():
             t_g, eps = uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen)
             logits = disc(torch.cat([x0_n, x0_m]), torch.cat([t_g, t_g]), torch.cat([eps, eps]), cond_cat(cond, cond))
             real, fake_logit = logits.chunk(2)
             l_d = F.relu(1 - real).mean() + F.relu(1 + fake_logit).mean()
         logs["disc"] = update(l_d, "disc")
     for _ in range(a.fake_updates if fake else 0):  # the fake score follows the student
-        with autocast:
+        with autocast():
             l_f = fake_score_loss(teacher, x0_m, cond, gen)
         logs["fake"] = update(l_f, "fake")
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}
@@ -277,6 +279,7 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=None)
     a("--resume", action="store_true", help="continue the run saved at --out (LoRAs, heads, optimizers, step, RNG)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")
+    a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=10)
     a("--device", default=None)
@@ -291,11 +294,14 @@ def main(argv=None):
     cuda = str(device).startswith("cuda")
     master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
+    # precision: the frozen base in `dtype` (bf16 on CUDA); student, fake score and heads fp32 with their AdamW; every
+    # forward of an iteration (rollout, teacher solver, student, GAN, DMD) under autocast(), the backwards outside it
+    dtype, autocast = precision(device, args.dtype)
 
     # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata
     source, stages = (args.out, ("global",)) if args.resume else (args.init, ("local",))
     try:
-        teacher, tensors, meta = load_student(source, device, stages)
+        teacher, tensors, meta = load_student(source, device, stages, dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         if args.resume:
             raise SystemExit(f"error: cannot resume: {e}")
@@ -398,10 +404,9 @@ def main(argv=None):
         opts[name].step()
         return loss.item()
 
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} d={args.d} "
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
-        f"batch={args.batch}x{world} iters={args.iters}")
+        f"batch={args.batch}x{world} iters={args.iters} base {str(dtype)[6:]}")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
     while step < args.iters:
         cond = cond_index(cond_all, torch.randint(0, n_prompts, (args.batch,), generator=gen).to(device))

@@ -210,9 +210,9 @@ class DigitsTeacher(DDPMTeacher):
     embedded = True
     default_w = 1.5  # measured on the embedded teacher: README, "The embedded teacher"
 
-    def __init__(self, folder, device, id):
+    def __init__(self, folder, device, id, dtype=torch.float32):
         from diffusers import UNet2DConditionModel
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), dtype=dtype)
         with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
             super().__init__(unet, json.load(f), device)
         tensors, meta = lora.load(os.path.join(folder, "prompt_embeds.safetensors"))
@@ -387,12 +387,37 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# ---- precision: what runs in which dtype (DESIGN.md section 11), decided here for every script --------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype; fp16 would need loss scaling: not offered
+DTYPE_HELP = "dtype of the frozen base weights: bfloat16 (default on CUDA) or float32 (default on a CPU)"
+
+
+def precision(device, name=None):
+    """(dtype, autocast) of a run on `device`: the one precision decision of every script.
+    - The frozen base weights are `dtype`: --dtype, else bf16 on CUDA and fp32 on a CPU.
+    - The LoRA adapters, their AdamW state, the discriminator heads and every loss stay fp32.
+    - A forward with an adapter active (not merged) runs inside `autocast()`: matmuls and convs in the base dtype,
+      the fp32 adapter weights cast on the fly (CUDA's autocast also lifts norms and softmax to fp32; a CPU's does
+      not). lora.LoRALayer refuses a bf16 base outside it: the mistake that crashed stage 2 on GPUs.
+    - A forward with no adapter (the teacher) or a merged one (sampling) runs plainly in the base dtype, as a
+      diffusers pipeline runs it.
+    A CPU runs the bf16 regime too (--dtype bfloat16, torch.autocast("cpu")): that is how the tests see what a GPU
+    runs. In fp32, autocast() does nothing."""
+    cuda = str(device).startswith("cuda")
+    dtype = DTYPES[name] if name else torch.bfloat16 if cuda else torch.float32
+
+    def autocast():
+        return torch.autocast("cuda" if cuda else "cpu", dtype, enabled=dtype != torch.float32)
+    return dtype, autocast
+
+
 def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None, true_cfg=False):
     """A teacher by name (digits, sdxl, flux), folder or hub id. A folder in the embedded layout (unet/, scheduler/,
     prompt_embeds.safetensors) loads as a digits-style teacher; a diffusers SDXL / FLUX pipeline folder or hub id as
-    that family. Frozen weights in bf16 on CUDA (fp32 on CPU); the embedded teacher always fp32."""
+    that family. Frozen weights in `dtype` (default: precision's, bf16 on CUDA, fp32 on a CPU)."""
     device = device or default_device()
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    dtype = dtype or precision(device)[0]
     id = name_or_dir
     path = TEACHERS.get(name_or_dir, name_or_dir)
     if os.path.isdir(path):
@@ -401,7 +426,7 @@ def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None,
                 raise ValueError(f"{path}: an embedded-layout teacher needs unet/ and scheduler/ beside prompt_embeds.safetensors")
             if os.path.abspath(path) == os.path.abspath(TEACHERS["digits"]):
                 id = "digits"
-            return DigitsTeacher(path, device, id)
+            return DigitsTeacher(path, device, id, dtype)
         if not os.path.exists(os.path.join(path, "model_index.json")):
             raise ValueError(f"{path} is not a teacher folder: expected unet/ + scheduler/ + prompt_embeds.safetensors "
                              "(the embedded layout) or a diffusers SDXL / FLUX pipeline (model_index.json)")
@@ -416,13 +441,21 @@ def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None,
     except Exception as e:
         raise ValueError(f"cannot read the pipeline config of {path!r} ({type(e).__name__}); offline or gated? "
                          f"download it first (hf download {path} --local-dir DIR) and pass DIR") from None
+    if "StableDiffusionXL" not in cls and "Flux" not in cls:
+        raise ValueError(f"{path} is a {cls}; LogCD supports SDXL-style UNets, FLUX transformers and the embedded layout")
+    # low_cpu_mem_usage: every model is built empty and filled from the file in `dtype`, about its bf16 size in host
+    # memory. Without accelerate, diffusers silently builds each model in fp32 first (FLUX.1-dev: 48 GB per rank).
+    import importlib.util
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError("loading an SDXL / FLUX pipeline needs the accelerate package (pip install accelerate): "
+                         "without it diffusers builds every model in fp32 first, 48 GB of host memory for FLUX.1-dev")
     if "StableDiffusionXL" in cls:
         from diffusers import StableDiffusionXLPipeline
-        return SDXLTeacher(StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype), device, id, resolution)
-    if "Flux" in cls:
-        from diffusers import FluxPipeline
-        return FluxTeacher(FluxPipeline.from_pretrained(path, dtype=dtype), device, id, resolution, true_cfg)
-    raise ValueError(f"{path} is a {cls}; LogCD supports SDXL-style UNets, FLUX transformers and the embedded layout")
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=True)
+        return SDXLTeacher(pipe, device, id, resolution)
+    from diffusers import FluxPipeline
+    pipe = FluxPipeline.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=True)
+    return FluxTeacher(pipe, device, id, resolution, true_cfg)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -449,6 +482,7 @@ def save_checkpoint(path, teacher, stage, meta):
     tensors = lora.state_dict(teacher.denoiser, "student", teacher.lora_prefix)
     meta = {"format": "logcd", "stage": stage, "teacher": teacher.id, "lora_prefix": teacher.lora_prefix,
             "resolution": getattr(teacher, "resolution", teacher.latent_shape[-1]), **teacher.student_lora,
+            "dtype": str(teacher.denoiser.dtype).removeprefix("torch."),  # of the base it was trained on
             "git_commit": git_commit(), **meta}
     lora.save(path, tensors, meta)
 
@@ -493,10 +527,10 @@ def read_checkpoint(path, stages=("local", "global"), teacher_id=None):
     return tensors, meta
 
 
-def load_student(path, device=None, stages=("local", "global"), teacher_id=None):
+def load_student(path, device=None, stages=("local", "global"), teacher_id=None, dtype=None):
     """Teacher + student adapter from a checkpoint, its metadata naming everything (no flag has to be repeated)."""
     tensors, meta = read_checkpoint(path, stages, teacher_id)
-    teacher = load_teacher(meta["teacher"], device, resolution=int(meta.get("resolution", 1024)))
+    teacher = load_teacher(meta["teacher"], device, resolution=int(meta.get("resolution", 1024)), dtype=dtype)
     add_student(teacher, int(meta["rank"]), float(meta["alpha"]), meta.get("lora_targets"))
     lora.load_state_dict(teacher.denoiser, "student", tensors, teacher.lora_prefix)
     return teacher, tensors, meta
@@ -727,6 +761,7 @@ def parse_args(argv=None):
     a("--save-every", type=int, default=None)
     a("--resume", action="store_true", help="continue the run saved at --out (LoRA, optimizer, step, RNG, buffer)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
+    a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     a("--resolution", type=int, default=1024, help="SDXL / FLUX image size")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=50)
@@ -759,9 +794,12 @@ def main(argv=None):
     cuda = str(device).startswith("cuda")
     master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
+    # precision: the frozen base in `dtype` (bf16 on CUDA), LoRA and AdamW fp32; the student's forward and backward
+    # under autocast(); the teacher's trajectories (no adapter) plainly in `dtype`
+    dtype, autocast = precision(device, args.dtype)
 
     try:
-        teacher = load_teacher(args.teacher, device, args.resolution)
+        teacher = load_teacher(args.teacher, device, args.resolution, dtype)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     fill_presets(args, PRESETS[family(teacher)])
@@ -816,14 +854,13 @@ def main(argv=None):
                   {"step": step, "buffer": json.dumps(counters), "student_forwards": n_student})
         save_checkpoint(args.out, teacher, "local", meta)
 
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
         f"lr={args.lr:g} batch={args.batch}x{world} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
-        f"LoRA parameters)")
+        f"LoRA parameters, base {str(dtype)[6:]})")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="local CD")
     while step < args.iters:
         z_m, t_m, z_n, t_n, t_s, cond = buffer.sample(args.batch)
-        with lora.adapter(teacher.denoiser, "student"), autocast:
+        with lora.adapter(teacher.denoiser, "student"), autocast():
             loss, _, n = local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond)
         n_student += n
         opt.zero_grad(set_to_none=True)

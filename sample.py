@@ -10,7 +10,14 @@ from T down to 0 (local_cd.student_times), one model call per step, LoRA merged 
 Default update: the deterministic jump Psi to the next milestone; `--sampler lcm` re-noises x0_hat with fresh noise.
 The teacher samples with n evenly spaced trailing DDIM (SDXL, the toy) or Euler (FLUX) steps = the same Psi.
 The same --seed gives the same images. `--save-tensors` writes `images` (float32, N x C x H x W, decoded, in
-[-1, 1]) and, for the embedded teacher, `labels` (int64, the prompted digit).
+[-1, 1]), `latents` (float32, the final z_0 before decoding) and, for the embedded teacher, `labels` (int64, the
+prompted digit).
+
+A student in a stock diffusers pipeline (diffusers_args gives the arguments that put it on its training grid):
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(..., torch_dtype=torch.bfloat16)   # or FluxPipeline
+    pipe.load_lora_weights("global.safetensors")
+    images = pipe(prompts, **diffusers_args("global.safetensors", steps=3)).images
 """
 import argparse
 import os
@@ -20,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 import lora
-from local_cd import T, load_student, load_teacher, read_prompts, solve, student_times, teacher_times
+from local_cd import (DTYPE_HELP, DTYPES, T, default_device, load_student, load_teacher, precision, read_checkpoint,
+                      read_prompts, solve, student_times, teacher_times)
 
 
 def parse_args(argv=None):
@@ -45,8 +53,38 @@ def parse_args(argv=None):
     p.add_argument("--out", default="samples.png", help="labelled PNG grid (rows: prompts)")
     p.add_argument("--save-tensors", default=None, help="also write the decoded images (and labels) here")
     p.add_argument("--resolution", type=int, default=1024, help="teacher only (SDXL / FLUX): image size in pixels")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p.parse_args(argv)
+
+
+def sampling_times(k, M):
+    """A student's k-step grid: k milestones spread evenly (local_cd.student_times). An LCM-style student (M = 1) is
+    consistent to t = 0 from anywhere, so its k steps use a uniform grid."""
+    return student_times(k, M) if M > 1 else [T * (k - i) / k for i in range(k + 1)]
+
+
+def diffusers_args(ckpt, steps=4):
+    """Keyword arguments for a stock diffusers pipeline call that samples the student `ckpt` (loaded into the pipeline
+    with pipe.load_lora_weights(ckpt)) on the grid it was trained on, the grid sample.py uses: the same latents.
+    SDXL (any UNet teacher): StableDiffusionXLPipeline with its own EulerDiscreteScheduler, whose Euler step on eps
+      in sigma_t / alpha_t is the DDIM step Psi. `timesteps` are the grid's training indices t - 1: M = 8, 3 steps
+      -> 999 624 374, where the scheduler's spacings give 667 334 1 (SDXL's "leading") or 999 666 332 ("trailing").
+      The spacing must stay "leading" all the same: it is the one under which the scheduler scales the initial noise
+      exactly (init_noise_sigma = sqrt(sigma_max^2 + 1)). guidance_scale = 1: no CFG pass; the student learned the
+      guided teacher.
+    FLUX: FluxPipeline with its FlowMatchEulerDiscreteScheduler. `sigmas` are t / T before the time shift, which the
+      pipeline applies for its resolution as the teacher did in training: 3 steps -> 1 0.625 0.375, shifted at
+      1024 px to 1 0.840 0.655, where the default spacing gives 1 0.863 0.612. The guidance embedding stays at the
+      pipeline's default, 3.5, the value the student ran at in training.
+    Exact where the milestones are whole timesteps (M divides 1000); elsewhere the SDXL scheduler interpolates sigma
+    where the teacher interpolates log alpha-bar, a small difference."""
+    _, meta = read_checkpoint(ckpt)
+    M, res = int(meta["M"]), int(meta.get("resolution", 1024))
+    ts = sampling_times(steps, M)[:-1]  # the pipelines append the final t = 0 themselves
+    if meta.get("lora_prefix") == "transformer":  # a flow (FLUX)
+        return {"sigmas": [t / T for t in ts], "num_inference_steps": steps, "height": res, "width": res}
+    return {"timesteps": [t - 1 for t in ts], "guidance_scale": 1.0, "height": res, "width": res}
 
 
 def grid(images, row_labels, title, tile=None):
@@ -78,18 +116,20 @@ def main(argv=None):
                              "--teacher digits")
         args.ckpt = "global.safetensors"
         print("sampling global.safetensors (pass --ckpt to choose another)")
+    # precision: the student's LoRA is merged into the base, so every forward runs plainly in `dtype`, no autocast:
+    # exactly how a diffusers pipeline in that dtype runs it
+    dtype, _ = precision(args.device or default_device(), args.dtype)
     try:
         if args.ckpt:
-            teacher, _, meta = load_student(args.ckpt, args.device)
+            teacher, _, meta = load_student(args.ckpt, args.device, dtype=dtype)
             M, k = int(meta["M"]), args.steps or 4
             if args.cfg is not None:
                 raise SystemExit("error: --cfg is for the teacher; the student was distilled with CFG "
                                  f"(w = {meta.get('w')}) and needs no guidance pass")
-            # an LCM-style student (M = 1) is consistent to t = 0 from anywhere: its k steps use a uniform grid
-            ts = student_times(k, M) if M > 1 else [T * (k - i) / k for i in range(k + 1)]
+            ts = sampling_times(k, M)
             what = f"{os.path.basename(args.ckpt)} ({meta['stage']} CD, M={M}), {k} steps {args.sampler}"
         else:
-            teacher = load_teacher(args.teacher, args.device, args.resolution)
+            teacher = load_teacher(args.teacher, args.device, args.resolution, dtype)
             k, w = args.steps or 25, args.cfg if args.cfg is not None else teacher.default_w
             if k < 1:
                 raise SystemExit("error: --steps must be at least 1")
@@ -107,7 +147,7 @@ def main(argv=None):
     z_T = teacher.noise(N, gen)
     renoise = torch.randn(k, *z_T.shape, generator=gen).to(z_T.device) if args.sampler == "lcm" else None
     batch = args.batch or (1000 if teacher.embedded else 4)
-    images = []
+    images, latents = [], []
     ctx = lora.merged(teacher.denoiser, "student") if args.ckpt else lora.adapter(teacher.denoiser, None)
     with torch.no_grad(), ctx:
         for i in tqdm(range(0, N, batch), desc=what, disable=N <= batch):
@@ -120,13 +160,14 @@ def main(argv=None):
 
             noises = renoise[:, sl] if renoise is not None else None
             z0 = solve(x0_fn, z_T[sl], ts, teacher.alpha_sigma, noises)
+            latents.append(z0.float().cpu())
             images.append(teacher.decode(z0).float().cpu())
-    images = torch.cat(images)
+    images, latents = torch.cat(images), torch.cat(latents)
 
     grid(images, prompts, what).save(args.out)
     print(f"wrote {args.out} ({N} images: {what})")
     if args.save_tensors:
-        tensors = {"images": images.contiguous()}
+        tensors = {"images": images.contiguous(), "latents": latents.contiguous()}
         if teacher.embedded:
             tensors["labels"] = torch.tensor([int(p) if p.isdigit() else -1 for p in prompts
                                               for _ in range(args.per_prompt)], dtype=torch.int64)
