@@ -6,6 +6,7 @@ does not depend on weight values, so nothing is downloaded). Runs unchanged on C
     python bench.py --model sdxl --what step2 --batch 4  # a stage-2 iteration: consistency + GAN + DMD + fake score
     python bench.py --model flux --what step2 --batch 1 --grad-checkpointing   # FLUX.1-dev WITH DMD on one GPU
     python bench.py --model sdxl --what llpips --batch 4 # L-LPIPS vs VAE decode + pixel LPIPS (forward + backward)
+    python bench.py --model sdxl --what load --dtype bfloat16  # host memory of loading the UNet (a CPU will do)
     python bench.py --model sdxl --what all --json       # every row of the README's GPU table, and the projection
     python bench.py --model tiny-sdxl --what all         # what CI runs (tiny shapes, CPU)
 
@@ -19,6 +20,9 @@ import argparse
 import contextlib
 import gc
 import json
+import subprocess
+import sys
+import tempfile
 import time
 import types
 
@@ -260,6 +264,42 @@ def bench_llpips(batch, repeats, device, size):
     return rows
 
 
+LOAD_PROBE = """import sys, time, torch, diffusers
+def mem():  # GiB: peak resident, private (anonymous) and file-mapped resident memory of this process
+    d = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return [int(d[k].split()[0]) / 2 ** 20 for k in ("VmHWM", "RssAnon", "RssFile")]
+cls = getattr(diffusers, sys.argv[1])
+before, t0 = mem(), time.perf_counter()
+m = cls.from_pretrained(sys.argv[2], dtype=getattr(torch, sys.argv[3]))
+seconds = time.perf_counter() - t0
+sum(float(p.float().sum()) for p in m.parameters())  # read every weight, as moving the model to a GPU does
+print(seconds, *[after - b for after, b in zip(mem(), before)])
+"""
+
+
+def bench_load(model, dtype):
+    """Host memory of loading the denoiser in `dtype` the way load_teacher does (diffusers' from_pretrained), each
+    load in a fresh process (Linux /proc/self/status), from a file in `dtype` (FLUX.1-dev's are bf16) and, for SDXL,
+    from an fp32 file (the hub's unet). Random weights at the real size, written to a temporary folder first: SDXL
+    needs 15 GB of disk and 10 GB of RAM; FLUX.1-dev 24 GB of each."""
+    rows = []
+    for file_dtype in dict.fromkeys([dtype, torch.float32] if model.endswith("sdxl") else [dtype]):
+        teacher, _ = build(model, "cpu", file_dtype)
+        net = teacher.denoiser
+        n, cls = sum(p.numel() for p in net.parameters()), type(net).__name__
+        with tempfile.TemporaryDirectory() as d:
+            net.save_pretrained(d)
+            del teacher, net
+            gc.collect()
+            out = subprocess.run([sys.executable, "-c", LOAD_PROBE, cls, d, str(dtype)[6:]], capture_output=True,
+                                 text=True, check=True).stdout.split()
+        seconds, peak, private, mapped = map(float, out[-4:])
+        rows.append(row(f"load the {cls} ({n / 1e9:.2f}B parameters) as {str(dtype)[6:]} from a "
+                        f"{str(file_dtype)[6:]} file", seconds, host_peak_GiB=peak, host_private_GiB=private,
+                        host_mapped_GiB=mapped, bytes_per_parameter=peak * 2 ** 30 / n))
+    return rows
+
+
 def projection(step1, step2, recipe=RECIPE):
     """GPU hours of the paper's SDXL recipe from measured per-iteration seconds (per-GPU batch as measured; the
     all-reduce of the LoRA gradients between GPUs is not included)."""
@@ -277,6 +317,8 @@ def measure(what, model, batch, repeats, device, dtype_name=None, checkpointing=
     try:
         if what == "llpips":
             return bench_llpips(batch, repeats, device, 8 if model.startswith("tiny") else 128)
+        if what == "load":
+            return bench_load(model, dtype)
         teacher, cond = build(model, device, dtype)
         if what == "sample":
             return bench_sample(teacher, cond, batch, repeats, device)
@@ -307,9 +349,10 @@ def plan(model, batch):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["sdxl", "flux", "tiny-sdxl", "tiny-flux"], default="tiny-sdxl")
-    p.add_argument("--what", choices=["sample", "step1", "step2", "llpips", "all"], default="sample",
+    p.add_argument("--what", choices=["sample", "step1", "step2", "llpips", "load", "all"], default="sample",
                    help="sample: teacher vs student sampling; step1 / step2: one training iteration of a stage vs one "
-                   "forward; llpips: L-LPIPS vs VAE decode + LPIPS; all: the README's rows and the recipe's GPU hours")
+                   "forward; llpips: L-LPIPS vs VAE decode + LPIPS; load: host memory of loading the denoiser; all: "
+                   "the README's GPU rows (not load) and the recipe's GPU hours")
     p.add_argument("--grad-checkpointing", action="store_true", help="step1 / step2: with gradient checkpointing")
     p.add_argument("--lambda2", type=float, default=1.0,
                    help="step2: DMD weight (0: no fake score, as the paper's FLUX)")
@@ -362,6 +405,9 @@ def main(argv=None):
                   f"the paper's {r['paper_gpu_hours']} A100 hours | |")
             continue
         mem = f"{r['peak_GiB']:.1f}" if r["peak_GiB"] is not None else "not measured (CPU)"
+        if "host_peak_GiB" in r:  # a load row: host memory, not GPU
+            mem = (f"host: peak {r['host_peak_GiB']:.2f} ({r['bytes_per_parameter']:.2f} bytes per parameter), "
+                   f"private {r['host_private_GiB']:.2f}, file-mapped {r['host_mapped_GiB']:.2f}")
         x = f"{r['x_one_forward']:.2f}" if r["x_one_forward"] else "-"
         speedup = f"{r['speedup_vs_teacher']:.1f}" if "speedup_vs_teacher" in r else (
             f"L-LPIPS {r['x_llpips']:.1f}x cheaper" if "x_llpips" in r else "-")

@@ -264,7 +264,8 @@ def parse_args(argv=None):
     a("--q", type=int, default=4, help="q: student steps that make the image-free inputs")
     a("--w", type=float, default=None, help="w: CFG scale of the teacher target and the DMD real score "
       "(default: the stage-1 checkpoint's)")
-    a("--d", choices=["mse", "llpips"], default="llpips", help="d: the consistency distance")
+    a("--d", "--distance", choices=["mse", "llpips"], default="llpips", help="d: the consistency distance "
+      "(under torchrun write --distance: torchrun takes --d for an abbreviation of its own --duplicate-* flags)")
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
     a("--lambda1", type=float, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
     a("--lambda2", type=float, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")

@@ -443,19 +443,14 @@ def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None,
                          f"download it first (hf download {path} --local-dir DIR) and pass DIR") from None
     if "StableDiffusionXL" not in cls and "Flux" not in cls:
         raise ValueError(f"{path} is a {cls}; LogCD supports SDXL-style UNets, FLUX transformers and the embedded layout")
-    # low_cpu_mem_usage: every model is built empty and filled from the file in `dtype`, about its bf16 size in host
-    # memory. Without accelerate, diffusers silently builds each model in fp32 first (FLUX.1-dev: 48 GB per rank).
-    import importlib.util
-    if importlib.util.find_spec("accelerate") is None:
-        raise ValueError("loading an SDXL / FLUX pipeline needs the accelerate package (pip install accelerate): "
-                         "without it diffusers builds every model in fp32 first, 48 GB of host memory for FLUX.1-dev")
+    # from_pretrained maps the weight files and builds every model straight in `dtype`: a bf16 file is used in place
+    # (the page cache holds one copy for all ranks), an fp32 one (SDXL's unet) costs one private bf16 copy. No fp32
+    # model is ever built (bench.py --what load measures it).
     if "StableDiffusionXL" in cls:
         from diffusers import StableDiffusionXLPipeline
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=True)
-        return SDXLTeacher(pipe, device, id, resolution)
+        return SDXLTeacher(StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype), device, id, resolution)
     from diffusers import FluxPipeline
-    pipe = FluxPipeline.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=True)
-    return FluxTeacher(pipe, device, id, resolution, true_cfg)
+    return FluxTeacher(FluxPipeline.from_pretrained(path, dtype=dtype), device, id, resolution, true_cfg)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -748,7 +743,8 @@ def parse_args(argv=None):
     a("--skip", type=float, default=20, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
     a("--w", type=float, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
       "(paper: 7 for SDXL; FLUX.1-dev: its guidance embedding, 3.5; embedded teacher: its measured default)")
-    a("--d", choices=["mse", "llpips"], default="mse", help="d: the consistency distance")
+    a("--d", "--distance", choices=["mse", "llpips"], default="mse", help="d: the consistency distance "
+      "(under torchrun write --distance: torchrun takes --d for an abbreviation of its own --duplicate-* flags)")
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
     a("--rank", type=int, default=64, help="LoRA rank r (alpha = r)")
     a("--lr", type=float, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
