@@ -188,7 +188,8 @@ def unmerge(model):
 
 @contextlib.contextmanager
 def merged(model, name):
-    """The model with adapter `name` merged in and active (sampling speed); restored afterwards."""
+    """The model with adapter `name` merged in and active (sampling speed); restored afterwards (on a bf16 base up to
+    bf16 rounding: W + dW - dW is not W there)."""
     merge(model, name)
     try:
         with adapter(model, name):
