@@ -296,7 +296,8 @@ def main(argv=None):
     master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
     # precision: the frozen base in `dtype` (bf16 on CUDA); student, fake score and heads fp32 with their AdamW; every
-    # forward of an iteration (rollout, teacher solver, student, GAN, DMD) under autocast(), the backwards outside it
+    # forward of an iteration (rollout, teacher solver, student, GAN, DMD) under autocast(), the backwards outside it;
+    # the distance d in fp32 (local_cd.distance)
     dtype, autocast = precision(device, args.dtype)
 
     # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata

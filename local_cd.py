@@ -396,7 +396,8 @@ DTYPE_HELP = "dtype of the frozen base weights: bfloat16 (default on CUDA) or fl
 def precision(device, name=None):
     """(dtype, autocast) of a run on `device`: the one precision decision of every script.
     - The frozen base weights are `dtype`: --dtype, else bf16 on CUDA and fp32 on a CPU.
-    - The LoRA adapters, their AdamW state, the discriminator heads and every loss stay fp32.
+    - The LoRA adapters, their AdamW state and the discriminator heads stay fp32; so does the consistency distance d,
+      L-LPIPS included (local_cd.distance runs it outside autocast).
     - A forward with an adapter active (not merged) runs inside `autocast()`: matmuls and convs in the base dtype,
       the fp32 adapter weights cast on the fly (CUDA's autocast also lifts norms and softmax to fp32; a CPU's does
       not). lora.LoRALayer refuses a bf16 base outside it: the mistake that crashed stage 2 on GPUs.
@@ -730,7 +731,13 @@ def distance(name, llpips_path=None, channels=None, device="cpu"):
         raise SystemExit(f"error: {e}")
     if channels is not None and net.channels != channels:
         raise SystemExit(f"error: {llpips_path} compares {net.channels}-channel latents; this teacher's have {channels}")
-    return net
+
+    def d(x, y):
+        # in fp32, outside autocast: the loss compares nearly equal latents, whose L-LPIPS under bf16 autocast is
+        # rounding noise (toy L-LPIPS, latents 0.01 apart: 75% mean relative error)
+        with torch.autocast(x.device.type, enabled=False):
+            return net(x.float(), y.float())
+    return d
 
 
 def parse_args(argv=None):
@@ -790,8 +797,8 @@ def main(argv=None):
     cuda = str(device).startswith("cuda")
     master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
-    # precision: the frozen base in `dtype` (bf16 on CUDA), LoRA and AdamW fp32; the student's forward and backward
-    # under autocast(); the teacher's trajectories (no adapter) plainly in `dtype`
+    # precision: the frozen base in `dtype` (bf16 on CUDA), LoRA and AdamW fp32; the student's forward under
+    # autocast(), d in fp32; the teacher's trajectories (no adapter) plainly in `dtype`
     dtype, autocast = precision(device, args.dtype)
 
     try:

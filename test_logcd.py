@@ -1339,6 +1339,22 @@ def test_bf16_base_needs_autocast_for_an_active_adapter(fold, monkeypatch):
         assert net(x.bfloat16()).dtype == torch.bfloat16
 
 
+def test_llpips_distance_runs_in_fp32_under_autocast():
+    """The consistency distance compares nearly equal latents: local_cd.distance gives L-LPIPS's fp32 value inside the
+    training scripts' bf16 autocast, where the bare network is mostly rounding noise."""
+    path = os.path.join(HERE, "toy", "llpips.safetensors")
+    d, net = local_cd.distance("llpips", path, 1), llpips.load(path, "cpu")
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 16, 16) * 2 - 1
+    y = x + 0.01 * torch.randn_like(x)
+    with torch.no_grad():
+        ref = net(x, y)
+        with torch.autocast("cpu", torch.bfloat16):
+            mine, bare = d(x, y), net(x, y).float()
+    assert torch.allclose(mine.float(), ref, rtol=1e-5) and mine.dtype == torch.float32
+    assert ((bare - ref).abs() / ref).mean() > 0.1  # what running it in fp32 avoids
+
+
 def _tiny(family, tiny_sdxl, tiny_flux):
     return (tiny_sdxl, 16) if family == "sdxl" else (tiny_flux, 32)
 
@@ -1361,8 +1377,9 @@ def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_s
     meta = read_checkpoint(str(tmp_path / "local.safetensors"))[1]
     assert meta["dtype"] == "bfloat16" and meta["step"] == "2"
 
-    common2 = ["--prompts", str(tmp_path / "prompts.txt"), "--dtype", "bfloat16", "--batch", "2", "--d", "mse",
-               "--fake-rank", "4", "--lr", "1e-3"]
+    llpips.save(str(tmp_path / "llpips4.safetensors"), llpips.LLPIPS(4, width=0.125))  # the paper's d, untrained
+    common2 = ["--prompts", str(tmp_path / "prompts.txt"), "--dtype", "bfloat16", "--batch", "2", "--d", "llpips",
+               "--llpips", str(tmp_path / "llpips4.safetensors"), "--fake-rank", "4", "--lr", "1e-3"]
     two = _run2(tmp_path, *common2, "--iters", "2", out="two.safetensors")
     _run2(tmp_path, *common2, "--iters", "1")
     g = _run2(tmp_path, *common2, "--iters", "2", "--resume")
