@@ -281,7 +281,7 @@ def bench_load(model, dtype):
     """Host memory of loading the denoiser in `dtype` the way load_teacher does (diffusers' from_pretrained), each
     load in a fresh process (Linux /proc/self/status), from a file in `dtype` (FLUX.1-dev's are bf16) and, for SDXL,
     from an fp32 file (the hub's unet). Random weights at the real size, written to a temporary folder first: SDXL
-    needs 15 GB of disk and 10 GB of RAM; FLUX.1-dev 24 GB of each."""
+    needs about 14 GiB of RAM and 10 GB of disk, FLUX.1-dev about 26 GiB and 24 GB."""
     rows = []
     for file_dtype in dict.fromkeys([dtype, torch.float32] if model.endswith("sdxl") else [dtype]):
         teacher, _ = build(model, "cpu", file_dtype)
@@ -291,11 +291,11 @@ def bench_load(model, dtype):
             net.save_pretrained(d)
             del teacher, net
             gc.collect()
-            out = subprocess.run([sys.executable, "-c", LOAD_PROBE, cls, d, str(dtype)[6:]], capture_output=True,
-                                 text=True, check=True).stdout.split()
+            name = str(dtype).removeprefix("torch.")
+            out = subprocess.run([sys.executable, "-c", LOAD_PROBE, cls, d, name], capture_output=True, text=True,
+                                 check=True).stdout.split()
         seconds, peak, private, mapped = map(float, out[-4:])
-        rows.append(row(f"load the {cls} ({n / 1e9:.2f}B parameters) as {str(dtype)[6:]} from a "
-                        f"{str(file_dtype)[6:]} file", seconds, host_peak_GiB=peak, host_private_GiB=private,
+        rows.append(row(f"load the {cls} ({n / 1e9:.2f}B parameters) as {dtype} from a {file_dtype} file", seconds, host_peak_GiB=peak, host_private_GiB=private,
                         host_mapped_GiB=mapped, bytes_per_parameter=peak * 2 ** 30 / n))
     return rows
 
@@ -310,10 +310,9 @@ def projection(step1, step2, recipe=RECIPE):
             "paper_gpu_hours": recipe["paper_gpu_hours"], "fraction_of_paper": hours / recipe["paper_gpu_hours"]}
 
 
-def measure(what, model, batch, repeats, device, dtype_name=None, checkpointing=False, lambda2=1.0):
+def measure(what, model, batch, repeats, device, dtype, autocast, checkpointing=False, lambda2=1.0):
     """One bench on a freshly built model. A CUDA out-of-memory error becomes a row that says so."""
     teacher = None
-    dtype, autocast = precision(device, dtype_name)  # as the training scripts decide it
     try:
         if what == "llpips":
             return bench_llpips(batch, repeats, device, 8 if model.startswith("tiny") else 128)
@@ -324,7 +323,8 @@ def measure(what, model, batch, repeats, device, dtype_name=None, checkpointing=
             return bench_sample(teacher, cond, batch, repeats, device)
         if what == "step1":
             return bench_step1(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing)
-        return bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing, lambda2=lambda2)
+        return bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing,
+                           lambda2=lambda2)
     except torch.OutOfMemoryError as e:
         need = memory_needed(e)
         hint = "--grad-checkpointing helps" if what != "llpips" and not checkpointing else "a smaller --batch helps"
@@ -370,7 +370,7 @@ def main(argv=None):
         torch.backends.cuda.enable_cudnn_sdp(False)
     elif args.model in ("sdxl", "flux"):
         print(f"note: {args.model} at full size on a CPU takes minutes per forward; the tiny-* models are for CPUs")
-    dtype = precision(device, args.dtype)[0]
+    dtype, autocast = precision(device, args.dtype)  # as the training scripts decide it
     jobs = [(args.what, args.batch or 1, args.grad_checkpointing)]
     if args.what == "all":
         jobs = plan(args.model, args.batch)
@@ -379,7 +379,7 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "rows": []}
     rows = out["rows"]
     for what, batch, ckpt in jobs:
-        rows += measure(what, args.model, batch, args.repeats, device, args.dtype, ckpt, args.lambda2)
+        rows += measure(what, args.model, batch, args.repeats, device, dtype, autocast, ckpt, args.lambda2)
         if args.save:
             with open(args.save, "w") as f:
                 json.dump(out, f, indent=1)

@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index, distance,
-                      explain_out_of_memory, family, fill_presets, init_distributed, load_optimizer, load_student,
-                      mean_over_ranks, optimizer_tensors, precision, rank_difference, read_prompts, read_state,
-                      save_checkpoint, solve, state_path, student_times)
+from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index,
+                      distance, explain_out_of_memory, family, fill_presets, init_distributed, load_optimizer,
+                      load_student, mean_over_ranks, optimizer_tensors, precision, rank_difference, read_prompts,
+                      read_state, save_checkpoint, solve, state_path, student_times)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -264,8 +264,7 @@ def parse_args(argv=None):
     a("--q", type=int, default=4, help="q: student steps that make the image-free inputs")
     a("--w", type=float, default=None, help="w: CFG scale of the teacher target and the DMD real score "
       "(default: the stage-1 checkpoint's)")
-    a("--d", "--distance", choices=["mse", "llpips"], default="llpips", help="d: the consistency distance "
-      "(under torchrun write --distance: torchrun takes --d for an abbreviation of its own --duplicate-* flags)")
+    a("--d", "--distance", choices=["mse", "llpips"], default="llpips", help=DISTANCE_HELP)
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
     a("--lambda1", type=float, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
     a("--lambda2", type=float, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")
@@ -408,7 +407,7 @@ def main(argv=None):
 
     log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} d={args.d} "
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
-        f"batch={args.batch}x{world} iters={args.iters} base {str(dtype)[6:]}")
+        f"batch={args.batch}x{world} iters={args.iters} base {dtype}")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
     while step < args.iters:
         cond = cond_index(cond_all, torch.randint(0, n_prompts, (args.batch,), generator=gen).to(device))

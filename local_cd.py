@@ -391,6 +391,8 @@ def default_device():
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype; fp16 would need loss scaling: not offered
 DTYPE_HELP = "dtype of the frozen base weights: bfloat16 (default on CUDA) or float32 (default on a CPU)"
+DISTANCE_HELP = ("d: the consistency distance (under torchrun write --distance: torchrun takes --d for an abbreviation "
+                 "of its own --duplicate-* flags)")
 
 
 def precision(device, name=None):
@@ -401,8 +403,9 @@ def precision(device, name=None):
     - A forward with an adapter active (not merged) runs inside `autocast()`: matmuls and convs in the base dtype,
       the fp32 adapter weights cast on the fly (CUDA's autocast also lifts norms and softmax to fp32; a CPU's does
       not). lora.LoRALayer refuses a bf16 base outside it: the mistake that crashed stage 2 on GPUs.
-    - A forward with no adapter (the teacher) or a merged one (sampling) runs plainly in the base dtype, as a
-      diffusers pipeline runs it.
+    - A forward with no adapter (the teacher) needs no autocast: stage 1's trajectories and sampling run it plainly
+      in the base dtype, stage 2 inside the autocast() of its iteration. A merged adapter (sampling) runs plainly,
+      as a diffusers pipeline runs it.
     A CPU runs the bf16 regime too (--dtype bfloat16, torch.autocast("cpu")): that is how the tests see what a GPU
     runs. In fp32, autocast() does nothing."""
     cuda = str(device).startswith("cuda")
@@ -443,7 +446,8 @@ def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None,
         raise ValueError(f"cannot read the pipeline config of {path!r} ({type(e).__name__}); offline or gated? "
                          f"download it first (hf download {path} --local-dir DIR) and pass DIR") from None
     if "StableDiffusionXL" not in cls and "Flux" not in cls:
-        raise ValueError(f"{path} is a {cls}; LogCD supports SDXL-style UNets, FLUX transformers and the embedded layout")
+        raise ValueError(f"{path} is a {cls}; LogCD supports SDXL-style UNets, FLUX transformers and the embedded "
+                         "layout")
     # from_pretrained maps the weight files and builds every model straight in `dtype`: a bf16 file is used in place
     # (the page cache holds one copy for all ranks), an fp32 one (SDXL's unet) costs one private bf16 copy. No fp32
     # model is ever built (bench.py --what load measures it).
@@ -750,8 +754,7 @@ def parse_args(argv=None):
     a("--skip", type=float, default=20, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
     a("--w", type=float, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
       "(paper: 7 for SDXL; FLUX.1-dev: its guidance embedding, 3.5; embedded teacher: its measured default)")
-    a("--d", "--distance", choices=["mse", "llpips"], default="mse", help="d: the consistency distance "
-      "(under torchrun write --distance: torchrun takes --d for an abbreviation of its own --duplicate-* flags)")
+    a("--d", "--distance", choices=["mse", "llpips"], default="mse", help=DISTANCE_HELP)
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
     a("--rank", type=int, default=64, help="LoRA rank r (alpha = r)")
     a("--lr", type=float, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
@@ -859,7 +862,7 @@ def main(argv=None):
 
     log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
         f"lr={args.lr:g} batch={args.batch}x{world} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
-        f"LoRA parameters, base {str(dtype)[6:]})")
+        f"LoRA parameters, base {dtype})")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="local CD")
     while step < args.iters:
         z_m, t_m, z_n, t_n, t_s, cond = buffer.sample(args.batch)
