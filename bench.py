@@ -190,7 +190,8 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
                     lora_params=sum(p.numel() for p in params)))
     # the teacher's share: one refill of trajectories at the preset; each pair is then served `reuse` times
     pre = PRESETS[family(teacher)]
-    buf = TrajectoryBuffer(teacher, {k: v[:1] for k, v in c.items()}, M, skip, teacher.default_w,
+    prompts = types.SimpleNamespace(take=lambda n: (cond(n), torch.zeros(n, dtype=torch.long)), drawn=0)  # random
+    buf = TrajectoryBuffer(teacher, prompts, M, skip, teacher.default_w,
                            pre["trajectories"], pre["buffer"], pre["reuse"], g)
     refill, _ = timed(buf.refill, 1, device, warmup=0)  # as in training: bf16 weights, no autocast
     iters_fed = buf.made * pre["reuse"] / batch

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 import lora
 from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index,
-                      distance, explain_out_of_memory, family, fill_presets, init_distributed, load_optimizer,
-                      load_student, mean_over_ranks, optimizer_tensors, precision, rank_difference, read_prompts,
-                      read_state, save_checkpoint, solve, state_path, student_times)
+                      distance, distinct_prompts, explain_out_of_memory, family, fill_presets, init_distributed,
+                      load_optimizer, load_student, mean_over_ranks, open_prompt_stream, optimizer_tensors, precision,
+                      rank_difference, read_prompts, read_state, save_checkpoint, solve, state_path, student_times)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -280,6 +280,8 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue the run saved at --out (LoRAs, heads, optimizers, step, RNG)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
+    a("--encode-batch", type=int, default=32, help="prompts per text-encoder call")
+    a("--encode-chunk", type=int, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=10)
     a("--device", default=None)
@@ -299,6 +301,12 @@ def main(argv=None):
     # the distance d in fp32 (local_cd.distance)
     dtype, autocast = precision(device, args.dtype)
 
+    try:  # a prompts file is checked whole before any model loads
+        if args.prompts and not os.path.isfile(args.prompts):
+            raise ValueError(f"prompts file {args.prompts} does not exist")
+        prompts = args.prompts and read_prompts([args.prompts], None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata
     source, stages = (args.out, ("global",)) if args.resume else (args.init, ("local",))
     try:
@@ -318,9 +326,7 @@ def main(argv=None):
             raise ValueError(f"--q: the student samples in 1..{M} steps, not {args.q}")
         if args.p < 1:
             raise ValueError(f"--p must be at least 1, not {args.p}")
-        if args.prompts and not os.path.isfile(args.prompts):
-            raise ValueError(f"prompts file {args.prompts} does not exist")
-        prompts = read_prompts(args.prompts and [args.prompts], teacher)
+        prompts = prompts or read_prompts(None, teacher)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if args.d == "llpips" and args.llpips is None and teacher.id == "digits":
@@ -344,9 +350,7 @@ def main(argv=None):
     if args.grad_checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
-    with torch.no_grad():
-        cond_all = teacher.encode(prompts)  # once; SDXL / FLUX text encoders run only for uncached prompts
-    n_prompts = len(prompts)
+    stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
     hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d, "llpips": args.llpips or "",
                "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
@@ -372,6 +376,7 @@ def main(argv=None):
         step = int(meta["step"])
         if master:  # ranks > 0 continue with fresh random streams; a single-process resume continues exactly
             gen.set_state(state["rng"])
+        stream.drawn = step * args.batch  # every rank draws a batch of prompts per iteration
         log(f"resumed {args.out} at step {step}")
     if ddp:  # identical student, heads and fake score on every rank
         for ps, _, _ in trainable.values():
@@ -408,9 +413,12 @@ def main(argv=None):
     log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} d={args.d} "
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
         f"batch={args.batch}x{world} iters={args.iters} base {dtype}")
+    planned = (args.iters - step) * args.batch
+    log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch} per iteration), "
+        f"{min(planned, stream.share)} distinct (its share of an epoch: {stream.share})")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
     while step < args.iters:
-        cond = cond_index(cond_all, torch.randint(0, n_prompts, (args.batch,), generator=gen).to(device))
+        cond, _ = stream.take(args.batch)
         try:
             logs = iteration(teacher, cond, d, disc, fake is not None, update, args, M, gen, autocast)
         except SystemExit:
@@ -423,6 +431,10 @@ def main(argv=None):
         if step % args.save_every == 0 or step == args.iters:
             save()
     bar.close()
+    mine, total = distinct_prompts(stream, world)
+    log(f"prompts seen: {mine} distinct on rank 0, {total} on all {world} ranks (of {len(prompts)}); rank 0 encoded "
+        f"{stream.encoded} and read {stream.reused} back from the cache, {teacher.truncated} cut to an encoder's "
+        "token limit (as the pipelines cut them)")
     log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 2  (or 3, 4)")
     if ddp:  # a cheap guard: every rank must hold rank 0's weights
         diff = max(rank_difference(ps) for ps, _, _ in trainable.values())

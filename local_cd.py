@@ -9,6 +9,7 @@ Time: t in [0, T], T = 1000, for every teacher; t = 0 is the clean latent (alpha
   DDPM teachers (SDXL, the digits toy): t = k is the training index k - 1 (so t = T is index 999, "trailing").
   Flow teachers (FLUX): sigma = shift(t / T), alpha = 1 - sigma.
 """
+import array
 import contextlib
 import hashlib
 import json
@@ -117,23 +118,51 @@ def cond_index(cond, idx):
     return {k: v[idx] for k, v in cond.items()}
 
 
-def cached_encode(prompts, encode_fn, cache_dir):
-    """Encodes each distinct prompt once ever: one safetensors file per prompt under cache_dir (sha1 of the text).
-    encode_fn(list_of_prompts) -> dict of batch-first tensors. Returns the stacked dict, on the CPU."""
-    os.makedirs(cache_dir, exist_ok=True)
-    path = {p: os.path.join(cache_dir, hashlib.sha1(p.encode()).hexdigest() + ".safetensors") for p in prompts}
-    todo = sorted({p for p in prompts if not os.path.exists(path[p])})
-    if todo:
-        out = encode_fn(todo)
-        for i, p in enumerate(todo):
-            lora.save(path[p], {k: v[i].detach().cpu() for k, v in out.items()}, {"prompt": p})
-    rows = [lora.load(path[p])[0] for p in prompts]
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+def sha1(text):
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+class PromptFile:
+    """A caption file, one prompt per line, UTF-8, blank lines skipped. Read by line offsets, so a million captions
+    cost 8 MB of memory, not the captions themselves. Checked whole when opened: a file that is not UTF-8 text is
+    refused with one line before any model loads. Indexing and iteration give the stripped captions."""
+
+    def __init__(self, path):
+        offsets, pos, digest = array.array("q"), 0, hashlib.sha1()  # 8 bytes per line, also while reading
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    if b"\0" in line:
+                        raise UnicodeDecodeError("utf-8", line, 0, 1, "NUL byte")
+                    blank = not line.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path} is not a prompts file: line {n} is not UTF-8 text (expected one caption "
+                                     "per line)") from None
+                if not blank:
+                    offsets.append(pos)
+                pos += len(line)
+                digest.update(line)
+        if not offsets:
+            raise ValueError(f"the prompts file {path} is empty")
+        self.path, self.offsets, self.sha1 = path, torch.frombuffer(offsets, dtype=torch.int64), digest.hexdigest()
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            return f.readline().decode("utf-8").strip()
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def read_prompts(spec, teacher):
-    """Prompts from a list (a single existing path or *.txt: one prompt per line). The embedded teacher defaults to
-    its own prompts (the digits); other teachers need prompts."""
+    """The prompts: a PromptFile (a single existing path or *.txt) or the list given. The embedded teacher defaults
+    to its own prompts (the digits); other teachers need prompts."""
     if spec is None:
         if not teacher.embedded:
             raise ValueError("--prompts is required for this teacher (a text file, one prompt per line)")
@@ -141,11 +170,95 @@ def read_prompts(spec, teacher):
     if len(spec) == 1 and (os.path.exists(spec[0]) or spec[0].endswith(".txt")):
         if not os.path.isfile(spec[0]):
             raise ValueError(f"prompts file {spec[0]} does not exist")
-        with open(spec[0]) as f:
-            spec = [line.strip() for line in f if line.strip()]
-        if not spec:
-            raise ValueError("the prompts file is empty")
+        return PromptFile(spec[0])
     return spec
+
+
+class PromptStream:
+    """The prompts one rank draws, in order, and their embeddings, a chunk at a time: what makes a caption file of
+    any length cost the same memory.
+    Order: a seeded permutation of all N prompts is dealt to the ranks (rank r holds every world-th from the r-th
+    on: its share, N / world prompts), and each rank draws its share in a new seeded order every epoch. So no two
+    ranks ever draw or encode the same prompt, every prompt of a share is drawn once per epoch, and D draws see
+    min(D, N / world) distinct prompts per rank.
+    Embeddings: the next `chunk` draws are encoded together (teacher.encode: the text encoders on the GPU only
+    meanwhile; a share no larger than a chunk is encoded once for the whole run), kept on the host, and written to
+    disk (one file per rank: the chunk in use), so that a resumed run reads them instead of encoding again. take(n)
+    moves n prompts' embeddings to the device."""
+
+    def __init__(self, teacher, prompts, seed=0, rank=0, world=1, chunk=256, cache=None):
+        self.teacher, self.prompts, self.seed, self.rank, self.chunk = teacher, prompts, seed, rank, chunk
+        dealt = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
+        self.mine = dealt[rank::world] if len(prompts) >= world else dealt  # this rank's share (prompt indices)
+        self.share = len(self.mine)
+        self.drawn, self.cached, self._epoch = 0, None, None  # cached: (chunk, embeddings, prompt indices)
+        self.encoded = self.reused = 0  # prompts this rank encoded / read back from the disk cache
+        source = prompts.sha1 if isinstance(prompts, PromptFile) else sha1("\n".join(prompts))
+        self.cache = cache and os.path.join(cache, f"{sha1(teacher.id)[:12]}-{source[:12]}-seed{seed}-{rank}of{world}")
+
+    def _share_row(self, i):
+        """Which prompt of this rank's share its i-th draw is: each epoch the share in a new seeded order."""
+        epoch, k = divmod(i, self.share)
+        if self._epoch is None or self._epoch[0] != epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1024 + self.rank)
+            self._epoch = (epoch, torch.randperm(self.share, generator=g))
+        return int(self._epoch[1][k])
+
+    def _position(self, i):
+        """(chunk, row) of this rank's i-th draw: chunk c holds draws c * chunk .. (c + 1) * chunk - 1, or, when the
+        share fits in one chunk, chunk 0 holds the share."""
+        return (0, self._share_row(i)) if self.share <= self.chunk else divmod(i, self.chunk)
+
+    def _chunk(self, c):
+        """Embeddings (on the host) and prompt indices of chunk c, encoded or read back from the disk cache."""
+        if self.share <= self.chunk:
+            idx = self.mine
+        else:
+            idx = self.mine[[self._share_row(i) for i in range(c * self.chunk, (c + 1) * self.chunk)]]
+        path = self.cache and f"{self.cache}-chunk{self.chunk}-{c}.safetensors"
+        if path and os.path.exists(path):
+            tensors, _ = lora.load(path)
+            if torch.equal(tensors.pop("prompt_index"), idx):
+                self.reused += len(idx)
+                return tensors, idx
+        cond = self.teacher.encode([self.prompts[int(i)] for i in idx], device="cpu")
+        self.encoded += len(idx)
+        if path:
+            old = self.cached and f"{self.cache}-chunk{self.chunk}-{self.cached[0]}.safetensors"
+            lora.save(path, {**cond, "prompt_index": idx}, {"teacher": self.teacher.id})
+            if old and old != path and os.path.exists(old):
+                os.remove(old)  # disk: the chunk in use, one per rank
+        return cond, idx
+
+    def take(self, n):
+        """(conditioning of this rank's next n prompts on the teacher's device, their prompt indices)."""
+        rows, idx = [], []
+        for i in range(self.drawn, self.drawn + n):
+            c, r = self._position(i)
+            if self.cached is None or self.cached[0] != c:
+                self.cached = (c, *self._chunk(c))
+            rows.append({k: v[r:r + 1] for k, v in self.cached[1].items()})
+            idx.append(int(self.cached[2][r]))
+        self.drawn += n
+        return {k: v.to(self.teacher.device) for k, v in cond_cat(*rows).items()}, torch.tensor(idx)
+
+
+def open_prompt_stream(teacher, prompts, args, rank, world):
+    """A training run's PromptStream: --encode-batch prompts per text-encoder call, --encode-chunk per chunk, the
+    chunks cached on disk (not for the embedded teacher, whose 'encoding' is a table lookup)."""
+    teacher.encode_batch = args.encode_batch
+    cache = None if teacher.embedded else os.path.join(CACHE, "prompts")
+    return PromptStream(teacher, prompts, args.seed, rank, world, args.encode_chunk, cache)
+
+
+def distinct_prompts(stream, world):
+    """(distinct prompts this rank has drawn, distinct in all ranks): ranks draw disjoint shares of each epoch."""
+    import torch.distributed as dist
+    mine = torch.tensor(min(stream.drawn, stream.share))
+    total = mine.clone()
+    if world > 1:
+        dist.all_reduce(total)
+    return int(mine), min(int(total), len(stream.prompts))
 
 
 # ---- teachers --------------------------------------------------------------------------------------------------
@@ -156,6 +269,38 @@ class Teacher:
     default_w, and implement alpha_sigma, forward, encode, null, decode, encode_images (images -> latents)."""
     embedded = False
     _null = None  # the null-prompt conditioning, encoded once
+    encode_batch = 32  # prompts per text-encoder call (--encode-batch)
+    encode_calls = truncated = 0  # counters: text-encoder calls, prompts cut to an encoder's limit
+
+    def encode(self, prompts, device=None):
+        """Embeddings of `prompts` (a dict of batch-first tensors on `device`, default the teacher's), encode_batch
+        prompts per call, the text encoders on the teacher's device only meanwhile. A prompt longer than an
+        encoder's limit is cut as the pipelines cut it and counted in self.truncated, not warned about one by one."""
+        from diffusers.utils import logging as diffusers_logging
+        from tqdm import tqdm
+        from transformers.utils import logging as transformers_logging
+        prompts, B, out = list(prompts), self.encode_batch, []
+        levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # the pipelines warn for every cut prompt; counted instead
+        transformers_logging.set_verbosity_error()
+        try:
+            for m in self.text_encoders:
+                m.to(self.device)
+            for i in tqdm(range(0, len(prompts), B), desc="encoding prompts", disable=len(prompts) <= 4 * B):
+                batch = prompts[i:i + B]
+                with torch.no_grad():
+                    out.append({k: v.to(device or self.device) for k, v in self._encode(batch).items()})
+                self.encode_calls += 1
+                self.truncated += sum(any(len(t(p).input_ids) > n for t, n in self.token_limits) for p in batch)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: out of GPU memory while encoding prompts, {B} per text-encoder call: try a "
+                             "smaller --encode-batch") from None
+        finally:
+            for m in self.text_encoders:
+                m.to("cpu")  # the text encoders leave the GPU between chunks
+            diffusers_logging.set_verbosity(levels[0])
+            transformers_logging.set_verbosity(levels[1])
+        return cond_cat(*out)
 
     def x0(self, z, t, cond, w=None, null=None):
         """x0_hat of the denoiser as it stands (teacher, or student with an adapter active); with w, CFG against the
@@ -223,13 +368,13 @@ class DigitsTeacher(DDPMTeacher):
         c = unet.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
 
-    def encode(self, prompts):
+    def encode(self, prompts, device=None):
         rows = []
         for p in prompts:
             if p not in self.prompts:
                 raise ValueError(f"the embedded teacher knows the prompts {self.prompts[:-1]} and '', not {p!r}")
             rows.append(self.prompts.index(p))
-        return {"encoder_hidden_states": self.embeds[rows]}
+        return {"encoder_hidden_states": self.embeds[rows].to(device or self.device)}
 
     def null(self, n):
         return {"encoder_hidden_states": self.embeds[-1:].expand(n, -1, -1)}
@@ -257,24 +402,20 @@ class SDXLTeacher(DDPMTeacher):
             self.vae.to(torch.float32)  # fp32 decode: SDXL's VAE overflows in fp16
         # micro-conditioning: (original size, crop top-left, target size)
         self.time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
-        self.cache_dir = os.path.join(CACHE, "prompts", hashlib.sha1(id.encode()).hexdigest()[:12])
+
+    @property
+    def text_encoders(self):
+        return self.pipe.text_encoder, self.pipe.text_encoder_2
+
+    @property
+    def token_limits(self):
+        return [(t, t.model_max_length) for t in (self.pipe.tokenizer, self.pipe.tokenizer_2)]  # CLIP's 77
 
     def _encode(self, prompts):
-        p = self.pipe
-        for m in (p.text_encoder, p.text_encoder_2):
-            m.to(self.device)
-        with torch.no_grad():
-            e, _, pooled, _ = p.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
-        for m in (p.text_encoder, p.text_encoder_2):
-            m.to("cpu")  # text encoders leave the GPU once the prompts are cached
-        return {"encoder_hidden_states": e, "text_embeds": pooled}
-
-    def encode(self, prompts):
-        c = cached_encode(list(prompts), self._encode, self.cache_dir)
-        c = {k: v.to(self.device) for k, v in c.items()}
-        c["time_ids"] = self.time_ids.to(self.device).expand(len(prompts), -1)
-        return c
+        e, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": e, "text_embeds": pooled,
+                "time_ids": self.time_ids.to(self.device).expand(len(prompts), -1)}
 
     def null(self, n):
         if self._null is None:
@@ -323,7 +464,6 @@ class FluxTeacher(Teacher):
         h, w = self.latent_shape[1] // 2, self.latent_shape[2] // 2
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # token positions (0, row, col)
         self.img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(h * w, 3).float().to(device)
-        self.cache_dir = os.path.join(CACHE, "prompts", hashlib.sha1(id.encode()).hexdigest()[:12])
 
     def alpha_sigma(self, t):
         u = torch.as_tensor(t, dtype=torch.float64, device=self.device).reshape(-1).clamp(0, T) / T
@@ -354,18 +494,17 @@ class FluxTeacher(Teacher):
         _, sigma = self.alpha_sigma(t)  # guidance-distilled: w enters as the guidance embedding, one pass
         return to_x0(self.forward(z, t, cond, guidance=w).float(), z.float(), 1 - sigma, sigma, "flow")
 
-    def _encode(self, prompts):
-        p = self.pipe
-        for m in (p.text_encoder, p.text_encoder_2):
-            m.to(self.device)
-        with torch.no_grad():
-            e, pooled, _ = p.encode_prompt(prompts, prompt_2=None, device=self.device, max_sequence_length=512)
-        for m in (p.text_encoder, p.text_encoder_2):
-            m.to("cpu")
-        return {"encoder_hidden_states": e, "pooled_projections": pooled}
+    @property
+    def text_encoders(self):
+        return self.pipe.text_encoder, self.pipe.text_encoder_2
 
-    def encode(self, prompts):
-        return {k: v.to(self.device) for k, v in cached_encode(list(prompts), self._encode, self.cache_dir).items()}
+    @property
+    def token_limits(self):
+        return [(self.pipe.tokenizer, self.pipe.tokenizer.model_max_length), (self.pipe.tokenizer_2, 512)]  # CLIP, T5
+
+    def _encode(self, prompts):
+        e, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.device, max_sequence_length=512)
+        return {"encoder_hidden_states": e, "pooled_projections": pooled}
 
     def null(self, n):
         self._null = self._null or self.encode([""])
@@ -638,12 +777,14 @@ class TrajectoryBuffer:
     """Image-free stage-1 data: teacher trajectories from pure noise (CFG, the solver Psi on trajectory_times),
     cut into (z_{t_m}, z_{t_n}) pairs and kept in a pool that every batch samples from. The naive way re-runs the
     teacher from T to t_m for each pair; here one teacher step makes one pair, and each pair is drawn `reuse`
-    times on average before new trajectories replace the oldest (FIFO)."""
+    times on average before new trajectories replace the oldest (FIFO). Each refill draws its `trajectories`
+    prompts from a PromptStream; the pool keeps the conditioning of the trajectories it holds pairs of, no more."""
 
-    def __init__(self, teacher, cond_all, M, skip, w, trajectories, capacity, reuse, generator):
-        self.teacher, self.cond_all, self.M, self.skip, self.w = teacher, cond_all, M, skip, w
+    def __init__(self, teacher, prompts, M, skip, w, trajectories, capacity, reuse, generator):
+        self.teacher, self.prompts, self.M, self.skip, self.w = teacher, prompts, M, skip, w
         self.trajectories, self.capacity, self.reuse, self.gen = trajectories, capacity, reuse, generator
-        self.pool = None
+        self.pool = self.conds = None  # the pairs; the conditioning of trajectories first, first + 1, ...
+        self.first = self.made_trajectories = 0
         self.made = self.served = 0  # pairs made / pairs served
         self.teacher_forwards = 0  # model forward passes, counted per sample (a CFG step = 2)
         self.naive_forwards = 0  # what re-running the teacher from T to t_n for each served pair would have cost
@@ -652,12 +793,12 @@ class TrajectoryBuffer:
     @torch.no_grad()
     def refill(self):
         n, dev = self.trajectories, self.teacher.device
-        idx = torch.randint(0, len(next(iter(self.cond_all.values()))), (n,), generator=self.gen)
-        cond = cond_index(self.cond_all, idx.to(dev))
+        cond, idx = self.prompts.take(n)
+        traj = torch.arange(self.made_trajectories, self.made_trajectories + n, device=dev)
         offset = int(torch.randint(0, math.ceil(min(self.skip, T / self.M)), (1,), generator=self.gen))
         ts, is_pair = trajectory_times(self.M, self.skip, offset)
         z = self.teacher.noise(n, self.gen)
-        rows = {k: [] for k in ("z_m", "z_n", "t_m", "t_n", "t_s", "prompt", "depth")}
+        rows = {k: [] for k in ("z_m", "z_n", "t_m", "t_n", "t_s", "prompt", "traj", "depth")}
         for depth, (t, s, keep) in enumerate(zip(ts[:-1], ts[1:], is_pair)):
             t_, s_ = torch.full((n,), t, device=dev), torch.full((n,), s, device=dev)
             # z_{t_n} = Psi(z_{t_m}, x0_hat_w(z_{t_m}), t_m, t_n): one teacher solver step with CFG
@@ -666,12 +807,16 @@ class TrajectoryBuffer:
             if keep:
                 t_s = float(milestones(self.M)[segment(t, self.M)])
                 for k, v in (("z_m", z), ("z_n", z_next), ("t_m", t_), ("t_n", s_), ("t_s", torch.full_like(t_, t_s)),
-                             ("prompt", idx.to(dev)), ("depth", torch.full((n,), depth + 1, device=dev))):
+                             ("prompt", idx.to(dev)), ("traj", traj), ("depth", torch.full((n,), depth + 1, device=dev))):
                     rows[k].append(v.float() if v.is_floating_point() else v)
             z = z_next
         new = {k: torch.cat(v) for k, v in rows.items()}
         self.pool = new if self.pool is None else {k: torch.cat([self.pool[k], new[k]])[-self.capacity:]
                                                    for k in new}
+        self.conds = cond if self.conds is None else cond_cat(self.conds, cond)
+        self.made_trajectories += n
+        drop = int(self.pool["traj"].min()) - self.first  # trajectories none of whose pairs is left in the pool
+        self.conds, self.first = {k: v[drop:] for k, v in self.conds.items()}, self.first + drop
         self.made += len(new["t_m"])
 
     def sample(self, B):
@@ -682,15 +827,28 @@ class TrajectoryBuffer:
         p = {k: v[i] for k, v in self.pool.items()}
         self.served += B
         self.naive_forwards += int(p["depth"].sum()) * self.cfg_passes
-        return p["z_m"], p["t_m"], p["z_n"], p["t_n"], p["t_s"], cond_index(self.cond_all, p["prompt"])
+        return p["z_m"], p["t_m"], p["z_n"], p["t_n"], p["t_s"], cond_index(self.conds, p["traj"] - self.first)
+
+    def planned_refills(self, iters, batch):
+        """About how many refills `iters` iterations of `batch` pairs take: each makes `trajectories` times the
+        pairs of one trajectory (trajectory_times) and serves `reuse` times as many."""
+        pairs = self.trajectories * sum(trajectory_times(self.M, self.skip)[1])
+        return math.ceil(iters * batch / (self.reuse * pairs))
 
     def state(self):
-        return ({f"buffer.{k}": v.cpu() for k, v in self.pool.items()} if self.pool is not None else {},
-                {k: getattr(self, k) for k in ("made", "served", "teacher_forwards", "naive_forwards")})
+        tensors = {}
+        if self.pool is not None:
+            tensors = {**{f"buffer.{k}": v.cpu() for k, v in self.pool.items()},
+                       **{f"buffer_cond.{k}": v.cpu() for k, v in self.conds.items()}}
+        counters = ("made", "served", "teacher_forwards", "naive_forwards", "first", "made_trajectories")
+        return tensors, {**{k: getattr(self, k) for k in counters}, "prompts_drawn": self.prompts.drawn}
 
     def load(self, tensors, counters):
-        pool = {k[len("buffer."):]: v.to(self.teacher.device) for k, v in tensors.items() if k.startswith("buffer.")}
-        self.pool = pool or None
+        dev = self.teacher.device
+        self.pool = {k[len("buffer."):]: v.to(dev) for k, v in tensors.items() if k.startswith("buffer.")} or None
+        self.conds = {k[len("buffer_cond."):]: v.to(dev) for k, v in tensors.items() if k.startswith("buffer_cond.")}
+        counters = dict(counters)
+        self.prompts.drawn = int(counters.pop("prompts_drawn", 0))
         for k, v in counters.items():
             setattr(self, k, int(v))
 
@@ -769,6 +927,8 @@ def parse_args(argv=None):
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     a("--resolution", type=int, default=1024, help="SDXL / FLUX image size")
+    a("--encode-batch", type=int, default=32, help="prompts per text-encoder call")
+    a("--encode-chunk", type=int, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
     a("--log-every", type=int, default=50)
     a("--device", default=None)
@@ -805,17 +965,15 @@ def main(argv=None):
     dtype, autocast = precision(device, args.dtype)
 
     try:
+        if args.prompts and not os.path.isfile(args.prompts):
+            raise ValueError(f"prompts file {args.prompts} does not exist")
+        prompts = args.prompts and read_prompts([args.prompts], None)  # checked whole before any model loads
         teacher = load_teacher(args.teacher, device, args.resolution, dtype)
+        prompts = prompts or read_prompts(None, teacher)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     fill_presets(args, PRESETS[family(teacher)])
     args.w = teacher.default_w if args.w is None else args.w
-    try:
-        if args.prompts and not os.path.isfile(args.prompts):
-            raise ValueError(f"prompts file {args.prompts} does not exist")
-        prompts = read_prompts(args.prompts and [args.prompts], teacher)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
     if args.d == "llpips" and args.llpips is None and teacher.id == "digits":
         args.llpips = os.path.join(HERE, "toy", "llpips.safetensors")  # the embedded teacher's own L-LPIPS
     d = distance(args.d, args.llpips, teacher.latent_shape[0], device)
@@ -826,9 +984,8 @@ def main(argv=None):
         lora.gradient_checkpointing(teacher.denoiser)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda or None)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own trajectories and pairs
-    with torch.no_grad():
-        cond_all = teacher.encode(prompts)  # once; SDXL / FLUX text encoders run only for uncached prompts
-    buffer = TrajectoryBuffer(teacher, cond_all, args.M, args.skip, args.w, args.trajectories, args.buffer,
+    stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
+    buffer = TrajectoryBuffer(teacher, stream, args.M, args.skip, args.w, args.trajectories, args.buffer,
                               args.reuse, gen)
     hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d, "llpips": args.llpips or "", "lr": args.lr,
                "batch": args.batch * world, "seed": args.seed}
@@ -846,6 +1003,8 @@ def main(argv=None):
             gen.set_state(state["rng"])
             buffer.load(state, json.loads(smeta["buffer"]))
             n_student = int(smeta["student_forwards"])
+        else:  # ... and continue their prompt order where rank 0's stands (ranks draw at about the same pace)
+            stream.drawn = int(json.loads(smeta["buffer"]).get("prompts_drawn", 0))
         log(f"resumed {args.out} at step {step}")
     if ddp:  # identical LoRA on every rank
         for p in params:
@@ -863,6 +1022,10 @@ def main(argv=None):
     log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
         f"lr={args.lr:g} batch={args.batch}x{world} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
         f"LoRA parameters, base {dtype})")
+    planned = buffer.planned_refills(args.iters - step, args.batch) * args.trajectories
+    log(f"prompts: {len(prompts)}; each rank draws about {planned} more ({args.trajectories} per pool refill), "
+        f"{min(planned, stream.share)} distinct (its share of an epoch: {stream.share}); more prompts per run: "
+        "--trajectories up, --reuse down")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="local CD")
     while step < args.iters:
         z_m, t_m, z_n, t_n, t_s, cond = buffer.sample(args.batch)
@@ -892,6 +1055,10 @@ def main(argv=None):
     log(f"model forwards per training pair: teacher {buffer.teacher_forwards / served:.2f} + student "
         f"{n_student / served:.2f} = {(buffer.teacher_forwards + n_student) / served:.2f} (this run's pairs; the "
         f"naive way, re-running the teacher from T for every pair: {buffer.naive_forwards / served:.1f} + student)")
+    mine, total = distinct_prompts(stream, world)
+    log(f"prompts seen: {mine} distinct on rank 0, {total} on all {world} ranks (of {len(prompts)}); rank 0 encoded "
+        f"{stream.encoded} and read {stream.reused} back from the cache, {teacher.truncated} cut to an encoder's "
+        "token limit (as the pipelines cut them)")
     log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 4")
     if ddp:  # a cheap guard: every rank must hold rank 0's LoRA
         log(f"LoRA identical on all {world} ranks: max difference {rank_difference(params):.3g}")

@@ -15,7 +15,7 @@ prompted digit).
 
 A student in a stock diffusers pipeline (diffusers_args gives the arguments that put it on its training grid):
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(..., torch_dtype=torch.bfloat16)   # or FluxPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(..., dtype=torch.bfloat16)   # or FluxPipeline
     pipe.load_lora_weights("global.safetensors")
     images = pipe(prompts, **diffusers_args("global.safetensors", steps=3)).images
 """
@@ -136,13 +136,15 @@ def main(argv=None):
             ts = teacher_times(k)
             what = f"teacher {teacher.id}, {k} steps {'Euler' if teacher.prediction == 'flow' else 'DDIM'}, w={w:g}"
         prompts = read_prompts(args.prompts, teacher)
-        cond_all = teacher.encode([p for p in prompts for _ in range(args.per_prompt)])
+        if teacher.embedded:
+            teacher.encode(sorted(set(prompts)))  # an unknown prompt is refused here, before any sampling
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if args.clip:
         what += ", x0 clipped"
 
-    N = len(prompts) * args.per_prompt
+    labels = [p for p in prompts for _ in range(args.per_prompt)]
+    N = len(labels)
     gen = torch.Generator().manual_seed(args.seed)
     z_T = teacher.noise(N, gen)
     renoise = torch.randn(k, *z_T.shape, generator=gen).to(z_T.device) if args.sampler == "lcm" else None
@@ -152,7 +154,7 @@ def main(argv=None):
     with torch.no_grad(), ctx:
         for i in tqdm(range(0, N, batch), desc=what, disable=N <= batch):
             sl = slice(i, i + batch)
-            cond = {kk: v[sl] for kk, v in cond_all.items()}
+            cond = teacher.encode(labels[sl])  # a batch's prompts, encoded when it is drawn
 
             def x0_fn(z, t):
                 x0 = teacher.x0(z, t, cond) if args.ckpt else teacher.x0(z, t, cond, w=w)

@@ -16,7 +16,7 @@ import torch
 import llpips
 import lora
 import sample
-from local_cd import (T, Psi, add_student, cached_encode, load_student, load_teacher, milestones, read_checkpoint,
+from local_cd import (T, Psi, PromptFile, PromptStream, add_student, load_student, load_teacher, milestones, read_checkpoint,
                       save_checkpoint, segment, solve, student_times, teacher_times, to_x0)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -425,17 +425,66 @@ def test_flux_teacher_sampling_equals_diffusers_euler(tiny_flux):
     assert t.decode(mine).shape == (2, 3, 32, 32)
 
 
-def test_prompts_are_encoded_once(tmp_path):
-    calls = []
+class _Counting:
+    """A stand-in teacher whose 'embedding' of a prompt is its length; it records every prompt it encodes."""
+    id, device, embedded = "counting", "cpu", False
 
-    def enc(prompts):
-        calls.append(list(prompts))
-        return {"e": torch.stack([torch.full((2,), float(len(p))) for p in prompts])}
+    def __init__(self):
+        self.seen = []
 
-    a = cached_encode(["ab", "c", "ab"], enc, str(tmp_path))
-    b = cached_encode(["c", "ab", "dddd"], enc, str(tmp_path))
-    assert calls == [["ab", "c"], ["dddd"]]
-    assert a["e"][:, 0].tolist() == [2, 1, 2] and b["e"][:, 0].tolist() == [1, 2, 4]
+    def encode(self, prompts, device=None):
+        self.seen += prompts
+        return {"e": torch.tensor([[float(len(p))] for p in prompts])}
+
+
+@pytest.mark.parametrize("chunk", [8, 32])  # a share of 25 prompts: streamed in chunks of 8, or encoded once
+def test_prompt_stream_ranks_share_the_file_and_encode_only_what_they_draw(chunk):
+    """Two ranks deal a file between them: neither ever encodes a prompt the other does, each draws its whole share
+    once per epoch in a new order, every prompt belongs to a share, the embeddings are those of the prompts drawn,
+    and a rank encodes no more than it draws plus one chunk (its whole share once, when the share fits a chunk)."""
+    prompts = [f"p{i:0{1 + i % 7}d}" for i in range(50)]  # lengths 2..8: each prompt's 'embedding' tells it apart
+    teachers, drawn = [_Counting(), _Counting()], [[], []]
+    for rank in (0, 1):
+        stream = PromptStream(teachers[rank], prompts, seed=3, rank=rank, world=2, chunk=chunk)
+        for _ in range(17):  # 51 draws: two epochs of the 25-prompt share, and one more
+            cond, idx = stream.take(3)
+            assert cond["e"][:, 0].tolist() == [float(len(prompts[i])) for i in idx]
+            drawn[rank] += idx.tolist()
+        assert stream.share == 25 and stream.drawn == 51
+        assert sorted(drawn[rank][:25]) == sorted(drawn[rank][25:50]) and drawn[rank][:25] != drawn[rank][25:50]
+        encoded = len(teachers[rank].seen)
+        assert encoded == (25 if chunk == 32 else 56) and stream.encoded == encoded  # 56: 7 chunks of 8 for 51
+    assert not set(teachers[0].seen) & set(teachers[1].seen)
+    assert set(drawn[0]) | set(drawn[1]) == set(range(50))
+
+
+def test_prompt_stream_cache_survives_an_interruption(tmp_path):
+    """A resumed stream reads the chunk in use back from disk instead of encoding it again; only the chunk in use is
+    kept on disk."""
+    prompts = [f"prompt {i}" for i in range(100)]
+    a = PromptStream(_Counting(), prompts, seed=1, chunk=16, cache=str(tmp_path))
+    first, _ = a.take(5)
+    assert a.encoded == 16 and len(os.listdir(tmp_path)) == 1
+    b = PromptStream(_Counting(), prompts, seed=1, chunk=16, cache=str(tmp_path))  # the run, resumed at draw 5
+    b.drawn = 5
+    rest, idx = b.take(11)
+    assert b.encoded == 0 and b.reused == 16 and b.teacher.seen == []
+    a_rest, a_idx = a.take(11)
+    assert torch.equal(idx, a_idx) and torch.equal(rest["e"], a_rest["e"])
+    b.take(1)  # into chunk 1: encoded, and chunk 0's file gone
+    assert b.encoded == 16 and len(os.listdir(tmp_path)) == 1
+
+
+def test_prompt_file_reads_lines_and_refuses_what_is_not_text(tmp_path):
+    (tmp_path / "p.txt").write_bytes("a cat\n\n  \nun caf\u00e9 cr\u00e8me \r\nlast line".encode())
+    f = PromptFile(str(tmp_path / "p.txt"))
+    assert len(f) == 3 and list(f) == ["a cat", "un caf\u00e9 cr\u00e8me", "last line"] and f[-1] == "last line"
+    (tmp_path / "bin.txt").write_bytes(b"a cat\n\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ValueError, match="bin.txt is not a prompts file: line 2 is not UTF-8 text"):
+        PromptFile(str(tmp_path / "bin.txt"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="is empty"):
+        PromptFile(str(tmp_path / "empty.txt"))
 
 
 def test_hub_teacher_offline_is_one_clear_line():
@@ -692,12 +741,14 @@ def test_trajectory_grid_is_made_of_training_pairs():
 def test_buffer_pairs_are_teacher_steps_from_noise(digits):
     """z_{t_m} is the teacher's own trajectory from pure noise; z_{t_n} one CFG solver step from it."""
     seed, n, w = 3, 2, 1.5
-    cond_all = digits.encode([str(i) for i in range(10)])
-    buf = TrajectoryBuffer(digits, cond_all, 8, 20, w, n, 10_000, 4, torch.Generator().manual_seed(seed))
+    digit_prompts = [str(i) for i in range(10)]
+    stream = PromptStream(digits, digit_prompts, seed=seed)
+    buf = TrajectoryBuffer(digits, stream, 8, 20, w, n, 10_000, 4, torch.Generator().manual_seed(seed))
     buf.refill()
-    # the same draws, in the buffer's order: prompts, offset, noise
+    # the same draws, in the buffer's order: prompts (from the stream), offset, noise
+    _, idx = PromptStream(digits, digit_prompts, seed=seed).take(n)
+    cond_all = digits.encode(digit_prompts)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 10, (n,), generator=g)
     offset = int(torch.randint(0, 20, (1,), generator=g))
     z_T = digits.noise(n, g)
     ts, _ = trajectory_times(8, 20, offset)
@@ -714,6 +765,20 @@ def test_buffer_pairs_are_teacher_steps_from_noise(digits):
         assert pool["prompt"][j] == idx[k] and tm.item() == ts[depth - 1] and tn.item() == ts[depth]
         assert torch.allclose(pool["z_m"][j], z_m[0], atol=1e-4) and torch.allclose(pool["z_n"][j], z_n[0], atol=1e-4)
         assert pool["t_s"][j] == milestones(8)[segment(tm, 8)].item()
+
+
+def test_buffer_keeps_the_conditioning_of_its_pairs_and_no_more(digits):
+    """After refills that push old pairs out (capacity 100 pairs, 20-24 per trajectory), every pair's conditioning
+    is its own prompt's, and the buffer holds the conditioning of no trajectory it has no pair of."""
+    stream = PromptStream(digits, [str(i) for i in range(10)], seed=0)
+    buf = TrajectoryBuffer(digits, stream, 4, 50, 1.5, 2, 100, 4, torch.Generator().manual_seed(0))
+    for _ in range(5):
+        buf.refill()
+    pool = buf.pool
+    cond = cond_index(buf.conds, pool["traj"] - buf.first)["encoder_hidden_states"]
+    assert torch.equal(cond, digits.encode([str(int(p)) for p in pool["prompt"]])["encoder_hidden_states"])
+    assert buf.made_trajectories == 10 and len(buf.conds["encoder_hidden_states"]) == len(set(pool["traj"].tolist()))
+    assert len(buf.conds["encoder_hidden_states"]) < 10
 
 
 def test_local_loss_zero_by_construction_and_target_is_constant(digits):
@@ -1418,7 +1483,7 @@ def test_stock_diffusers_pipeline_samples_the_student_like_sample_py(family, tin
     z_T = torch.randn(n, *t.latent_shape, generator=torch.Generator().manual_seed(seed))  # sample.py's noise rule
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         cls = StableDiffusionXLPipeline if family == "sdxl" else FluxPipeline
-        pipe = cls.from_pretrained(path, torch_dtype=dtype)
+        pipe = cls.from_pretrained(path, dtype=dtype)
         pipe.load_lora_weights(ckpt)
 
         def stock(spacing="leading", **kw):
@@ -1440,3 +1505,42 @@ def test_stock_diffusers_pipeline_samples_the_student_like_sample_py(family, tin
                 assert err(stock(num_inference_steps=k, guidance_scale=1.0, height=res, width=res)) > 1e-2, k
             if dtype == torch.float32 and family == "sdxl":
                 assert err(stock("trailing", **sample.diffusers_args(ckpt, k))) > 1e-4, k
+
+
+# ---- prompt files of real size ----------------------------------------------------------------------------------
+
+_BOTH_STAGES = """import sys
+sys.path.insert(0, sys.argv[1])
+import global_cd, local_cd
+teacher, prompts, out = sys.argv[2:5]
+common = ["--prompts", prompts, "--batch", "2", "--encode-chunk", "64", "--encode-batch", "16", "--iters", "3"]
+local_cd.main([*common, "--teacher", teacher, "--resolution", "16", "--trajectories", "2", "--M", "4", "--skip", "50",
+               "--rank", "4", "--out", out + "/local.safetensors"])
+global_cd.main([*common, "--init", out + "/local.safetensors", "--d", "mse", "--fake-rank", "4",
+                "--out", out + "/global.safetensors"])
+print("peak KiB", [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+"""
+
+
+def test_a_20000_line_prompts_file_costs_what_a_20_line_one_does(tiny_sdxl, tmp_path):
+    """Both stages on tiny SDXL from a 20 000-line caption file, each in a fresh process: each stage encodes one
+    chunk of 64 prompts, not the file (stage 2, with stage 1's seed, reads stage 1's chunk back from the cache), and
+    the process's peak memory is within 40 MB of the same run on a 20-line file (encoding the whole file, as before,
+    held 200 MB of embeddings at this tiny size). Every caption is longer than CLIP's 77 tokens: each encoded one is
+    counted as cut, in one summary line."""
+    outs = {}
+    for n in (20, 20_000):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        (folder / "prompts.txt").write_text("".join(f"{i} a photo of a cat on a red chair by the sea, {'oil ' * 30}\n"
+                                                    for i in range(n)))  # about 120 tokens: CLIP takes 77
+        r = subprocess.run([sys.executable, "-c", _BOTH_STAGES, HERE, tiny_sdxl, str(folder / "prompts.txt"),
+                            str(folder)], capture_output=True, text=True,
+                           env={**os.environ, "LOGCD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[n] = r.stdout
+    seen = [line for line in outs[20_000].splitlines() if line.startswith("prompts seen:")]
+    assert "(of 20000); rank 0 encoded 64 and read 0 back from the cache, 64 cut" in seen[0]  # stage 1
+    assert "(of 20000); rank 0 encoded 0 and read 64 back from the cache, 0 cut" in seen[1]  # stage 2: same order
+    peak = {n: int(out.split("peak KiB")[-1]) for n, out in outs.items()}
+    assert peak[20_000] - peak[20] < 40 * 1024, peak
