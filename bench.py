@@ -7,19 +7,22 @@ does not depend on weight values, so nothing is downloaded). Runs unchanged on C
     python bench.py --model flux --what step2 --batch 1 --grad-checkpointing   # FLUX.1-dev WITH DMD on one GPU
     python bench.py --model sdxl --what llpips --batch 4 # L-LPIPS vs VAE decode + pixel LPIPS (forward + backward)
     python bench.py --model sdxl --what load --dtype bfloat16  # host memory of loading the UNet (a CPU will do)
+    python bench.py --model flux --what encode --batch 32      # prompts per second, bytes stored per prompt
     python bench.py --model sdxl --what all --json       # every row of the README's GPU table, and the projection
     python bench.py --model tiny-sdxl --what all         # what CI runs (tiny shapes, CPU)
 
 Timings are the best of --repeats runs after one warm-up; peak memory is CUDA's allocator peak (not measured on CPU).
-Prompts are random embeddings of the right shape: the text encoders are not part of what is timed (training caches
-prompt embeddings once). Precision as in training (local_cd.precision): base weights bf16 on CUDA, fp32 on a CPU
-unless --dtype says otherwise; LoRA and optimizer state fp32; adapter forwards under autocast.
+Prompts are random embeddings of the right shape: the text encoders are timed apart (--what encode; training
+encodes a chunk of prompts every few hundred draws). Precision as in training (local_cd.precision): base weights
+bf16 on CUDA, fp32 on a CPU unless --dtype says otherwise; LoRA and optimizer state fp32; adapter forwards under
+autocast.
 A row that does not fit on the GPU is reported as such, with the memory it needed at least.
 """
 import argparse
 import contextlib
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -104,6 +107,81 @@ def build(model, device, dtype):
                     "pooled_projections": torch.randn(n, pooled, device=device)}
     teacher.null = lambda n: {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in cond(n).items()}
     return teacher, cond
+
+
+def char_tokenizer(folder):
+    """(a CLIPTokenizer, its vocabulary size) from a hand-written vocabulary: one token per character, no download.
+    Text encoders are padded to their full length (77 CLIP, 512 T5), so their cost does not depend on the vocabulary."""
+    import string
+
+    from transformers import CLIPTokenizer
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + ",.!?'-":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    # without model_max_length the pipelines fail with "OverflowError: int too big to convert"
+    vocab_file, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    return CLIPTokenizer(vocab_file, merges, model_max_length=77), len(vocab)
+
+
+# the text encoders' configs: CLIP ViT-L/14 (SDXL and FLUX), OpenCLIP ViT-bigG/14 (SDXL), T5 v1.1 XXL (FLUX)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+              hidden_act="quick_gelu")
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              projection_dim=1280, hidden_act="gelu")
+T5_XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu")
+TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
+TINY_T5 = dict(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+
+
+def text_teacher(model, device, dtype, folder):
+    """A teacher whose text encoders have the real architecture (random weights, a hand-written tokenizer) and whose
+    denoiser is a tiny stand-in (encoding never runs it): what `--what encode` times, through Teacher.encode."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from local_cd import FluxTeacher, SDXLTeacher
+    tiny = model.startswith("tiny")
+    tok, n = char_tokenizer(folder)
+    ids = dict(vocab_size=n, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8,) * 4, norm_num_groups=8, latent_channels=4)
+    torch.manual_seed(0)
+    with built_on(device, dtype):
+        clip_l = CLIPTextModel(CLIPTextConfig(**(TINY_CLIP if tiny else CLIP_L), **ids))
+        if model.endswith("sdxl"):
+            clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**(TINY_CLIP if tiny else CLIP_G), **ids))
+        else:
+            t5 = T5EncoderModel(T5Config(vocab_size=n, **(TINY_T5 if tiny else T5_XXL)))
+    if model.endswith("sdxl"):
+        unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=clip_g, tokenizer=tok,
+                                         tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(**SD_SCHEDULE))
+        return SDXLTeacher(pipe, device, model, resolution=64)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, **TINY_FLUX)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip_l, tokenizer=tok,
+                        text_encoder_2=t5, tokenizer_2=tok, transformer=tr)
+    return FluxTeacher(pipe, device, model, resolution=64)
+
+
+def bench_encode(model, batch, repeats, device, dtype):
+    """Prompt encoding as training runs it (Teacher.encode: `batch` prompts per text-encoder call) and what one
+    prompt's embeddings take to store: the bytes the prompt stream keeps per prompt, on the host, for a chunk."""
+    with tempfile.TemporaryDirectory() as d:
+        teacher = text_teacher(model, device, dtype, d)
+        teacher.encode_batch = batch
+        prompts = [f"a photo of a cat number {i} sitting on a red chair by the sea, oil painting" for i in range(batch)]
+        sec, mem = timed(lambda: teacher.encode(prompts, device="cpu"), repeats, device)
+        out = teacher.encode(prompts[:1], device="cpu")
+    per_prompt = sum(v[0].numel() * v.element_size() for v in out.values())
+    shapes = ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in out.items())
+    return [row(f"encode {batch} prompts in one call ({shapes})", sec, None, None, mem, prompts_per_second=batch / sec,
+                bytes_per_prompt=per_prompt)]
 
 
 def timed(f, repeats, device, warmup=1):
@@ -319,6 +397,8 @@ def measure(what, model, batch, repeats, device, dtype, autocast, checkpointing=
             return bench_llpips(batch, repeats, device, 8 if model.startswith("tiny") else 128)
         if what == "load":
             return bench_load(model, dtype)
+        if what == "encode":
+            return bench_encode(model, batch, repeats, device, dtype)
         teacher, cond = build(model, device, dtype)
         if what == "sample":
             return bench_sample(teacher, cond, batch, repeats, device)
@@ -350,10 +430,11 @@ def plan(model, batch):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["sdxl", "flux", "tiny-sdxl", "tiny-flux"], default="tiny-sdxl")
-    p.add_argument("--what", choices=["sample", "step1", "step2", "llpips", "load", "all"], default="sample",
+    p.add_argument("--what", choices=["sample", "step1", "step2", "llpips", "load", "encode", "all"], default="sample",
                    help="sample: teacher vs student sampling; step1 / step2: one training iteration of a stage vs one "
-                   "forward; llpips: L-LPIPS vs VAE decode + LPIPS; load: host memory of loading the denoiser; all: "
-                   "the README's GPU rows (not load) and the recipe's GPU hours")
+                   "forward; llpips: L-LPIPS vs VAE decode + LPIPS; load: host memory of loading the denoiser; "
+                   "encode: prompts per second and bytes stored per prompt; all: the README's GPU rows (not load) "
+                   "and the recipe's GPU hours")
     p.add_argument("--grad-checkpointing", action="store_true", help="step1 / step2: with gradient checkpointing")
     p.add_argument("--lambda2", type=float, default=1.0,
                    help="step2: DMD weight (0: no fake score, as the paper's FLUX)")
@@ -412,6 +493,8 @@ def main(argv=None):
         x = f"{r['x_one_forward']:.2f}" if r["x_one_forward"] else "-"
         speedup = f"{r['speedup_vs_teacher']:.1f}" if "speedup_vs_teacher" in r else (
             f"L-LPIPS {r['x_llpips']:.1f}x cheaper" if "x_llpips" in r else "-")
+        if "bytes_per_prompt" in r:  # an encode row
+            speedup = f"{r['prompts_per_second']:.1f} prompts/s, {r['bytes_per_prompt'] / 2 ** 20:.3f} MiB per prompt"
         print(f"| {r['what']} | {r['calls'] or '-'} | {r['seconds']:.4f} | {x} | {speedup} | {mem} |")
     return rows
 

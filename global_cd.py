@@ -415,7 +415,7 @@ def main(argv=None):
         f"batch={args.batch}x{world} iters={args.iters} base {dtype}")
     planned = (args.iters - step) * args.batch
     log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch} per iteration), "
-        f"{min(planned, stream.share)} distinct (its share of an epoch: {stream.share})")
+        f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
     while step < args.iters:
         cond, _ = stream.take(args.batch)

@@ -832,7 +832,7 @@ class TrajectoryBuffer:
     def planned_refills(self, iters, batch):
         """About how many refills `iters` iterations of `batch` pairs take: each makes `trajectories` times the
         pairs of one trajectory (trajectory_times) and serves `reuse` times as many."""
-        pairs = self.trajectories * sum(trajectory_times(self.M, self.skip)[1])
+        pairs = self.trajectories * sum(trajectory_times(self.M, self.skip, 1)[1])  # a shifted grid, the usual one
         return math.ceil(iters * batch / (self.reuse * pairs))
 
     def state(self):
@@ -1024,8 +1024,8 @@ def main(argv=None):
         f"LoRA parameters, base {dtype})")
     planned = buffer.planned_refills(args.iters - step, args.batch) * args.trajectories
     log(f"prompts: {len(prompts)}; each rank draws about {planned} more ({args.trajectories} per pool refill), "
-        f"{min(planned, stream.share)} distinct (its share of an epoch: {stream.share}); more prompts per run: "
-        "--trajectories up, --reuse down")
+        f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all; more per run: "
+        "a lower --reuse, at more teacher forwards per pair")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="local CD")
     while step < args.iters:
         z_m, t_m, z_n, t_n, t_s, cond = buffer.sample(args.batch)

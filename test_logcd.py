@@ -5,7 +5,6 @@ hand-written vocabulary), the method on the embedded digits teacher.
 """
 import json
 import os
-import string
 import subprocess
 import sys
 import types
@@ -30,17 +29,8 @@ def digits():
 
 
 def _tokenizer(folder):
-    from transformers import CLIPTokenizer
-    os.makedirs(folder, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ",.!?'-":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    # without model_max_length the pipelines fail with "OverflowError: int too big to convert"
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77), len(vocab)
+    import bench
+    return bench.char_tokenizer(folder)
 
 
 def _clip(cls, vocab_size):
@@ -485,6 +475,24 @@ def test_prompt_file_reads_lines_and_refuses_what_is_not_text(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ValueError, match="is empty"):
         PromptFile(str(tmp_path / "empty.txt"))
+    binary = str(tmp_path / "bin.txt")  # refused before any model loads: neither teacher nor checkpoint exists
+    with pytest.raises(SystemExit, match="bin.txt is not a prompts file"):
+        local_cd.main(["--prompts", binary, "--teacher", "no/such-teacher"])
+    with pytest.raises(SystemExit, match="bin.txt is not a prompts file"):
+        global_cd.main(["--prompts", binary, "--init", str(tmp_path / "none.safetensors")])
+
+
+def test_out_of_memory_while_encoding_names_the_flag_that_helps(tiny_sdxl, monkeypatch):
+    t = load_teacher(tiny_sdxl, "cpu", resolution=16)
+    t.encode_batch = 8
+
+    def oom(prompts):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
+    monkeypatch.setattr(t, "_encode", oom)
+    with pytest.raises(SystemExit, match="while encoding prompts, 8 per text-encoder call: try a smaller "
+                                         "--encode-batch"):
+        t.encode(["a cat"] * 20)
+    assert all(next(m.parameters()).device.type == "cpu" for m in t.text_encoders)
 
 
 def test_hub_teacher_offline_is_one_clear_line():
@@ -1329,6 +1337,17 @@ def test_bench_all_runs_at_tiny_size_in_bf16(model, tmp_path, capsys):
     assert not any("DOES NOT FIT" in w for w in whats)
     assert all(r["seconds"] > 0 for r in rows if "seconds" in r)
     assert "| stage-2 iteration" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_bench_encode_runs_the_teachers_encoding(model):
+    """--what encode at tiny size: Teacher.encode over text encoders built from configs, CLIP padded to 77 tokens and
+    FLUX's T5 to 512, and what a prompt's embeddings take to store."""
+    import bench
+    rows = bench.main(["--model", model, "--what", "encode", "--batch", "4", "--repeats", "1"])
+    shape = "encoder_hidden_states (77, 32)" if model == "tiny-sdxl" else "encoder_hidden_states (512, 32)"
+    assert len(rows) == 1 and shape in rows[0]["what"] and rows[0]["prompts_per_second"] > 0
+    assert rows[0]["bytes_per_prompt"] == (77 * 32 + 16 + 6) * 4 if model == "tiny-sdxl" else (512 * 32 + 16) * 4
 
 
 def test_bench_load_reports_host_memory():
