@@ -327,6 +327,7 @@ def main(argv=None):
         if args.p < 1:
             raise ValueError(f"--p must be at least 1, not {args.p}")
         prompts = prompts or read_prompts(None, teacher)
+        teacher.check_prompts(prompts)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if args.d == "llpips" and args.llpips is None and teacher.id == "digits":

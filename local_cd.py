@@ -272,6 +272,10 @@ class Teacher:
     encode_batch = 32  # prompts per text-encoder call (--encode-batch)
     encode_calls = truncated = 0  # counters: text-encoder calls, prompts cut to an encoder's limit
 
+    def check_prompts(self, prompts):
+        """Raises ValueError for a prompt this teacher cannot encode: said before any work, as encoding comes later.
+        A text encoder takes any prompt."""
+
     def encode(self, prompts, device=None):
         """Embeddings of `prompts` (a dict of batch-first tensors on `device`, default the teacher's), encode_batch
         prompts per call, the text encoders on the teacher's device only meanwhile. A prompt longer than an
@@ -367,6 +371,11 @@ class DigitsTeacher(DDPMTeacher):
         self.id, self.folder = id, folder
         c = unet.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+
+    def check_prompts(self, prompts):
+        unknown = sorted(set(prompts) - set(self.prompts))
+        if unknown:
+            raise ValueError(f"the embedded teacher knows the prompts {self.prompts[:-1]} and '', not {unknown[0]!r}")
 
     def encode(self, prompts, device=None):
         rows = []
@@ -970,6 +979,7 @@ def main(argv=None):
         prompts = args.prompts and read_prompts([args.prompts], None)  # checked whole before any model loads
         teacher = load_teacher(args.teacher, device, args.resolution, dtype)
         prompts = prompts or read_prompts(None, teacher)
+        teacher.check_prompts(prompts)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     fill_presets(args, PRESETS[family(teacher)])

@@ -136,8 +136,7 @@ def main(argv=None):
             ts = teacher_times(k)
             what = f"teacher {teacher.id}, {k} steps {'Euler' if teacher.prediction == 'flow' else 'DDIM'}, w={w:g}"
         prompts = read_prompts(args.prompts, teacher)
-        if teacher.embedded:
-            teacher.encode(sorted(set(prompts)))  # an unknown prompt is refused here, before any sampling
+        teacher.check_prompts(prompts)  # before any sampling: the prompts are encoded a batch at a time
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if args.clip:

@@ -857,6 +857,9 @@ def test_stage1_nan_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_stage1_bad_inputs(tmp_path):
+    (tmp_path / "cats.txt").write_text("a cat\n")
+    with pytest.raises(SystemExit, match="knows the prompts .* not 'a cat'"):  # refused before training starts
+        _run(tmp_path, "--prompts", str(tmp_path / "cats.txt"))
     with pytest.raises(SystemExit, match="--d llpips needs L-LPIPS weights"):
         _run(tmp_path, "--d", "llpips", "--llpips", str(tmp_path / "none.safetensors"))
     llpips.save(str(tmp_path / "rgb.safetensors"), llpips.LLPIPS(3, width=0.125))
@@ -1444,7 +1447,7 @@ def _tiny(family, tiny_sdxl, tiny_flux):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
-def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_path):
+def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_path, capsys):
     """What a GPU runs, on a CPU: stage 1, stage 2 with GAN and DMD, --resume of each and sample.py at 2 / 3 / 4
     steps, all through the scripts' own main() with --dtype bfloat16. A resumed run equals an uninterrupted one, each
     stage moves the LoRA, and the bf16 samples are the fp32 samples of the same checkpoint up to bf16 rounding."""
@@ -1466,7 +1469,9 @@ def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_s
                "--llpips", str(tmp_path / "llpips4.safetensors"), "--fake-rank", "4", "--lr", "1e-3"]
     two = _run2(tmp_path, *common2, "--iters", "2", out="two.safetensors")
     _run2(tmp_path, *common2, "--iters", "1")
+    capsys.readouterr()
     g = _run2(tmp_path, *common2, "--iters", "2", "--resume")
+    assert "rank 0 encoded 0 and read 2 back from the cache" in capsys.readouterr().out  # no prompt encoded again
     assert all(torch.equal(two[k], g[k]) for k in two) and any(not torch.equal(g[k], local[k]) for k in g)
     state = _load(tmp_path / "global.state.safetensors")
     assert any(k.startswith("disc.heads.") for k in state) and any(k.startswith("fake.") for k in state)
