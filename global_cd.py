@@ -385,6 +385,7 @@ def main(argv=None):
                 dist.broadcast(p.data, 0)
 
     def save():
+        stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
         if not master:
             return
         tensors = {"rng": gen.get_state()}

@@ -178,23 +178,23 @@ class PromptStream:
     """The prompts one rank draws, in order, and their embeddings, a chunk at a time: what makes a caption file of
     any length cost the same memory.
     Order: a seeded permutation of all N prompts is dealt to the ranks (rank r holds every world-th from the r-th
-    on: its share, N / world prompts), and each rank draws its share in a new seeded order every epoch. So no two
-    ranks ever draw or encode the same prompt, every prompt of a share is drawn once per epoch, and D draws see
-    min(D, N / world) distinct prompts per rank.
+    on: its share, N / world prompts; a file with fewer prompts than ranks is every rank's share), and each rank
+    draws its share in a new seeded order every epoch. So no two ranks draw or encode the same prompt, every prompt
+    of a share is drawn once per epoch, and D draws see min(D, N / world) distinct prompts per rank.
     Embeddings: the next `chunk` draws are encoded together (teacher.encode: the text encoders on the GPU only
-    meanwhile; a share no larger than a chunk is encoded once for the whole run), kept on the host, and written to
-    disk (one file per rank: the chunk in use), so that a resumed run reads them instead of encoding again. take(n)
-    moves n prompts' embeddings to the device."""
+    meanwhile; a share no larger than a chunk is encoded once for the whole run), kept on the host and written to
+    disk under `cache` + `key`, so that a resumed run reads them back; prune() (at each checkpoint) deletes the
+    files of the chunks before the one in use. take(n) moves n prompts' embeddings to the device."""
 
-    def __init__(self, teacher, prompts, seed=0, rank=0, world=1, chunk=256, cache=None):
+    def __init__(self, teacher, prompts, seed=0, rank=0, world=1, chunk=256, cache=None, key=""):
         self.teacher, self.prompts, self.seed, self.rank, self.chunk = teacher, prompts, seed, rank, chunk
         dealt = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
-        self.mine = dealt[rank::world] if len(prompts) >= world else dealt  # this rank's share (prompt indices)
+        self.mine = dealt[rank::world].clone() if len(prompts) >= world else dealt  # this rank's share: indices
         self.share = len(self.mine)
         self.drawn, self.cached, self._epoch = 0, None, None  # cached: (chunk, embeddings, prompt indices)
         self.encoded = self.reused = 0  # prompts this rank encoded / read back from the disk cache
         source = prompts.sha1 if isinstance(prompts, PromptFile) else sha1("\n".join(prompts))
-        self.cache = cache and os.path.join(cache, f"{sha1(teacher.id)[:12]}-{source[:12]}-seed{seed}-{rank}of{world}")
+        self.cache = cache and os.path.join(cache, f"{sha1(f'{key}|{source}|{seed}|{chunk}')[:16]}-{rank}of{world}")
 
     def _share_row(self, i):
         """Which prompt of this rank's share its i-th draw is: each epoch the share in a new seeded order."""
@@ -209,25 +209,28 @@ class PromptStream:
         share fits in one chunk, chunk 0 holds the share."""
         return (0, self._share_row(i)) if self.share <= self.chunk else divmod(i, self.chunk)
 
+    def _path(self, c):
+        return self.cache and f"{self.cache}-{c}.safetensors"
+
     def _chunk(self, c):
-        """Embeddings (on the host) and prompt indices of chunk c, encoded or read back from the disk cache."""
+        """Embeddings (on the host) and prompt indices of chunk c, read back from the disk cache or encoded."""
         if self.share <= self.chunk:
             idx = self.mine
         else:
             idx = self.mine[[self._share_row(i) for i in range(c * self.chunk, (c + 1) * self.chunk)]]
-        path = self.cache and f"{self.cache}-chunk{self.chunk}-{c}.safetensors"
+        path = self._path(c)
         if path and os.path.exists(path):
-            tensors, _ = lora.load(path)
-            if torch.equal(tensors.pop("prompt_index"), idx):
-                self.reused += len(idx)
-                return tensors, idx
+            try:
+                tensors, _ = lora.load(path)
+                if torch.equal(tensors.pop("prompt_index"), idx):
+                    self.reused += len(idx)
+                    return tensors, idx
+            except (FileNotFoundError, ValueError, KeyError):
+                pass  # gone or unreadable: encoded again below
         cond = self.teacher.encode([self.prompts[int(i)] for i in idx], device="cpu")
         self.encoded += len(idx)
         if path:
-            old = self.cached and f"{self.cache}-chunk{self.chunk}-{self.cached[0]}.safetensors"
             lora.save(path, {**cond, "prompt_index": idx}, {"teacher": self.teacher.id})
-            if old and old != path and os.path.exists(old):
-                os.remove(old)  # disk: the chunk in use, one per rank
         return cond, idx
 
     def take(self, n):
@@ -236,25 +239,37 @@ class PromptStream:
         for i in range(self.drawn, self.drawn + n):
             c, r = self._position(i)
             if self.cached is None or self.cached[0] != c:
+                self.cached = None  # the old chunk goes before the new one is encoded
                 self.cached = (c, *self._chunk(c))
             rows.append({k: v[r:r + 1] for k, v in self.cached[1].items()})
             idx.append(int(self.cached[2][r]))
         self.drawn += n
         return {k: v.to(self.teacher.device) for k, v in cond_cat(*rows).items()}, torch.tensor(idx)
 
+    def prune(self):
+        """Deletes the cached chunks before the one in use: a run resumed from the checkpoint being written needs
+        none of them. Disk per rank: the chunks drawn since the last checkpoint."""
+        if self.cache and self.cached is not None:
+            for c in range(self.cached[0] - 1, -1, -1):
+                if not os.path.exists(self._path(c)):
+                    break
+                os.remove(self._path(c))
+
 
 def open_prompt_stream(teacher, prompts, args, rank, world):
     """A training run's PromptStream: --encode-batch prompts per text-encoder call, --encode-chunk per chunk, the
-    chunks cached on disk (not for the embedded teacher, whose 'encoding' is a table lookup)."""
+    chunks cached on disk for this --out (not for the embedded teacher, whose 'encoding' is a table lookup), apart
+    for every teacher, dtype and resolution (SDXL's time_ids are part of the conditioning)."""
     teacher.encode_batch = args.encode_batch
     cache = None if teacher.embedded else os.path.join(CACHE, "prompts")
-    return PromptStream(teacher, prompts, args.seed, rank, world, args.encode_chunk, cache)
+    key = f"{os.path.abspath(args.out)}|{teacher.id}|{teacher.denoiser.dtype}|{getattr(teacher, 'resolution', '')}"
+    return PromptStream(teacher, prompts, args.seed, rank, world, args.encode_chunk, cache, key)
 
 
 def distinct_prompts(stream, world):
     """(distinct prompts this rank has drawn, distinct in all ranks): ranks draw disjoint shares of each epoch."""
     import torch.distributed as dist
-    mine = torch.tensor(min(stream.drawn, stream.share))
+    mine = torch.tensor(min(stream.drawn, stream.share), device=stream.teacher.device)  # nccl: a GPU tensor
     total = mine.clone()
     if world > 1:
         dist.all_reduce(total)
@@ -297,8 +312,8 @@ class Teacher:
                 self.encode_calls += 1
                 self.truncated += sum(any(len(t(p).input_ids) > n for t, n in self.token_limits) for p in batch)
         except torch.OutOfMemoryError:
-            raise SystemExit(f"error: out of GPU memory while encoding prompts, {B} per text-encoder call: try a "
-                             "smaller --encode-batch") from None
+            raise SystemExit(f"error: out of GPU memory while encoding prompts (the text encoders on the GPU, {B} prompts "
+                             "per text-encoder call): try a smaller --encode-batch") from None
         finally:
             for m in self.text_encoders:
                 m.to("cpu")  # the text encoders leave the GPU between chunks
@@ -853,6 +868,8 @@ class TrajectoryBuffer:
         return tensors, {**{k: getattr(self, k) for k in counters}, "prompts_drawn": self.prompts.drawn}
 
     def load(self, tensors, counters):
+        if "buffer.t_m" in tensors and "buffer.traj" not in tensors:
+            raise ValueError("its trajectory pool was saved before prompt streams (git log: issue 15); start a new run")
         dev = self.teacher.device
         self.pool = {k[len("buffer."):]: v.to(dev) for k, v in tensors.items() if k.startswith("buffer.")} or None
         self.conds = {k[len("buffer_cond."):]: v.to(dev) for k, v in tensors.items() if k.startswith("buffer_cond.")}
@@ -1011,7 +1028,10 @@ def main(argv=None):
         step = int(meta["step"])
         if master:  # ranks > 0 start fresh buffers; a single-process resume continues exactly
             gen.set_state(state["rng"])
-            buffer.load(state, json.loads(smeta["buffer"]))
+            try:
+                buffer.load(state, json.loads(smeta["buffer"]))
+            except ValueError as e:
+                raise SystemExit(f"error: cannot resume {args.out}: {e}")
             n_student = int(smeta["student_forwards"])
         else:  # ... and continue their prompt order where rank 0's stands (ranks draw at about the same pace)
             stream.drawn = int(json.loads(smeta["buffer"]).get("prompts_drawn", 0))
@@ -1021,6 +1041,7 @@ def main(argv=None):
             dist.broadcast(p.data, 0)
 
     def save():
+        stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
         if not master:
             return
         tensors, counters = buffer.state()

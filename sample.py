@@ -142,27 +142,33 @@ def main(argv=None):
     if args.clip:
         what += ", x0 clipped"
 
-    labels = [p for p in prompts for _ in range(args.per_prompt)]
-    N = len(labels)
+    prompts = list(prompts)
+    N, per = len(prompts) * args.per_prompt, args.per_prompt
     gen = torch.Generator().manual_seed(args.seed)
     z_T = teacher.noise(N, gen)
     renoise = torch.randn(k, *z_T.shape, generator=gen).to(z_T.device) if args.sampler == "lcm" else None
     batch = args.batch or (1000 if teacher.embedded else 4)
+    chunk = 256  # prompts encoded at a time, each once: the text encoders visit the GPU once per chunk
     images, latents = [], []
     ctx = lora.merged(teacher.denoiser, "student") if args.ckpt else lora.adapter(teacher.denoiser, None)
-    with torch.no_grad(), ctx:
-        for i in tqdm(range(0, N, batch), desc=what, disable=N <= batch):
-            sl = slice(i, i + batch)
-            cond = teacher.encode(labels[sl])  # a batch's prompts, encoded when it is drawn
+    with torch.no_grad(), ctx, tqdm(total=N, desc=what, disable=N <= batch) as bar:
+        for j in range(0, len(prompts), chunk):
+            embeds = teacher.encode(prompts[j:j + chunk], device="cpu")
+            end = min(j + chunk, len(prompts)) * per
+            for i in range(j * per, end, batch):
+                sl = slice(i, min(i + batch, end))
+                cond = {kk: v[torch.arange(sl.start, sl.stop) // per - j].to(teacher.device)
+                        for kk, v in embeds.items()}
 
-            def x0_fn(z, t):
-                x0 = teacher.x0(z, t, cond) if args.ckpt else teacher.x0(z, t, cond, w=w)
-                return x0.clamp(-1, 1) if args.clip else x0
+                def x0_fn(z, t):
+                    x0 = teacher.x0(z, t, cond) if args.ckpt else teacher.x0(z, t, cond, w=w)
+                    return x0.clamp(-1, 1) if args.clip else x0
 
-            noises = renoise[:, sl] if renoise is not None else None
-            z0 = solve(x0_fn, z_T[sl], ts, teacher.alpha_sigma, noises)
-            latents.append(z0.float().cpu())
-            images.append(teacher.decode(z0).float().cpu())
+                noises = renoise[:, sl] if renoise is not None else None
+                z0 = solve(x0_fn, z_T[sl], ts, teacher.alpha_sigma, noises)
+                latents.append(z0.float().cpu())
+                images.append(teacher.decode(z0).float().cpu())
+                bar.update(sl.stop - sl.start)
     images, latents = torch.cat(images), torch.cat(latents)
 
     grid(images, prompts, what).save(args.out)

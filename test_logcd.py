@@ -449,20 +449,28 @@ def test_prompt_stream_ranks_share_the_file_and_encode_only_what_they_draw(chunk
 
 
 def test_prompt_stream_cache_survives_an_interruption(tmp_path):
-    """A resumed stream reads the chunk in use back from disk instead of encoding it again; only the chunk in use is
-    kept on disk."""
+    """A run checkpoints at draw 5, goes on to draw 40 and is interrupted; resumed at draw 5, it reads its chunks back
+    from disk instead of encoding them again, and its next checkpoint deletes the chunks before the one in use.
+    Another run (another key: --out, dtype, resolution) encodes its own."""
     prompts = [f"prompt {i}" for i in range(100)]
-    a = PromptStream(_Counting(), prompts, seed=1, chunk=16, cache=str(tmp_path))
-    first, _ = a.take(5)
-    assert a.encoded == 16 and len(os.listdir(tmp_path)) == 1
-    b = PromptStream(_Counting(), prompts, seed=1, chunk=16, cache=str(tmp_path))  # the run, resumed at draw 5
+    a = PromptStream(_Counting(), prompts, seed=1, chunk=16, cache=str(tmp_path), key="run a")
+    a.take(5)
+    a.prune()  # the checkpoint at draw 5: chunk 0 is in use, nothing to delete
+    a.take(35)
+    assert a.encoded == 48 and sorted(os.listdir(tmp_path)) == [f"{os.path.basename(a.cache)}-{c}.safetensors"
+                                                                 for c in (0, 1, 2)]
+    b = PromptStream(_Counting(), prompts, seed=1, chunk=16, cache=str(tmp_path), key="run a")
     b.drawn = 5
-    rest, idx = b.take(11)
-    assert b.encoded == 0 and b.reused == 16 and b.teacher.seen == []
-    a_rest, a_idx = a.take(11)
-    assert torch.equal(idx, a_idx) and torch.equal(rest["e"], a_rest["e"])
-    b.take(1)  # into chunk 1: encoded, and chunk 0's file gone
-    assert b.encoded == 16 and len(os.listdir(tmp_path)) == 1
+    cond, idx = b.take(15)
+    assert b.encoded == 0 and b.reused == 32 and b.teacher.seen == []
+    a2 = PromptStream(_Counting(), prompts, seed=1, chunk=16)
+    a2.drawn = 5
+    assert torch.equal(cond["e"], a2.take(15)[0]["e"])  # what it reads back is what encoding gives
+    b.prune()  # the checkpoint at draw 20: chunk 1 in use, chunk 0 deleted
+    assert sorted(os.listdir(tmp_path)) == [f"{os.path.basename(a.cache)}-{c}.safetensors" for c in (1, 2)]
+    other = PromptStream(_Counting(), prompts, seed=1, chunk=16, cache=str(tmp_path), key="run b")
+    other.take(1)
+    assert other.encoded == 16 and other.reused == 0
 
 
 def test_prompt_file_reads_lines_and_refuses_what_is_not_text(tmp_path):
@@ -489,7 +497,7 @@ def test_out_of_memory_while_encoding_names_the_flag_that_helps(tiny_sdxl, monke
     def oom(prompts):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.")
     monkeypatch.setattr(t, "_encode", oom)
-    with pytest.raises(SystemExit, match="while encoding prompts, 8 per text-encoder call: try a smaller "
+    with pytest.raises(SystemExit, match="while encoding prompts .* 8 prompts per text-encoder call.: try a smaller "
                                          "--encode-batch"):
         t.encode(["a cat"] * 20)
     assert all(next(m.parameters()).device.type == "cpu" for m in t.text_encoders)
@@ -1548,10 +1556,9 @@ print("peak KiB", [int(l.split()[1]) for l in open("/proc/self/status") if l.sta
 
 def test_a_20000_line_prompts_file_costs_what_a_20_line_one_does(tiny_sdxl, tmp_path):
     """Both stages on tiny SDXL from a 20 000-line caption file, each in a fresh process: each stage encodes one
-    chunk of 64 prompts, not the file (stage 2, with stage 1's seed, reads stage 1's chunk back from the cache), and
-    the process's peak memory is within 40 MB of the same run on a 20-line file (encoding the whole file, as before,
-    held 200 MB of embeddings at this tiny size). Every caption is longer than CLIP's 77 tokens: each encoded one is
-    counted as cut, in one summary line."""
+    chunk of 64 prompts, not the file, and the process's peak memory is within 16 MB of the same run on a 20-line file
+    (measured: 1 MB; encoding the whole file, as before, took 383 MB more at this tiny size). Every caption is longer
+    than CLIP's 77 tokens: each encoded one is counted as cut, in one summary line."""
     outs = {}
     for n in (20, 20_000):
         folder = tmp_path / str(n)
@@ -1564,7 +1571,7 @@ def test_a_20000_line_prompts_file_costs_what_a_20_line_one_does(tiny_sdxl, tmp_
         assert r.returncode == 0, r.stderr[-2000:]
         outs[n] = r.stdout
     seen = [line for line in outs[20_000].splitlines() if line.startswith("prompts seen:")]
-    assert "(of 20000); rank 0 encoded 64 and read 0 back from the cache, 64 cut" in seen[0]  # stage 1
-    assert "(of 20000); rank 0 encoded 0 and read 64 back from the cache, 0 cut" in seen[1]  # stage 2: same order
+    assert len(seen) == 2 and all("(of 20000); rank 0 encoded 64 and read 0 back from the cache, 64 cut" in line
+                                  for line in seen), seen
     peak = {n: int(out.split("peak KiB")[-1]) for n, out in outs.items()}
-    assert peak[20_000] - peak[20] < 40 * 1024, peak
+    assert peak[20_000] - peak[20] < 16 * 1024, peak
