@@ -3,6 +3,7 @@
 Paper: "LogCD: Local-to-global Consistency Distillation for Few-step Image Generation" (CVPR 2026), Method 2 and 4.
 DESIGN.md section 5. Everything shared with stage 1 (teachers, time, Psi, solve, CFG, checkpoints) is in local_cd.py.
 """
+import argparse
 import math
 import os
 
@@ -11,10 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, all_reduce_grads, cond_cat, cond_index,
-                      distance, distinct_prompts, explain_out_of_memory, family, fill_presets, init_distributed,
-                      load_optimizer, load_student, mean_over_ranks, open_prompt_stream, optimizer_tensors, precision,
-                      rank_difference, read_prompts, read_state, save_checkpoint, solve, state_path, student_times)
+from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, Parser, all_reduce_grads, cond_cat,
+                      cond_index, count, distance, distinct_prompts, explain_interrupt, explain_out_of_memory, family,
+                      fill_presets, init_distributed, load_optimizer, load_student, mean_over_ranks, number,
+                      open_prompt_stream, optimizer_tensors, positive, precision, prompt_file, rank_difference,
+                      read_prompts, read_state, save_checkpoint, solve, state_path, student_times, weight)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -254,36 +256,36 @@ One copy of the base weights serves the teacher (no adapter), the student (adapt
 
 
 def parse_args(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__ + STAGE2, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__ + STAGE2, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--init", default="local.safetensors", help="the stage-1 checkpoint to continue (its teacher, M and w are used)")
     a("--teacher", default=None, help="optional check: the teacher --init must have been distilled from")
     a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
-    a("--p", type=int, default=3, help="p: teacher solver steps from t_m to t_n")
-    a("--q", type=int, default=4, help="q: student steps that make the image-free inputs")
-    a("--w", type=float, default=None, help="w: CFG scale of the teacher target and the DMD real score "
+    a("--p", type=count, default=3, help="p: teacher solver steps from t_m to t_n")
+    a("--q", type=count, default=4, help="q: student steps that make the image-free inputs")
+    a("--w", type=weight, default=None, help="w: CFG scale of the teacher target and the DMD real score "
       "(default: the stage-1 checkpoint's)")
     a("--d", "--distance", choices=["mse", "llpips"], default="llpips", help=DISTANCE_HELP)
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
-    a("--lambda1", type=float, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
-    a("--lambda2", type=float, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")
-    a("--fake-rank", type=int, default=None, help="LoRA rank of the fake score (default: the "
+    a("--lambda1", type=weight, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
+    a("--lambda2", type=weight, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")
+    a("--fake-rank", type=count, default=None, help="LoRA rank of the fake score (default: the "
       "student's; embedded preset: 16)")
-    a("--fake-updates", type=int, default=None, help="fake-score updates per student update (DMD2's two time-scales)")
-    a("--lr", type=float, default=None, help="AdamW learning rate of the student (paper: 1e-5)")
-    a("--lr-aux", type=float, default=None, help="learning rate of the discriminator heads and the fake score")
-    a("--batch", type=int, default=None, help="samples per iteration and rank")
-    a("--iters", type=int, default=None, help="iterations (paper: 3K SDXL, 6K FLUX)")
+    a("--fake-updates", type=lambda x: number(x, int, 0), default=None,
+      help="fake-score updates per student update (DMD2's two time-scales)")
+    a("--lr", type=positive, default=None, help="AdamW learning rate of the student (paper: 1e-5)")
+    a("--lr-aux", type=positive, default=None, help="learning rate of the discriminator heads and the fake score")
+    a("--batch", type=count, default=None, help="samples per iteration and rank")
+    a("--iters", type=count, default=None, help="iterations (paper: 3K SDXL, 6K FLUX)")
     a("--out", default="global.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
-    a("--save-every", type=int, default=None)
+    a("--save-every", type=count, default=None)
     a("--resume", action="store_true", help="continue the run saved at --out (LoRAs, heads, optimizers, step, RNG)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
-    a("--encode-batch", type=int, default=32, help="prompts per text-encoder call")
-    a("--encode-chunk", type=int, default=256, help="prompts encoded together and kept on the host (per rank)")
+    a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
+    a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
-    a("--log-every", type=int, default=10)
+    a("--log-every", type=count, default=10)
     a("--device", default=None)
     return p.parse_args(argv)
 
@@ -302,9 +304,7 @@ def main(argv=None):
     dtype, autocast = precision(device, args.dtype)
 
     try:  # a prompts file is checked whole before any model loads
-        if args.prompts and not os.path.isfile(args.prompts):
-            raise ValueError(f"prompts file {args.prompts} does not exist")
-        prompts = args.prompts and read_prompts([args.prompts], None)
+        prompts = args.prompts and prompt_file(args.prompts)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata
@@ -324,8 +324,6 @@ def main(argv=None):
     try:
         if not 1 <= args.q <= M:
             raise ValueError(f"--q: the student samples in 1..{M} steps, not {args.q}")
-        if args.p < 1:
-            raise ValueError(f"--p must be at least 1, not {args.p}")
         prompts = prompts or read_prompts(None, teacher)
         teacher.check_prompts(prompts)
     except ValueError as e:
@@ -445,5 +443,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with explain_out_of_memory():
+    with explain_out_of_memory(), explain_interrupt("global_cd.py", lambda: parse_args().out):
         main()

@@ -9,6 +9,7 @@ Time: t in [0, T], T = 1000, for every teacher; t = 0 is the clean latent (alpha
   DDPM teachers (SDXL, the digits toy): t = k is the training index k - 1 (so t = T is index 999, "trailing").
   Flow teachers (FLUX): sigma = shift(t / T), alpha = 1 - sigma.
 """
+import argparse
 import array
 import contextlib
 import hashlib
@@ -168,10 +169,14 @@ def read_prompts(spec, teacher):
             raise ValueError("--prompts is required for this teacher (a text file, one prompt per line)")
         return [p for p in teacher.prompts if p]
     if len(spec) == 1 and (os.path.exists(spec[0]) or spec[0].endswith(".txt")):
-        if not os.path.isfile(spec[0]):
-            raise ValueError(f"prompts file {spec[0]} does not exist")
-        return PromptFile(spec[0])
+        return prompt_file(spec[0])
     return spec
+
+
+def prompt_file(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"prompts file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
+    return PromptFile(path)
 
 
 class PromptStream:
@@ -383,6 +388,10 @@ class DigitsTeacher(DDPMTeacher):
         self.embeds = tensors["embeds"].to(device)
         n = self.embeds.shape[0] - 1
         self.prompts = meta.get("prompts", "|".join([str(i) for i in range(n)] + [""])).split("|")
+        if len(self.prompts) != n + 1 or self.prompts[-1] != "":  # the rows ARE the prompts (DESIGN.md 8)
+            raise ValueError(f"{folder}/prompt_embeds.safetensors has {n + 1} rows (the last one the empty prompt) "
+                             f"but its metadata names {len(self.prompts)} prompts, '|'-separated; fix or drop the "
+                             "metadata")
         self.id, self.folder = id, folder
         c = unet.config
         self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
@@ -687,6 +696,12 @@ def read_checkpoint(path, stages=("local", "global"), teacher_id=None):
         raise ValueError(f"{path} is a {meta.get('stage')!r} checkpoint; expected {' or '.join(stages)}")
     if teacher_id is not None and meta.get("teacher") != teacher_id:
         raise ValueError(f"{path} was trained from teacher {meta.get('teacher')!r}, not {teacher_id!r}")
+    for key, kind in (("teacher", str), ("M", int), ("rank", int), ("alpha", float)):
+        try:
+            kind(meta[key])
+        except (KeyError, ValueError):
+            raise ValueError(f"{path}: its metadata lacks a valid {key!r} ({meta.get(key)!r}); it was not written by "
+                             "local_cd.py / global_cd.py, or was edited") from None
     return tensors, meta
 
 
@@ -738,6 +753,59 @@ def explain_out_of_memory():
         raise SystemExit(f"error: out of GPU memory: this run needs more than {need:.1f} GiB, the GPU has {total:.1f} "
                          "GiB; try --grad-checkpointing, a smaller --batch, or more GPUs with torchrun (--batch is per "
                          "GPU)") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that says a mistake in one line (the usage is in --help) and exits with code 2, before any work."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def count(text):
+    """An argparse type: a whole number, at least 1 (iterations, batch sizes, steps, ranks, ...)."""
+    return number(text, int, 1)
+
+
+def positive(text):
+    """An argparse type: a finite number above 0 (learning rates, skip, reuse)."""
+    return number(text, float, 0, strict=True)
+
+
+def weight(text):
+    """An argparse type: a finite number, 0 or more (CFG scales, loss weights)."""
+    return number(text, float, 0)
+
+
+def number(text, kind, low, strict=False):
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
+    if not math.isfinite(v) or v < low or (strict and v == low):
+        what = "a whole number" if kind is int else "a finite number"
+        raise argparse.ArgumentTypeError(f"must be {what} {'above' if strict else 'at least'} {low}, not {text}")
+    return v
+
+
+@contextlib.contextmanager
+def explain_interrupt(script, out):
+    """Ctrl-C (or a scheduler's SIGINT) ends a training run with one line: what --out holds now, and the command that
+    continues it. out(): the run's --out. Every checkpoint write is atomic, so what is on disk is whole."""
+    import shlex
+    import sys
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")  # below the progress bar
+        path = out()
+        try:
+            step = read_checkpoint(path)[1]["step"]
+        except (ValueError, FileNotFoundError):
+            raise SystemExit(f"interrupted before the first checkpoint: nothing was written to {path}") from None
+        again = " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume")
+        raise SystemExit(f"interrupted: {path} holds step {step}; continue with: python {script} {again} --resume"
+                         .replace("  ", " ")) from None
 
 
 def fill_presets(args, preset):
@@ -929,34 +997,33 @@ def distance(name, llpips_path=None, channels=None, device="cpu"):
 
 
 def parse_args(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__ + STAGE1, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__ + STAGE1, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--teacher", default="digits", help="digits (embedded, default), sdxl, flux, a teacher folder or hub id")
     a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
-    a("--M", type=int, default=8, help="M: number of segments; milestones t^s = s T / M")
-    a("--skip", type=float, default=20, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
-    a("--w", type=float, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
+    a("--M", type=count, default=8, help="M: number of segments; milestones t^s = s T / M")
+    a("--skip", type=positive, default=20, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
+    a("--w", type=weight, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
       "(paper: 7 for SDXL; FLUX.1-dev: its guidance embedding, 3.5; embedded teacher: its measured default)")
     a("--d", "--distance", choices=["mse", "llpips"], default="mse", help=DISTANCE_HELP)
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
-    a("--rank", type=int, default=64, help="LoRA rank r (alpha = r)")
-    a("--lr", type=float, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
-    a("--batch", type=int, default=None, help="training pairs per iteration and rank")
-    a("--iters", type=int, default=None, help="iterations (paper: 12K SDXL, 6K FLUX)")
-    a("--trajectories", type=int, default=None, help="teacher trajectories per buffer refill (per rank)")
-    a("--buffer", type=int, default=None, help="capacity of the pair pool")
-    a("--reuse", type=float, default=None, help="draws per training pair on average before it is replaced")
+    a("--rank", type=count, default=64, help="LoRA rank r (alpha = r)")
+    a("--lr", type=positive, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
+    a("--batch", type=count, default=None, help="training pairs per iteration and rank")
+    a("--iters", type=count, default=None, help="iterations (paper: 12K SDXL, 6K FLUX)")
+    a("--trajectories", type=count, default=None, help="teacher trajectories per buffer refill (per rank)")
+    a("--buffer", type=count, default=None, help="capacity of the pair pool")
+    a("--reuse", type=positive, default=None, help="draws per training pair on average before it is replaced")
     a("--out", default="local.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
-    a("--save-every", type=int, default=None)
+    a("--save-every", type=count, default=None)
     a("--resume", action="store_true", help="continue the run saved at --out (LoRA, optimizer, step, RNG, buffer)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
-    a("--resolution", type=int, default=1024, help="SDXL / FLUX image size")
-    a("--encode-batch", type=int, default=32, help="prompts per text-encoder call")
-    a("--encode-chunk", type=int, default=256, help="prompts encoded together and kept on the host (per rank)")
+    a("--resolution", type=count, default=1024, help="SDXL / FLUX image size")
+    a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
+    a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
-    a("--log-every", type=int, default=50)
+    a("--log-every", type=count, default=50)
     a("--device", default=None)
     return p.parse_args(argv)
 
@@ -991,9 +1058,7 @@ def main(argv=None):
     dtype, autocast = precision(device, args.dtype)
 
     try:
-        if args.prompts and not os.path.isfile(args.prompts):
-            raise ValueError(f"prompts file {args.prompts} does not exist")
-        prompts = args.prompts and read_prompts([args.prompts], None)  # checked whole before any model loads
+        prompts = args.prompts and prompt_file(args.prompts)  # checked whole before any model loads
         teacher = load_teacher(args.teacher, device, args.resolution, dtype)
         prompts = prompts or read_prompts(None, teacher)
         teacher.check_prompts(prompts)
@@ -1097,5 +1162,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with explain_out_of_memory():
+    with explain_out_of_memory(), explain_interrupt("local_cd.py", lambda: parse_args().out):
         main()

@@ -216,7 +216,7 @@ def load_state_dict(model, name, sd, prefix):
     if found != expected:
         missing, extra = sorted(expected - found), sorted(found - expected)
         raise ValueError(f"LoRA layers do not match the model: {len(missing)} missing (e.g. {missing[:2]}), "
-                         f"{len(extra)} unexpected (e.g. {extra[:2]}); was it made for another model or --lora-targets?")
+                         f"{len(extra)} unexpected (e.g. {extra[:2]}); was it made for another model, or with other LoRA targets?")
     with torch.no_grad():
         for path, l in layers(model):
             A, B = sd[f"{prefix}.{path}.lora_A.weight"], sd[f"{prefix}.{path}.lora_B.weight"]

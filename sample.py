@@ -22,40 +22,58 @@ A student in a stock diffusers pipeline (diffusers_args gives the arguments that
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 from tqdm import tqdm
 
 import lora
-from local_cd import (DTYPE_HELP, DTYPES, T, default_device, load_student, load_teacher, precision, read_checkpoint,
-                      read_prompts, solve, student_times, teacher_times)
+from local_cd import (DTYPE_HELP, DTYPES, Parser, T, count, default_device, load_student, load_teacher, precision,
+                      read_checkpoint, read_prompts, solve, student_times, teacher_times, weight)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt", help="student checkpoint (local.safetensors / global.safetensors); default: "
                                     "global.safetensors if it exists")
     src.add_argument("--teacher", help="sample the teacher itself: digits (embedded), sdxl, flux, a folder or hub id")
-    p.add_argument("--steps", type=int, default=None, help="model calls per image (student: 1..M, default 4; "
+    p.add_argument("--steps", type=count, default=None, help="model calls per image (student: 1..M, default 4; "
                                                            "teacher: default 25)")
-    p.add_argument("--cfg", type=float, default=None, help="teacher only: CFG scale w in eps(null) + w (eps(c) - "
+    p.add_argument("--cfg", type=weight, default=None, help="teacher only: CFG scale w in eps(null) + w (eps(c) - "
                    "eps(null)) (w = 1: no guidance; FLUX.1-dev: the guidance embedding); default: the teacher's")
     p.add_argument("--prompts", nargs="+", default=None, help="a text file (one prompt per line) or the prompts "
                    "themselves; the embedded teacher's prompts are the digits 0..9 (default: all ten)")
-    p.add_argument("--per-prompt", type=int, default=8, help="images per prompt")
+    p.add_argument("--per-prompt", type=count, default=8, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["psi", "lcm"], default="psi", help="student update between milestones: "
                    "psi = deterministic jump, lcm = re-noise x0_hat with fresh noise")
     p.add_argument("--clip", action="store_true", help="clip x0_hat to [-1, 1] at every step (pixel-space toy only)")
-    p.add_argument("--batch", type=int, default=None, help="images per model call (default: 1000 on the embedded "
+    p.add_argument("--batch", type=count, default=None, help="images per model call (default: 1000 on the embedded "
                                                            "teacher, 4 otherwise)")
     p.add_argument("--out", default="samples.png", help="labelled PNG grid (rows: prompts)")
     p.add_argument("--save-tensors", default=None, help="also write the decoded images (and labels) here")
-    p.add_argument("--resolution", type=int, default=1024, help="teacher only (SDXL / FLUX): image size in pixels")
+    p.add_argument("--resolution", type=count, default=1024, help="teacher only (SDXL / FLUX): image size in pixels")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return p.parse_args(argv)
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def check_output(path, formats, flag):
+    """One line, before any work, if `path` cannot be written: an unknown extension, a missing or read-only folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.splitext(path)[1].lower() not in formats:
+        raise SystemExit(f"error: {flag} {path}: the file name must end in {' or '.join(formats)}")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: {flag} {path}: the folder {folder} does not exist")
+    try:  # the one sure test of writability: write (os.access says yes to root everywhere)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise SystemExit(f"error: {flag} {path}: the folder {folder} is not writable") from None
 
 
 def sampling_times(k, M):
@@ -116,6 +134,9 @@ def main(argv=None):
                              "--teacher digits")
         args.ckpt = "global.safetensors"
         print("sampling global.safetensors (pass --ckpt to choose another)")
+    check_output(args.out, IMAGE_FORMATS, "--out")  # before any model loads: a bad path loses no sampling
+    if args.save_tensors:
+        check_output(args.save_tensors, {".safetensors": None}, "--save-tensors")
     # precision: the student's LoRA is merged into the base, so every forward runs plainly in `dtype`, no autocast:
     # exactly how a diffusers pipeline in that dtype runs it
     dtype, _ = precision(args.device or default_device(), args.dtype)
@@ -131,8 +152,6 @@ def main(argv=None):
         else:
             teacher = load_teacher(args.teacher, args.device, args.resolution, dtype)
             k, w = args.steps or 25, args.cfg if args.cfg is not None else teacher.default_w
-            if k < 1:
-                raise SystemExit("error: --steps must be at least 1")
             ts = teacher_times(k)
             what = f"teacher {teacher.id}, {k} steps {'Euler' if teacher.prediction == 'flow' else 'DDIM'}, w={w:g}"
         prompts = read_prompts(args.prompts, teacher)
@@ -171,7 +190,9 @@ def main(argv=None):
                 bar.update(sl.stop - sl.start)
     images, latents = torch.cat(images), torch.cat(latents)
 
-    grid(images, prompts, what).save(args.out)
+    tmp = f"{args.out}.tmp{os.getpid()}"  # atomic, as every file the project writes: temp file, then rename
+    grid(images, prompts, what).save(tmp, format=IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
+    os.replace(tmp, args.out)
     print(f"wrote {args.out} ({N} images: {what})")
     if args.save_tensors:
         tensors = {"images": images.contiguous(), "latents": latents.contiguous()}

@@ -1575,3 +1575,88 @@ def test_a_20000_line_prompts_file_costs_what_a_20_line_one_does(tiny_sdxl, tmp_
                                   for line in seen), seen
     peak = {n: int(out.split("peak KiB")[-1]) for n, out in outs.items()}
     assert peak[20_000] - peak[20] < 16 * 1024, peak
+
+
+# ---- faults and mistakes: one line, before any work, nothing written ---------------------------------------------
+
+@pytest.mark.parametrize("script, argv, said", [
+    ("sample", ["--teacher", "digits", "--steps", "0"], "--steps: must be a whole number at least 1, not 0"),
+    ("sample", ["--teacher", "digits", "--batch", "0"], "--batch: must be a whole number at least 1, not 0"),
+    ("sample", ["--teacher", "digits", "--per-prompt", "0"], "--per-prompt: must be a whole number at least 1"),
+    ("sample", ["--teacher", "digits", "--cfg", "nan"], "--cfg: must be a finite number at least 0, not nan"),
+    ("sample", ["--teacher", "digits", "--cfg", "inf"], "--cfg: must be a finite number at least 0, not inf"),
+    ("local_cd", ["--iters", "0"], "--iters: must be a whole number at least 1, not 0"),
+    ("local_cd", ["--lr", "nan"], "--lr: must be a finite number above 0, not nan"),
+    ("local_cd", ["--save-every", "0"], "--save-every: must be a whole number at least 1"),
+    ("local_cd", ["--M", "0"], "--M: must be a whole number at least 1, not 0"),
+    ("local_cd", ["--skip", "0"], "--skip: must be a finite number above 0, not 0"),
+    ("local_cd", ["--batch", "two"], "--batch: 'two' is not a whole number"),
+    ("global_cd", ["--p", "0"], "--p: must be a whole number at least 1, not 0"),
+    ("global_cd", ["--lambda2", "-1"], "--lambda2: must be a finite number at least 0, not -1"),
+    ("global_cd", ["--lr-aux", "0"], "--lr-aux: must be a finite number above 0, not 0"),
+])
+def test_bad_numbers_are_one_line_before_any_work(script, argv, said, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main = {"sample": sample.main, "local_cd": local_cd.main, "global_cd": global_cd.main}[script]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / ("x.png" if script == "sample" else "x.safetensors"))])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--out", "/nonexistent/x.png"], "--out /nonexistent/x.png: the folder /nonexistent does not exist"),
+    (["--out", "x.gif"], "--out x.gif: the file name must end in .png or .jpg or .jpeg or .webp"),
+    (["--out", "x.png", "--save-tensors", "x.pt"], "--save-tensors x.pt: the file name must end in .safetensors"),
+    (["--out", "x.png", "--save-tensors", "/proc/x.safetensors"], "the folder /proc is not writable"),
+])
+def test_sample_outputs_are_checked_before_any_model_loads(argv, said, tmp_path, monkeypatch):
+    """The teacher named does not exist: a check that came after loading would say so instead."""
+    monkeypatch.chdir(tmp_path)
+    _fails(["--teacher", "no/such-teacher", *argv], said)
+    assert os.listdir(tmp_path) == []
+
+
+def test_misread_inputs_are_refused_in_one_line(tmp_path, monkeypatch):
+    """A teacher folder whose metadata names its prompts in another way than its rows; a checkpoint whose metadata
+    lacks a field or has a non-number; a folder given as the prompts file."""
+    import shutil
+    folder = tmp_path / "teacher"
+    shutil.copytree(os.path.join(HERE, "toy", "teacher"), folder)
+    tensors, _ = lora.load(str(folder / "prompt_embeds.safetensors"))
+    lora.save(str(folder / "prompt_embeds.safetensors"), tensors, {"prompts": "0,1,2,3,4,5,6,7,8,9,"})
+    _fails(["--teacher", str(folder), "--out", str(tmp_path / "x.png")], "has 11 rows (the last one the empty "
+           "prompt) but its metadata names 1 prompts")
+    for key, value in (("rank", None), ("M", "abc")):
+        t = _zero_student(tmp_path / "s.safetensors")
+        meta = lora.load(str(tmp_path / "s.safetensors"))[1]
+        meta = {k: v for k, v in meta.items() if k != key} if value is None else {**meta, key: value}
+        lora.save(str(tmp_path / "s.safetensors"), lora.state_dict(t.denoiser, "student", "unet"), meta)
+        with pytest.raises(SystemExit, match=f"lacks a valid '{key}'"):
+            global_cd.main(["--init", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "g.safetensors")])
+    with pytest.raises(SystemExit, match=f"prompts file {tmp_path} is a folder"):
+        local_cd.main(["--prompts", str(tmp_path), "--out", str(tmp_path / "l.safetensors")])
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "g.safetensors").exists()
+
+
+def test_ctrl_c_ends_a_run_with_the_command_that_continues_it(tmp_path):
+    """SIGINT to a stage-1 run: exit code 1, one line naming the checkpoint's step and the resume command; that
+    command continues the run to its end."""
+    import signal
+    import time
+    argv = [*FAST, "--iters", "100000", "--save-every", "2", "--out", "s.safetensors"]
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "local_cd.py"), *argv], cwd=tmp_path, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not (tmp_path / "s.safetensors").exists() and p.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    line = [x for x in err.splitlines() if x.startswith("interrupted")]
+    step = int(read_checkpoint(str(tmp_path / "s.safetensors"))[1]["step"])
+    assert p.returncode == 1 and line == [f"interrupted: s.safetensors holds step {step}; continue with: python "
+                                          f"local_cd.py {' '.join(argv)} --resume"], err[-500:]
+    local_cd.main([*FAST, "--iters", str(step + 2), "--save-every", "2", "--out", str(tmp_path / "s.safetensors"),
+                   "--resume"])
+    assert read_checkpoint(str(tmp_path / "s.safetensors"))[1]["step"] == str(step + 2)
