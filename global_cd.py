@@ -15,8 +15,9 @@ import lora
 from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, Parser, all_reduce_grads, cond_cat,
                       cond_index, count, distance, distinct_prompts, explain_interrupt, explain_out_of_memory, family,
                       fill_presets, init_distributed, load_optimizer, load_student, mean_over_ranks, number,
-                      open_prompt_stream, optimizer_tensors, positive, precision, prompt_file, rank_difference,
-                      read_prompts, read_state, save_checkpoint, solve, state_path, student_times, weight)
+                      new_run_id, open_prompt_stream, optimizer_tensors, positive, precision, prompt_file,
+                      rank_difference, read_prompts, read_state, resumed_late, save_checkpoint, solve, state_path,
+                      student_times, weight)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -354,15 +355,18 @@ def main(argv=None):
                "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
                "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed,
+               "run": meta.get("run", new_run_id()) if args.resume else new_run_id(),
                "init": meta.get("init", args.init) if args.resume else args.init,
                "init_step": meta.get("init_step", meta.get("step")) if args.resume else meta.get("step"),
                "skip": meta.get("skip")}
     step = 0
     if args.resume:
         try:
-            state, smeta = read_state(args.out, meta)
+            state, smeta, student, prefix = read_state(args.out, meta, teacher.lora_prefix)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
+        if student is not None:  # the state's own copy: newer than the checkpoint if a save was interrupted
+            lora.load_state_dict(teacher.denoiser, "student", student, prefix)
         if float(smeta.get("lambda1", 0)) != args.lambda1 or float(smeta.get("lambda2", 0)) != args.lambda2:
             raise SystemExit(f"error: {args.out} was trained with lambda1 = {smeta.get('lambda1')}, lambda2 = "
                              f"{smeta.get('lambda2')}; resume with the same values")
@@ -372,11 +376,11 @@ def main(argv=None):
             disc.load_state_dict({k[len("disc."):]: v for k, v in state.items() if k.startswith("disc.")})
         if fake:
             lora.load_state_dict(teacher.denoiser, "fake", state, "fake")
-        step = int(meta["step"])
+        step = int(smeta["step"])
         if master:  # ranks > 0 continue with fresh random streams; a single-process resume continues exactly
             gen.set_state(state["rng"])
         stream.drawn = step * args.batch  # every rank draws a batch of prompts per iteration
-        log(f"resumed {args.out} at step {step}")
+        log(f"resumed {args.out} at step {step}" + resumed_late(step, meta))
     if ddp:  # identical student, heads and fake score on every rank
         for ps, _, _ in trainable.values():
             for p in ps:
@@ -386,14 +390,15 @@ def main(argv=None):
         stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
         if not master:
             return
-        tensors = {"rng": gen.get_state()}
+        tensors = {"rng": gen.get_state(), **lora.state_dict(teacher.denoiser, "student", "student")}
         for k, o in opts.items():
             tensors.update(optimizer_tensors(o, f"{k}_optim"))
         if disc:
             tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
         if fake:
             tensors.update(lora.state_dict(teacher.denoiser, "fake", "fake"))
-        lora.save(state_path(args.out), tensors, {"step": step, "lambda1": args.lambda1, "lambda2": args.lambda2})
+        lora.save(state_path(args.out), tensors, {"step": step, "run": hparams["run"], "lambda1": args.lambda1,
+                                                  "lambda2": args.lambda2})
         save_checkpoint(args.out, teacher, "global", {**hparams, "step": step})
 
     def update(loss, name):

@@ -664,13 +664,34 @@ def state_path(path):
     return path[:-len(".safetensors")] + ".state.safetensors" if path.endswith(".safetensors") else path + ".state"
 
 
-def read_state(path, meta):
-    """(tensors, metadata) of the resume state beside checkpoint `path` (metadata `meta`); both must be of one step."""
+def read_state(path, meta, lora_prefix):
+    """(state tensors, state metadata, where the student LoRA to resume is, its key prefix) of the run saved at `path`
+    (checkpoint metadata `meta`). The state file holds the student LoRA too (prefix "student"), so a save interrupted
+    between its two files (state written, checkpoint not) still resumes, at the state's step. A state without it
+    (runs before issue 16) must be of the checkpoint's step, and the LoRA comes from the checkpoint."""
     state, smeta = lora.load(state_path(path))
+    if smeta.get("run", meta.get("run")) != meta.get("run"):
+        raise ValueError(f"{state_path(path)} belongs to another run than {path} (run {smeta.get('run')}, not "
+                         f"{meta.get('run')}); restore the pair, or start anew with another --out")
+    if any(k.startswith("student.") for k in state):
+        return state, smeta, state, "student"
     if smeta.get("step") != meta.get("step"):
         raise ValueError(f"{path} (step {meta.get('step')}) and its state file (step {smeta.get('step')}) disagree; "
                          "a save was interrupted")
-    return state, smeta
+    return state, smeta, None, lora_prefix
+
+
+def new_run_id():
+    """A fresh run's identity: its checkpoint and state file carry it, and --resume requires them to agree."""
+    import uuid
+    return uuid.uuid4().hex[:12]
+
+
+def resumed_late(step, meta):
+    """What a resume log adds when the state file is newer than the checkpoint."""
+    if str(step) == meta.get("step"):
+        return ""
+    return f" (the checkpoint holds step {meta.get('step')}: its save was interrupted; the next save rewrites it)"
 
 
 def optimizer_tensors(opt, prefix="optim"):
@@ -1080,17 +1101,17 @@ def main(argv=None):
     buffer = TrajectoryBuffer(teacher, stream, args.M, args.skip, args.w, args.trajectories, args.buffer,
                               args.reuse, gen)
     hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d, "llpips": args.llpips or "", "lr": args.lr,
-               "batch": args.batch * world, "seed": args.seed}
+               "batch": args.batch * world, "seed": args.seed, "run": new_run_id()}
     step = n_student = 0  # n_student: student forward passes, counted per sample
     if args.resume:
         try:
             tensors, meta = read_checkpoint(args.out, ("local",), teacher.id)
-            state, smeta = read_state(args.out, meta)
+            state, smeta, student, prefix = read_state(args.out, meta, teacher.lora_prefix)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: cannot resume: {e}")
-        lora.load_state_dict(teacher.denoiser, "student", tensors, teacher.lora_prefix)
+        lora.load_state_dict(teacher.denoiser, "student", student or tensors, prefix)
         load_optimizer(opt, state)
-        step = int(meta["step"])
+        step, hparams["run"] = int(smeta["step"]), meta.get("run", hparams["run"])
         if master:  # ranks > 0 start fresh buffers; a single-process resume continues exactly
             gen.set_state(state["rng"])
             try:
@@ -1100,7 +1121,7 @@ def main(argv=None):
             n_student = int(smeta["student_forwards"])
         else:  # ... and continue their prompt order where rank 0's stands (ranks draw at about the same pace)
             stream.drawn = int(json.loads(smeta["buffer"]).get("prompts_drawn", 0))
-        log(f"resumed {args.out} at step {step}")
+        log(f"resumed {args.out} at step {step}" + resumed_late(step, meta))
     if ddp:  # identical LoRA on every rank
         for p in params:
             dist.broadcast(p.data, 0)
@@ -1111,8 +1132,9 @@ def main(argv=None):
             return
         tensors, counters = buffer.state()
         meta = {**hparams, "step": step}
-        lora.save(state_path(args.out), {**optimizer_tensors(opt), **tensors, "rng": gen.get_state()},
-                  {"step": step, "buffer": json.dumps(counters), "student_forwards": n_student})
+        lora.save(state_path(args.out), {**optimizer_tensors(opt), **tensors, "rng": gen.get_state(),
+                                         **lora.state_dict(teacher.denoiser, "student", "student")},
+                  {"step": step, "run": hparams["run"], "buffer": json.dumps(counters), "student_forwards": n_student})
         save_checkpoint(args.out, teacher, "local", meta)
 
     log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
