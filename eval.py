@@ -175,6 +175,7 @@ def train(stage, argv, seed, folder):
             return out, json.load(f)["seconds"]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     argv = [*argv, "--seed", str(seed), "--out", out]
+    fresh = [*argv, "--overwrite"]  # this folder is eval's own: a part that cannot resume starts over
     # part.json: when this part started, its share of the machine, and the seconds its earlier, interrupted parts
     # took; an interrupted part counts until its last save (the checkpoint's mtime): --resume redoes what came after
     resume = all(os.path.exists(f) for f in (out, local_cd.state_path(out), part))
@@ -193,14 +194,14 @@ def train(stage, argv, seed, folder):
             contextlib.redirect_stderr(log):
         main = (local_cd if stage == "local" else global_cd).main
         try:
-            main([*argv, *(["--resume"] if resume else [])])
+            main(argv + ["--resume"] if resume else fresh)
         except SystemExit as e:
             if not (resume and "cannot resume" in str(e)):  # e.g. killed between the state and checkpoint writes
                 raise
             print(f"{e}; starting over", flush=True)
             before = 0.0
             t0 = started(before)
-            main(argv)
+            main(fresh)
     seconds = before + (time.perf_counter() - t0) * SHARE
     with open(done, "w") as f:
         json.dump({"seconds": seconds, "share": SHARE, "argv": argv, "resumed": resume}, f)

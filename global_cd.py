@@ -12,12 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, Parser, all_reduce_grads, cond_cat,
-                      cond_index, count, distance, distinct_prompts, explain_interrupt, explain_out_of_memory, family,
-                      fill_presets, init_distributed, load_optimizer, load_student, mean_over_ranks, number,
-                      new_run_id, open_prompt_stream, optimizer_tensors, positive, precision, prompt_file,
-                      rank_difference, read_prompts, read_state, resumed_late, save_checkpoint, solve, state_path,
-                      student_times, weight)
+from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, Parser, all_reduce_grads,
+                      check_fresh_out, cond_cat, cond_index, count, distance, distinct_prompts, explain_interrupt,
+                      explain_out_of_memory, family, fill_presets, init_distributed, load_optimizer, load_student,
+                      mean_over_ranks, new_run_id, number, open_prompt_stream, optimizer_tensors, positive, precision,
+                      prompt_file, rank_difference, read_prompts, read_state, resumed_late, save_checkpoint, solve,
+                      state_path, student_times, take_run_values, weight)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -226,6 +226,9 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
 
 # ---- the training script ------------------------------------------------------------------------------------------
 
+RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
+                  fake_rank=int, lr=float, lr_aux=float, seed=int)  # what --resume keeps of a run
+
 PRESETS = {  # the paper's hyper-parameters per teacher family; the embedded teacher's finish in minutes on a CPU
     "digits": dict(iters=120, batch=32, lr=3e-5, lr_aux=1e-3, fake_rank=16, fake_updates=2, save_every=40),
     "sdxl": dict(iters=3000, batch=4, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250),
@@ -281,6 +284,7 @@ def parse_args(argv=None):
     a("--out", default="global.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
     a("--save-every", type=count, default=None)
     a("--resume", action="store_true", help="continue the run saved at --out (LoRAs, heads, optimizers, step, RNG)")
+    a("--overwrite", action="store_true", help="replace an existing --out (a fresh run refuses to, by default)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
@@ -304,6 +308,7 @@ def main(argv=None):
     # the distance d in fp32 (local_cd.distance)
     dtype, autocast = precision(device, args.dtype)
 
+    check_fresh_out(args)
     try:  # a prompts file is checked whole before any model loads
         prompts = args.prompts and prompt_file(args.prompts)
     except ValueError as e:
@@ -319,6 +324,8 @@ def main(argv=None):
         raise SystemExit(f"error: {e}{hint}")
     if args.teacher is not None and args.teacher != teacher.id:
         raise SystemExit(f"error: {source} was distilled from teacher {teacher.id!r}, not {args.teacher!r}")
+    if args.resume:  # the run's own p, q, w, lambdas, ...: flags left out are taken from it, flags given must agree
+        take_run_values(args, meta, RUN_VALUES)
     fill_presets(args, PRESETS[family(teacher)])
     M = int(meta["M"])
     args.w = float(meta["w"]) if args.w is None else args.w

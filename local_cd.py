@@ -681,6 +681,13 @@ def read_state(path, meta, lora_prefix):
     return state, smeta, None, lora_prefix
 
 
+def check_fresh_out(args):
+    """A run without --resume does not replace an existing --out (or its state file) unless --overwrite says so."""
+    for path in (args.out, state_path(args.out)):
+        if not args.resume and not args.overwrite and os.path.exists(path):
+            raise SystemExit(f"error: {path} exists; continue its run with --resume, or replace it with --overwrite")
+
+
 def new_run_id():
     """A fresh run's identity: its checkpoint and state file carry it, and --resume requires them to agree."""
     import uuid
@@ -777,10 +784,38 @@ def explain_out_of_memory():
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that says a mistake in one line (the usage is in --help) and exits with code 2, before any work."""
+    """argparse that says a mistake in one line (the usage is in --help) and exits with code 2, before any work;
+    parse_args also records which flags the command line gave (args.given), so --resume can tell them apart."""
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        defaults = [(a, a.default) for a in self._actions]
+        for a, _ in defaults:
+            a.default = argparse.SUPPRESS
+        try:
+            parsed.given = set(vars(super().parse_args(args)))
+        finally:
+            for a, d in defaults:
+                a.default = d
+        return parsed
+
+
+def take_run_values(args, meta, kinds):
+    """--resume continues the run as it was: each hyper-parameter in `kinds` (name -> type) that the command line left
+    out takes the checkpoint's value; one it gave must equal that value, or the resume stops with one line."""
+    for key, kind in kinds.items():
+        if key not in meta:
+            continue
+        theirs = kind(float(meta[key])) if kind in (int, float) else (meta[key] or None)
+        mine = getattr(args, key)
+        if key in args.given and mine != theirs:
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"error: cannot resume: {flag} {mine} differs from the run's {key} = {theirs}; leave "
+                             f"{flag} out to continue the run, or start another (--overwrite, or another --out)")
+        setattr(args, key, theirs)
 
 
 def count(text):
@@ -983,6 +1018,8 @@ def local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond):
     return d(g_m, g_n).mean(), g_n, len(z_m) + len(inner)
 
 
+RUN_VALUES = dict(M=int, skip=float, w=float, d=str, llpips=str, lr=float, rank=int, seed=int)  # what --resume keeps
+
 PRESETS = {  # the paper's hyper-parameters per teacher family; the embedded teacher's finish in minutes on a CPU
     "digits": dict(iters=400, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=100),
     "sdxl": dict(iters=12000, batch=4, lr=1e-4, w=7.0, trajectories=4, buffer=512, reuse=4, save_every=500),
@@ -1038,6 +1075,7 @@ def parse_args(argv=None):
     a("--out", default="local.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
     a("--save-every", type=count, default=None)
     a("--resume", action="store_true", help="continue the run saved at --out (LoRA, optimizer, step, RNG, buffer)")
+    a("--overwrite", action="store_true", help="replace an existing --out (a fresh run refuses to, by default)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     a("--resolution", type=count, default=1024, help="SDXL / FLUX image size")
@@ -1078,6 +1116,7 @@ def main(argv=None):
     # autocast(), d in fp32; the teacher's trajectories (no adapter) plainly in `dtype`
     dtype, autocast = precision(device, args.dtype)
 
+    check_fresh_out(args)
     try:
         prompts = args.prompts and prompt_file(args.prompts)  # checked whole before any model loads
         teacher = load_teacher(args.teacher, device, args.resolution, dtype)
@@ -1085,6 +1124,8 @@ def main(argv=None):
         teacher.check_prompts(prompts)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
+    if args.resume:  # the run's own M, skip, w, ...: flags left out are taken from it, flags given must agree
+        take_run_values(args, lora.metadata(args.out), RUN_VALUES)
     fill_presets(args, PRESETS[family(teacher)])
     args.w = teacher.default_w if args.w is None else args.w
     if args.d == "llpips" and args.llpips is None and teacher.id == "digits":

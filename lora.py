@@ -239,6 +239,15 @@ def save(path, tensors, metadata):
             os.remove(tmp)
 
 
+def metadata(path):
+    """The metadata of a safetensors file, without reading its tensors ({} if there is no readable file)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}
+
+
 def load(path):
     """(tensors, metadata) of a safetensors file, or one clear error for a missing / corrupt / truncated file."""
     if not os.path.isfile(path):

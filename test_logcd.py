@@ -1130,9 +1130,11 @@ def test_stage2_ablations_drop_their_parts(tmp_path):
     _stage1(tmp_path / "local.safetensors")
     _run2(tmp_path, "--iters", "1", "--lambda1", "0", "--lambda2", "0")
     state = _load(tmp_path / "global.state.safetensors")
-    assert {k.split(".")[0] for k in state} == {"student_optim", "rng"}
-    with pytest.raises(SystemExit, match="resume with the same values"):
-        _run2(tmp_path, "--iters", "2", "--resume")
+    assert {k.split(".")[0] for k in state} == {"student", "student_optim", "rng"}  # no heads, no fake score
+    with pytest.raises(SystemExit, match="--lambda2 1.0 differs from the run's lambda2 = 0.0"):
+        _run2(tmp_path, "--iters", "2", "--resume", "--lambda2", "1")
+    _run2(tmp_path, "--iters", "2", "--resume")  # the run's own lambdas: still no heads, no fake score
+    assert {k.split(".")[0] for k in _load(tmp_path / "global.state.safetensors")} == {"student", "student_optim", "rng"}
     _run2(tmp_path, "--iters", "1", "--d", "llpips", "--lambda2", "0", out="l.safetensors")
     assert read_checkpoint(str(tmp_path / "l.safetensors"))[1]["llpips"].endswith("llpips.safetensors")
 
@@ -1690,3 +1692,34 @@ def test_a_save_interrupted_anywhere_resumes_to_the_uninterrupted_run(stage, whe
     assert read_checkpoint(str(tmp_path / "b.safetensors"))[1]["step"] == "2"
     b = run("b.safetensors", "--resume")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", ["local", "global"])
+def test_a_fresh_run_does_not_replace_an_existing_out(stage, tmp_path):
+    """One line and nothing changed, before any model loads (no teacher or --init exists here); --overwrite replaces."""
+    (tmp_path / "x.safetensors").write_bytes(b"an earlier run")
+    main = local_cd.main if stage == "local" else global_cd.main
+    with pytest.raises(SystemExit, match=r"x.safetensors exists; continue its run with --resume, or replace it with "
+                                         r"--overwrite"):
+        main(["--teacher" if stage == "local" else "--init", "no/such-thing", "--out", str(tmp_path / "x.safetensors")])
+    assert (tmp_path / "x.safetensors").read_bytes() == b"an earlier run"
+    if stage == "local":
+        _run(tmp_path, "--iters", "1", "--overwrite", out="x.safetensors")
+        assert read_checkpoint(str(tmp_path / "x.safetensors"))[1]["step"] == "1"
+
+
+def test_resume_continues_the_run_it_names(tmp_path):
+    """--resume takes the run's own hyper-parameters: flags left out come from the checkpoint, a flag that differs
+    is refused in one line (stage 1: M; stage 2: lambda1), and the checkpoint keeps its values."""
+    _run(tmp_path, "--iters", "1", "--M", "4", "--skip", "50", "--lr", "0.002")
+    with pytest.raises(SystemExit, match="cannot resume: --M 8 differs from the run's M = 4; leave --M out"):
+        _run(tmp_path, "--iters", "2", "--resume", "--M", "8")
+    _run(tmp_path, "--iters", "2", "--resume")  # no flags repeated
+    meta = read_checkpoint(str(tmp_path / "local.safetensors"))[1]
+    assert (meta["step"], meta["M"], meta["skip"], meta["lr"]) == ("2", "4", "50.0", "0.002")
+    _run2(tmp_path, "--iters", "1", "--lambda1", "0.5", "--p", "2")
+    with pytest.raises(SystemExit, match="cannot resume: --lambda1 0.1 differs from the run's lambda1 = 0.5"):
+        _run2(tmp_path, "--iters", "2", "--resume", "--lambda1", "0.1")
+    _run2(tmp_path, "--iters", "2", "--resume")
+    meta = read_checkpoint(str(tmp_path / "global.safetensors"))[1]
+    assert (meta["step"], meta["lambda1"], meta["p"]) == ("2", "0.5", "2")
