@@ -317,8 +317,8 @@ class Teacher:
                 self.encode_calls += 1
                 self.truncated += sum(any(len(t(p).input_ids) > n for t, n in self.token_limits) for p in batch)
         except torch.OutOfMemoryError:
-            raise SystemExit(f"error: out of GPU memory while encoding prompts (the text encoders on the GPU, {B} prompts "
-                             "per text-encoder call): try a smaller --encode-batch") from None
+            raise SystemExit(f"error: out of GPU memory while encoding prompts (the text encoders on the GPU, {B} "
+                             "prompts per text-encoder call): try a smaller --encode-batch") from None
         finally:
             for m in self.text_encoders:
                 m.to("cpu")  # the text encoders leave the GPU between chunks
