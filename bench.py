@@ -463,7 +463,7 @@ def main(argv=None):
     for what, batch, ckpt in jobs:
         rows += measure(what, args.model, batch, args.repeats, device, dtype, autocast, ckpt, args.lambda2)
         if args.save:
-            with open(args.save, "w") as f:
+            with lora.atomic(args.save) as tmp, open(tmp, "w") as f:
                 json.dump(out, f, indent=1)
     if args.what == "all" and args.model.endswith("sdxl"):
         it = {r["what"]: r["seconds"] for r in rows}
@@ -473,7 +473,7 @@ def main(argv=None):
         if s1 and s2:
             rows.append(projection(s1, s2))
     if args.save:
-        with open(args.save, "w") as f:
+        with lora.atomic(args.save) as tmp, open(tmp, "w") as f:
             json.dump(out, f, indent=1)
     if args.json:
         print(json.dumps(out, indent=1))

@@ -186,7 +186,7 @@ def train(stage, argv, seed, folder):
         before = p["before"] + max(os.path.getmtime(out) - p["start"], 0.0) * p["share"]
 
     def started(before):  # -> the perf_counter this part started at
-        with open(part, "w") as f:
+        with lora.atomic(part) as tmp, open(tmp, "w") as f:
             json.dump({"start": time.time(), "share": SHARE, "before": before}, f)
         return time.perf_counter()
     t0 = started(before)
@@ -203,7 +203,7 @@ def train(stage, argv, seed, folder):
             t0 = started(before)
             main(fresh)
     seconds = before + (time.perf_counter() - t0) * SHARE
-    with open(done, "w") as f:
+    with lora.atomic(done) as tmp, open(tmp, "w") as f:
         json.dump({"seconds": seconds, "share": SHARE, "argv": argv, "resumed": resume}, f)
     os.remove(part)
     return out, seconds
@@ -294,10 +294,8 @@ def remember(runs, scored):
         return
     os.makedirs(runs, exist_ok=True)
     path = os.path.join(runs, "scores.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with lora.atomic(path) as tmp, open(tmp, "w") as f:  # a reader never sees half a file
         json.dump({**read_scores(runs), **scored}, f, indent=0)
-    os.replace(tmp, path)  # a reader never sees half a file
 
 
 def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
@@ -384,7 +382,8 @@ def plot(rows, path, width=900, H=270):
     for i, label in enumerate(labels):
         d.rectangle([pad, H + 38 + 12 * i, pad + 10, H + 46 + 12 * i], fill=colors[i % len(colors)])
         d.text((pad + 16, H + 35 + 12 * i), label, fill=0)
-    img.save(path)
+    with lora.atomic(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 # ---- CLIP score for real teachers -----------------------------------------------------------------------------------

@@ -443,6 +443,8 @@ def main(argv=None):
         if step % args.save_every == 0 or step == args.iters:
             save()
     bar.close()
+    if lora.metadata(args.out).get("step") != str(step):  # resumed from a state newer than its checkpoint, at the end
+        save()
     mine, total = distinct_prompts(stream, world)
     log(f"prompts seen: {mine} distinct on rank 0, {total} on all {world} ranks (of {len(prompts)}); rank 0 encoded "
         f"{stream.encoded} and read {stream.reused} back from the cache, {teacher.truncated} cut to an encoder's "

@@ -855,8 +855,8 @@ def explain_interrupt(script, out):
     except KeyboardInterrupt:
         sys.stderr.write("\n")  # below the progress bar
         path = out()
-        try:
-            step = read_checkpoint(path)[1]["step"]
+        try:  # the state's step when it is newer (an interrupted save): --resume continues from there
+            step = lora.metadata(state_path(path)).get("step") or read_checkpoint(path)[1]["step"]
         except (ValueError, FileNotFoundError):
             raise SystemExit(f"interrupted before the first checkpoint: nothing was written to {path}") from None
         again = " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume")
@@ -1210,6 +1210,8 @@ def main(argv=None):
         if step % args.save_every == 0 or step == args.iters:
             save()
     bar.close()
+    if lora.metadata(args.out).get("step") != str(step):  # resumed from a state newer than its checkpoint, at the end
+        save()
     served = max(buffer.served, 1)
     log(f"model forwards per training pair: teacher {buffer.teacher_forwards / served:.2f} + student "
         f"{n_student / served:.2f} = {(buffer.teacher_forwards + n_student) / served:.2f} (this run's pairs; the "

@@ -227,16 +227,24 @@ def load_state_dict(model, name, sd, prefix):
             l.lora_B[name].weight.copy_(B / l.scale[name])
 
 
-def save(path, tensors, metadata):
-    """Atomic safetensors write: a temp file in the same folder, then rename. A crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary path beside `path`, renamed onto `path` when the block ends without an error (and removed
+    when it does not): a crash or Ctrl-C never leaves half a file. Every file the project writes goes through it."""
     tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save(path, tensors, metadata):
+    """Atomic safetensors write (`atomic`)."""
+    with atomic(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={k: str(v) for k, v in metadata.items()})
 
 
 def metadata(path):

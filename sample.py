@@ -190,9 +190,8 @@ def main(argv=None):
                 bar.update(sl.stop - sl.start)
     images, latents = torch.cat(images), torch.cat(latents)
 
-    tmp = f"{args.out}.tmp{os.getpid()}"  # atomic, as every file the project writes: temp file, then rename
-    grid(images, prompts, what).save(tmp, format=IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
-    os.replace(tmp, args.out)
+    with lora.atomic(args.out) as tmp:
+        grid(images, prompts, what).save(tmp, format=IMAGE_FORMATS[os.path.splitext(args.out)[1].lower()])
     print(f"wrote {args.out} ({N} images: {what})")
     if args.save_tensors:
         tensors = {"images": images.contiguous(), "latents": latents.contiguous()}

@@ -473,7 +473,8 @@ def test_prompt_stream_cache_survives_an_interruption(tmp_path):
     assert other.encoded == 16 and other.reused == 0
 
 
-def test_prompt_file_reads_lines_and_refuses_what_is_not_text(tmp_path):
+def test_prompt_file_reads_lines_and_refuses_what_is_not_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the scripts' default --out lands here, not in a checkout with outputs of its own
     (tmp_path / "p.txt").write_bytes("a cat\n\n  \nun caf\u00e9 cr\u00e8me \r\nlast line".encode())
     f = PromptFile(str(tmp_path / "p.txt"))
     assert len(f) == 3 and list(f) == ["a cat", "un caf\u00e9 cr\u00e8me", "last line"] and f[-1] == "last line"
@@ -1648,13 +1649,18 @@ def test_ctrl_c_ends_a_run_with_the_command_that_continues_it(tmp_path):
     import signal
     import time
     argv = [*FAST, "--iters", "100000", "--save-every", "2", "--out", "s.safetensors"]
+    # SIGINT as a terminal delivers it, also where the tests run as a background job (which ignores SIGINT)
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "local_cd.py"), *argv], cwd=tmp_path, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while not (tmp_path / "s.safetensors").exists() and p.poll() is None:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while not (tmp_path / "s.safetensors").exists() and p.poll() is None:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()  # never left running
     line = [x for x in err.splitlines() if x.startswith("interrupted")]
     step = int(read_checkpoint(str(tmp_path / "s.safetensors"))[1]["step"])
     assert p.returncode == 1 and line == [f"interrupted: s.safetensors holds step {step}; continue with: python "
