@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 import lora
 from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, Parser, all_reduce_grads,
-                      check_fresh_out, cond_cat, cond_index, count, distance, distinct_prompts, explain_interrupt,
-                      explain_out_of_memory, family, fill_presets, init_distributed, load_optimizer, load_student,
-                      mean_over_ranks, new_run_id, number, open_prompt_stream, optimizer_tensors, positive, precision,
-                      prompt_file, rank_difference, read_prompts, read_state, resumed_late, save_checkpoint, solve,
-                      state_path, student_times, take_run_values, weight)
+                      check_fresh_out, cond_cat, cond_index, count, distance, explain_interrupt, explain_out_of_memory,
+                      family, fill_presets, init_distributed, load_optimizer, load_student, mean_over_ranks, new_run_id,
+                      number, open_prompt_stream, optimizer_tensors, positive, precision, prompt_file, prompts_seen,
+                      rank_difference, read_prompts, read_state, resumed_late, save_checkpoint, solve, state_path,
+                      student_times, take_run_values, weight)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -445,10 +445,7 @@ def main(argv=None):
     bar.close()
     if lora.metadata(args.out).get("step") != str(step):  # resumed from a state newer than its checkpoint, at the end
         save()
-    mine, total = distinct_prompts(stream, world)
-    log(f"prompts seen: {mine} distinct on rank 0, {total} on all {world} ranks (of {len(prompts)}); rank 0 encoded "
-        f"{stream.encoded} and read {stream.reused} back from the cache, {teacher.truncated} cut to an encoder's "
-        "token limit (as the pipelines cut them)")
+    log(prompts_seen(stream, world))
     log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 2  (or 3, 4)")
     if ddp:  # a cheap guard: every rank must hold rank 0's weights
         diff = max(rank_difference(ps) for ps, _, _ in trainable.values())

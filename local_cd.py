@@ -271,14 +271,17 @@ def open_prompt_stream(teacher, prompts, args, rank, world):
     return PromptStream(teacher, prompts, args.seed, rank, world, args.encode_chunk, cache, key)
 
 
-def distinct_prompts(stream, world):
-    """(distinct prompts this rank has drawn, distinct in all ranks): ranks draw disjoint shares of each epoch."""
+def prompts_seen(stream, world):
+    """The end-of-run line on the prompts: distinct ones drawn on rank 0 and on all ranks (their shares are disjoint,
+    so the counts add up), what rank 0 encoded or read back, and how many were cut to an encoder's limit."""
     import torch.distributed as dist
     mine = torch.tensor(min(stream.drawn, stream.share), device=stream.teacher.device)  # nccl: a GPU tensor
     total = mine.clone()
     if world > 1:
         dist.all_reduce(total)
-    return int(mine), min(int(total), len(stream.prompts))
+    return (f"prompts seen: {int(mine)} distinct on rank 0, {min(int(total), len(stream.prompts))} on all {world} "
+            f"ranks (of {len(stream.prompts)}); rank 0 encoded {stream.encoded} and read {stream.reused} back from the "
+            f"cache, {stream.teacher.truncated} cut to an encoder's token limit (as the pipelines cut them)")
 
 
 # ---- teachers --------------------------------------------------------------------------------------------------
@@ -1216,10 +1219,7 @@ def main(argv=None):
     log(f"model forwards per training pair: teacher {buffer.teacher_forwards / served:.2f} + student "
         f"{n_student / served:.2f} = {(buffer.teacher_forwards + n_student) / served:.2f} (this run's pairs; the "
         f"naive way, re-running the teacher from T for every pair: {buffer.naive_forwards / served:.1f} + student)")
-    mine, total = distinct_prompts(stream, world)
-    log(f"prompts seen: {mine} distinct on rank 0, {total} on all {world} ranks (of {len(prompts)}); rank 0 encoded "
-        f"{stream.encoded} and read {stream.reused} back from the cache, {teacher.truncated} cut to an encoder's "
-        "token limit (as the pipelines cut them)")
+    log(prompts_seen(stream, world))
     log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 4")
     if ddp:  # a cheap guard: every rank must hold rank 0's LoRA
         log(f"LoRA identical on all {world} ranks: max difference {rank_difference(params):.3g}")
