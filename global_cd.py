@@ -15,9 +15,9 @@ import lora
 from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, Parser, all_reduce_grads,
                       check_fresh_out, cond_cat, cond_index, count, distance, explain_interrupt, explain_out_of_memory,
                       family, fill_presets, init_distributed, load_optimizer, load_student, mean_over_ranks, new_run_id,
-                      number, open_prompt_stream, optimizer_tensors, positive, precision, prompt_file, prompts_seen,
-                      rank_difference, read_prompts, read_state, resumed_late, save_checkpoint, solve, state_path,
-                      student_times, take_run_values, weight)
+                      number, open_prompt_stream, optimizer_tensors, positive, precision, prompts_meta, prompts_seen,
+                      rank_difference, read_prompts, read_state, resumed_late, run_prompts, save_checkpoint, solve,
+                      state_path, student_times, take_run_batch, take_run_values, weight)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -310,7 +310,7 @@ def main(argv=None):
 
     check_fresh_out(args)
     try:  # a prompts file is checked whole before any model loads
-        prompts = args.prompts and prompt_file(args.prompts)
+        prompts = run_prompts(args, lora.metadata(args.out) if args.resume else {})
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata
@@ -326,6 +326,7 @@ def main(argv=None):
         raise SystemExit(f"error: {source} was distilled from teacher {teacher.id!r}, not {args.teacher!r}")
     if args.resume:  # the run's own p, q, w, lambdas, ...: flags left out are taken from it, flags given must agree
         take_run_values(args, meta, RUN_VALUES)
+        take_run_batch(args, meta, world)
     fill_presets(args, PRESETS[family(teacher)])
     M = int(meta["M"])
     args.w = float(meta["w"]) if args.w is None else args.w
@@ -361,7 +362,7 @@ def main(argv=None):
     hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d, "llpips": args.llpips or "",
                "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
-               "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed,
+               "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed, **prompts_meta(prompts),
                "run": meta.get("run", new_run_id()) if args.resume else new_run_id(),
                "init": meta.get("init", args.init) if args.resume else args.init,
                "init_step": meta.get("init_step", meta.get("step")) if args.resume else meta.get("step"),

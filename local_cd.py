@@ -179,6 +179,27 @@ def prompt_file(path):
     return PromptFile(path)
 
 
+def run_prompts(args, meta):
+    """A training run's prompts file (a PromptFile, or None for the embedded teacher's own), checked whole before any
+    model loads. With --resume (meta: the run's checkpoint metadata) --prompts left out is the run's own file, and a
+    --prompts given must hold the run's captions, byte for byte (the file may have moved)."""
+    if args.resume and args.prompts is None:
+        args.prompts = meta.get("prompts") or None
+    prompts = args.prompts and prompt_file(args.prompts)
+    if args.resume and meta.get("prompts_sha1", "") != (prompts.sha1 if prompts else ""):
+        raise ValueError(f"cannot resume: --prompts {args.prompts} does not hold the run's captions (those of "
+                         f"{meta.get('prompts') or 'the embedded teacher'}); give the run's prompts file")
+    return prompts
+
+
+def prompts_meta(prompts):
+    """What a checkpoint records of its prompts file: its path and the sha1 of its bytes (run_prompts reads them);
+    empty for the embedded teacher's own prompts."""
+    if not isinstance(prompts, PromptFile):
+        return {"prompts": "", "prompts_sha1": ""}
+    return {"prompts": os.path.abspath(prompts.path), "prompts_sha1": prompts.sha1}
+
+
 class PromptStream:
     """The prompts one rank draws, in order, and their embeddings, a chunk at a time: what makes a caption file of
     any length cost the same memory.
@@ -721,6 +742,9 @@ def load_optimizer(opt, tensors, prefix="optim"):
 def read_checkpoint(path, stages=("local", "global"), teacher_id=None):
     """(tensors, metadata) of a LogCD checkpoint; one clear error if it is not one, or is of another stage/teacher."""
     tensors, meta = lora.load(path)
+    if "run" in meta and "format" not in meta and path.endswith(".state.safetensors"):
+        raise ValueError(f"{path} is the training state that --resume reads, not a checkpoint; use "
+                         f"{path[:-len('.state.safetensors')]}.safetensors")
     if meta.get("format") != "logcd" or not any(k.endswith(".lora_A.weight") for k in tensors):
         raise ValueError(f"{path} is not a LogCD checkpoint (no LoRA or no LogCD metadata)")
     if meta.get("stage") not in stages:
@@ -821,6 +845,23 @@ def take_run_values(args, meta, kinds):
         setattr(args, key, theirs)
 
 
+def take_run_batch(args, meta, world):
+    """--resume keeps the run's batch (samples per iteration, over all ranks) also on another number of ranks: --batch,
+    which is per rank, becomes the run's batch / world. A --batch given must give the run's batch; a world that does
+    not divide it is refused in one line."""
+    if "batch" not in meta:
+        return
+    total = int(meta["batch"])
+    if "batch" in args.given and args.batch * world != total:
+        raise SystemExit(f"error: cannot resume: --batch {args.batch} on {world} rank(s) is {args.batch * world} "
+                         f"samples per iteration, the run's batch is {total}; leave --batch out")
+    if total % world:
+        divisors = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0)
+        raise SystemExit(f"error: cannot resume: the run's batch of {total} does not split over {world} ranks; resume "
+                         f"on {divisors} rank(s)")
+    args.batch = total // world
+
+
 def count(text):
     """An argparse type: a whole number, at least 1 (iterations, batch sizes, steps, ranks, ...)."""
     return number(text, int, 1)
@@ -849,10 +890,16 @@ def number(text, kind, low, strict=False):
 
 @contextlib.contextmanager
 def explain_interrupt(script, out):
-    """Ctrl-C (or a scheduler's SIGINT) ends a training run with one line: what --out holds now, and the command that
-    continues it. out(): the run's --out. Every checkpoint write is atomic, so what is on disk is whole."""
+    """Ctrl-C, or a SIGTERM (a scheduler's or torchrun's stop), ends a training run with one line: what --out holds
+    now, and the command that continues it. out(): the run's --out. Every checkpoint write is atomic, so what is on
+    disk is whole."""
     import shlex
+    import signal
     import sys
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt  # the same way out as Ctrl-C: unwinds through any save, which leaves no half file
+    before = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
     except KeyboardInterrupt:
@@ -862,9 +909,18 @@ def explain_interrupt(script, out):
             step = lora.metadata(state_path(path)).get("step") or read_checkpoint(path)[1]["step"]
         except (ValueError, FileNotFoundError):
             raise SystemExit(f"interrupted before the first checkpoint: nothing was written to {path}") from None
+        if int(os.environ.get("RANK", 0)) > 0:
+            raise SystemExit(1) from None  # rank 0 says it for all
         again = " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume")
-        raise SystemExit(f"interrupted: {path} holds step {step}; continue with: python {script} {again} --resume"
+        launch = "python"
+        if "RANK" in os.environ:  # torchrun, with its rendezvous flags (if any) as before
+            nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+            launch = (f"torchrun{f' --nnodes {nodes}' if nodes != '1' else ''} "
+                      f"--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '?')}")
+        raise SystemExit(f"interrupted: {path} holds step {step}; continue with: {launch} {script} {again} --resume"
                          .replace("  ", " ")) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def fill_presets(args, preset):
@@ -1021,7 +1077,8 @@ def local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond):
     return d(g_m, g_n).mean(), g_n, len(z_m) + len(inner)
 
 
-RUN_VALUES = dict(M=int, skip=float, w=float, d=str, llpips=str, lr=float, rank=int, seed=int)  # what --resume keeps
+RUN_VALUES = dict(teacher=str, resolution=int, M=int, skip=float, w=float, d=str, llpips=str, lr=float, rank=int,
+                  seed=int)  # what --resume keeps of a run
 
 PRESETS = {  # the paper's hyper-parameters per teacher family; the embedded teacher's finish in minutes on a CPU
     "digits": dict(iters=400, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=100),
@@ -1120,15 +1177,16 @@ def main(argv=None):
     dtype, autocast = precision(device, args.dtype)
 
     check_fresh_out(args)
+    if args.resume:  # the run's own teacher, M, skip, w, ...: flags left out are taken from it, flags given must agree
+        take_run_values(args, lora.metadata(args.out), RUN_VALUES)
+        take_run_batch(args, lora.metadata(args.out), world)
     try:
-        prompts = args.prompts and prompt_file(args.prompts)  # checked whole before any model loads
+        prompts = run_prompts(args, lora.metadata(args.out))  # checked whole before any model loads
         teacher = load_teacher(args.teacher, device, args.resolution, dtype)
         prompts = prompts or read_prompts(None, teacher)
         teacher.check_prompts(prompts)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    if args.resume:  # the run's own M, skip, w, ...: flags left out are taken from it, flags given must agree
-        take_run_values(args, lora.metadata(args.out), RUN_VALUES)
     fill_presets(args, PRESETS[family(teacher)])
     args.w = teacher.default_w if args.w is None else args.w
     if args.d == "llpips" and args.llpips is None and teacher.id == "digits":
@@ -1145,7 +1203,7 @@ def main(argv=None):
     buffer = TrajectoryBuffer(teacher, stream, args.M, args.skip, args.w, args.trajectories, args.buffer,
                               args.reuse, gen)
     hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d, "llpips": args.llpips or "", "lr": args.lr,
-               "batch": args.batch * world, "seed": args.seed, "run": new_run_id()}
+               "batch": args.batch * world, "seed": args.seed, "run": new_run_id(), **prompts_meta(prompts)}
     step = n_student = 0  # n_student: student forward passes, counted per sample
     if args.resume:
         try:

@@ -914,6 +914,26 @@ def test_stage1_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
     assert "LoRA identical on all 2 ranks: max difference 0" in out
     meta = read_checkpoint(str(tmp_path / "l.safetensors"))[1]
     assert meta["batch"] == "4" and meta["dtype"] == "bfloat16" and meta["step"] == "3"
+    _resume_on_one_rank(tmp_path, local_cd.main, "l.safetensors")
+
+
+def _resume_on_one_rank(tmp_path, main, out):
+    """A 2-rank run at --batch 2 (4 per iteration), resumed in one process with no flag repeated: --batch left out
+    keeps the run's 4, --prompts left out is the run's file. A --batch that would change the run's batch, or a prompts
+    file with other captions, is refused in one line before any work (no file changed)."""
+    argv = ["--dtype", "bfloat16", "--iters", "4", "--resume", "--out", str(tmp_path / out)]
+    (tmp_path / "other.txt").write_text("a cat\na blue dog\n")
+    before = _files(tmp_path)
+    with pytest.raises(SystemExit, match=r"cannot resume: --batch 2 on 1 rank\(s\) is 2 samples per iteration, the "
+                                         r"run's batch is 4; leave --batch out"):
+        main([*argv, "--batch", "2"])
+    with pytest.raises(SystemExit, match=f"cannot resume: --prompts {tmp_path / 'other.txt'} does not hold the run's "
+                                         f"captions \\(those of {tmp_path / 'prompts.txt'}\\)"):
+        main([*argv, "--prompts", str(tmp_path / "other.txt")])
+    assert _files(tmp_path) == before
+    main(argv)
+    meta = read_checkpoint(str(tmp_path / out))[1]
+    assert (meta["step"], meta["batch"]) == ("4", "4")
 
 
 # ---- stage 2: global consistency, GAN, DMD --------------------------------------------------------------------------
@@ -1169,6 +1189,7 @@ def test_stage2_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
     assert "student, heads and fake score identical on all 2 ranks: max difference 0" in out
     meta = read_checkpoint(str(tmp_path / "g.safetensors"))[1]
     assert meta["batch"] == "4" and meta["dtype"] == "bfloat16" and meta["lambda2"] == "1.0"
+    _resume_on_one_rank(tmp_path, global_cd.main, "g.safetensors")
 
 
 # ---- L-LPIPS -----------------------------------------------------------------------------------------------------
@@ -1582,6 +1603,13 @@ def test_a_20000_line_prompts_file_costs_what_a_20_line_one_does(tiny_sdxl, tmp_
 
 # ---- faults and mistakes: one line, before any work, nothing written ---------------------------------------------
 
+def _files(folder):
+    """Every file under folder, with its bytes: equal before and after a refused command when nothing changed."""
+    import hashlib
+    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha1(open(os.path.join(d, f), "rb").read()).digest()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
 @pytest.mark.parametrize("script, argv, said", [
     ("sample", ["--teacher", "digits", "--steps", "0"], "--steps: must be a whole number at least 1, not 0"),
     ("sample", ["--teacher", "digits", "--batch", "0"], "--batch: must be a whole number at least 1, not 0"),
@@ -1623,50 +1651,71 @@ def test_sample_outputs_are_checked_before_any_model_loads(argv, said, tmp_path,
 
 def test_misread_inputs_are_refused_in_one_line(tmp_path, monkeypatch):
     """A teacher folder whose metadata names its prompts in another way than its rows; a checkpoint whose metadata
-    lacks a field or has a non-number; a folder given as the prompts file."""
+    lacks a field or has a non-number; a folder given as the prompts file; a state file given as a checkpoint (to
+    sample.py, as stage 2's --init, as the --out to resume). Each: one line, and no file under tmp_path changed."""
     import shutil
     folder = tmp_path / "teacher"
     shutil.copytree(os.path.join(HERE, "toy", "teacher"), folder)
     tensors, _ = lora.load(str(folder / "prompt_embeds.safetensors"))
     lora.save(str(folder / "prompt_embeds.safetensors"), tensors, {"prompts": "0,1,2,3,4,5,6,7,8,9,"})
+    before = _files(tmp_path)
     _fails(["--teacher", str(folder), "--out", str(tmp_path / "x.png")], "has 11 rows (the last one the empty "
            "prompt) but its metadata names 1 prompts")
+    assert _files(tmp_path) == before
     for key, value in (("rank", None), ("M", "abc")):
         t = _zero_student(tmp_path / "s.safetensors")
         meta = lora.load(str(tmp_path / "s.safetensors"))[1]
         meta = {k: v for k, v in meta.items() if k != key} if value is None else {**meta, key: value}
         lora.save(str(tmp_path / "s.safetensors"), lora.state_dict(t.denoiser, "student", "unet"), meta)
+        before = _files(tmp_path)
         with pytest.raises(SystemExit, match=f"lacks a valid '{key}'"):
             global_cd.main(["--init", str(tmp_path / "s.safetensors"), "--out", str(tmp_path / "g.safetensors")])
+        assert _files(tmp_path) == before
     with pytest.raises(SystemExit, match=f"prompts file {tmp_path} is a folder"):
         local_cd.main(["--prompts", str(tmp_path), "--out", str(tmp_path / "l.safetensors")])
-    assert not (tmp_path / "x.png").exists() and not (tmp_path / "g.safetensors").exists()
+    _run(tmp_path, "--iters", "1", out="r.safetensors")
+    before, state = _files(tmp_path), str(tmp_path / "r.state.safetensors")
+    said = f"{state} is the training state that --resume reads, not a checkpoint; use {tmp_path / 'r.safetensors'}"
+    _fails(["--ckpt", state, "--out", str(tmp_path / "x.png")], said)
+    for main, argv in ((global_cd.main, ["--init", state, "--out", str(tmp_path / "g.safetensors")]),
+                       (local_cd.main, ["--resume", "--out", state])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert said in str(e.value) and "\n" not in str(e.value), e.value
+    assert _files(tmp_path) == before
 
 
-def test_ctrl_c_ends_a_run_with_the_command_that_continues_it(tmp_path):
-    """SIGINT to a stage-1 run: exit code 1, one line naming the checkpoint's step and the resume command; that
-    command continues the run to its end."""
+@pytest.mark.parametrize("stage, signum", [("local", "SIGINT"), ("global", "SIGTERM")])
+def test_a_signal_ends_a_run_with_the_command_that_continues_it(stage, signum, tmp_path):
+    """Ctrl-C (SIGINT) or a scheduler's stop (SIGTERM) to a training run: exit code 1, one line naming the
+    checkpoint's step and the resume command, no traceback; that command continues the run to its end."""
     import signal
     import time
-    argv = [*FAST, "--iters", "100000", "--save-every", "2", "--out", "s.safetensors"]
+    script = f"{stage}_cd.py"
+    if stage == "local":
+        argv = [*FAST, "--iters", "100000", "--save-every", "2", "--out", "s.safetensors"]
+    else:
+        _stage1(tmp_path / "local.safetensors")
+        argv = [*G_FAST, "--iters", "100000", "--save-every", "1", "--init", "local.safetensors", "--out",
+                "s.safetensors"]
     # SIGINT as a terminal delivers it, also where the tests run as a background job (which ignores SIGINT)
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "local_cd.py"), *argv], cwd=tmp_path, text=True,
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, script), *argv], cwd=tmp_path, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not (tmp_path / "s.safetensors").exists() and p.poll() is None:
             time.sleep(0.1)
         time.sleep(0.5)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(getattr(signal, signum))
         _, err = p.communicate(timeout=120)
     finally:
         p.kill()  # never left running
     line = [x for x in err.splitlines() if x.startswith("interrupted")]
     step = int(read_checkpoint(str(tmp_path / "s.safetensors"))[1]["step"])
-    assert p.returncode == 1 and line == [f"interrupted: s.safetensors holds step {step}; continue with: python "
-                                          f"local_cd.py {' '.join(argv)} --resume"], err[-500:]
-    local_cd.main([*FAST, "--iters", str(step + 2), "--save-every", "2", "--out", str(tmp_path / "s.safetensors"),
-                   "--resume"])
+    assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert line == [f"interrupted: s.safetensors holds step {step}; continue with: python {script} {' '.join(argv)} "
+                    "--resume"], err[-500:]
+    (_run if stage == "local" else _run2)(tmp_path, "--iters", str(step + 2), "--resume", out="s.safetensors")
     assert read_checkpoint(str(tmp_path / "s.safetensors"))[1]["step"] == str(step + 2)
 
 
@@ -1698,6 +1747,37 @@ def test_a_save_interrupted_anywhere_resumes_to_the_uninterrupted_run(stage, whe
     assert read_checkpoint(str(tmp_path / "b.safetensors"))[1]["step"] == "2"
     b = run("b.safetensors", "--resume")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_retraining_the_teacher_replaces_it_whole_or_not_at_all(tmp_path, monkeypatch):
+    """toy/train_teacher.py: an existing --out is refused without --overwrite, before the training; a save interrupted
+    inside the new teacher's write leaves the old one as it was; --overwrite replaces it with a whole teacher."""
+    import runpy
+    import shutil
+    import safetensors.torch
+    folder = tmp_path / "teacher"
+    shutil.copytree(os.path.join(HERE, "toy", "teacher"), folder)
+    before = _files(tmp_path)
+
+    def train(*argv):
+        monkeypatch.setattr(sys, "argv", ["train_teacher", "--out", str(folder), "--steps", "2", "--batch", "4", *argv])
+        runpy.run_module("toy.train_teacher", run_name="__main__")
+    with pytest.raises(SystemExit, match=f"error: {folder} exists; replace it with --overwrite"):
+        train()
+    save_file = safetensors.torch.save_file
+
+    def interrupted(*a, **k):
+        save_file(*a, **k)
+        raise KeyboardInterrupt  # the unet and scheduler written, the prompt table written, nothing moved yet
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train("--overwrite")
+    assert _files(tmp_path) == before  # no temp folder left either
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    train("--overwrite")
+    after = _files(tmp_path)
+    assert set(after) == set(before) and after != before
+    assert load_teacher(str(folder), "cpu").prompts == load_teacher("digits", "cpu").prompts
 
 
 @pytest.mark.parametrize("stage", ["local", "global"])

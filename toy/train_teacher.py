@@ -1,6 +1,6 @@
 """Train the embedded digits teacher from scratch (CPU, about 15 minutes on 2 cores).
 
-    python -m toy.train_teacher --out toy/teacher
+    python -m toy.train_teacher --out toy/teacher --overwrite
 
 An epsilon-prediction diffusion model with Stable Diffusion's noise schedule (1000 steps, scaled_linear
 0.00085 -> 0.012), conditioned by cross-attention on a learned prompt table: rows 0-9 are the prompts "0".."9",
@@ -11,6 +11,7 @@ import argparse
 import copy
 import math
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -18,19 +19,25 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from local_cd import Parser, count, positive, weight
 from toy.digits import PROMPTS, RES, load_digits
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--out", default="toy/teacher", help="output folder")
-p.add_argument("--steps", type=int, default=2400, help="optimizer steps")
-p.add_argument("--batch", type=int, default=64)
-p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (cosine decay, 100 warm-up steps)")
-p.add_argument("--p-uncond", type=float, default=0.15, help="label dropout: share of samples trained on the empty prompt")
-p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
-p.add_argument("--tokens", type=int, default=4, help="L: tokens per prompt embedding")
-p.add_argument("--dim", type=int, default=32, help="D: prompt embedding width (the UNet's cross_attention_dim)")
+p.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the new teacher is whole)")
+p.add_argument("--steps", type=count, default=2400, help="optimizer steps")
+p.add_argument("--batch", type=count, default=64)
+p.add_argument("--lr", type=positive, default=1e-3, help="peak AdamW learning rate (cosine decay, 100 warm-up steps)")
+p.add_argument("--p-uncond", type=weight, default=0.15, help="label dropout: share of samples trained on the empty prompt")
+p.add_argument("--ema", type=weight, default=0.999, help="EMA decay of the saved weights")
+p.add_argument("--tokens", type=count, default=4, help="L: tokens per prompt embedding")
+p.add_argument("--dim", type=count, default=32, help="D: prompt embedding width (the UNet's cross_attention_dim)")
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
+if os.path.exists(args.out) and not args.overwrite:  # before the training: the teacher in --out is not lost
+    raise SystemExit(f"error: {args.out} exists; replace it with --overwrite, or give another --out")
+if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+    raise SystemExit(f"error: --out {args.out}: the folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
 
 torch.manual_seed(args.seed)
 x_data, y_data = load_digits()
@@ -72,9 +79,18 @@ for i in (bar := tqdm(range(args.steps))):
         ema_embeds.lerp_(embeds, 1 - decay)
     bar.set_postfix(loss=f"{loss.item():.4f}")
 
-os.makedirs(args.out, exist_ok=True)
-ema.save_pretrained(os.path.join(args.out, "unet"))
-scheduler.save_pretrained(os.path.join(args.out, "scheduler"))
-save_file({"embeds": ema_embeds.contiguous()}, os.path.join(args.out, "prompt_embeds.safetensors"),
-          metadata={"prompts": "|".join(PROMPTS + [""]), "trained_by": "python -m toy.train_teacher"})
+# the teacher is written whole into a folder beside --out, which then takes --out's place: an interrupted save leaves
+# the old teacher (or none), never half of one
+tmp, old = f"{args.out}.tmp{os.getpid()}", f"{args.out}.old{os.getpid()}"
+try:
+    ema.save_pretrained(os.path.join(tmp, "unet"))
+    scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+    save_file({"embeds": ema_embeds.contiguous()}, os.path.join(tmp, "prompt_embeds.safetensors"),
+              metadata={"prompts": "|".join(PROMPTS + [""]), "trained_by": "python -m toy.train_teacher"})
+    if os.path.exists(args.out):
+        os.replace(args.out, old)
+    os.replace(tmp, args.out)
+finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 print(f"saved the teacher to {args.out}")
