@@ -13,7 +13,7 @@ does not depend on weight values, so nothing is downloaded). Runs unchanged on C
 
 Timings are the best of --repeats runs after one warm-up; peak memory is CUDA's allocator peak (not measured on CPU).
 Prompts are random embeddings of the right shape: the text encoders are timed apart (--what encode; training
-encodes a chunk of prompts every few hundred draws). Precision as in training (local_cd.precision): base weights
+encodes a chunk of prompts every few hundred draws). Precision as in training (teachers.precision): base weights
 bf16 on CUDA, fp32 on a CPU unless --dtype says otherwise; LoRA and optimizer state fp32; adapter forwards under
 autocast.
 A row that does not fit on the GPU is reported as such, with the memory it needed at least.
@@ -32,8 +32,9 @@ import types
 import torch
 
 import lora
-from local_cd import (DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, distance, memory_needed, precision,
-                      solve, student_times, teacher_times)
+from local_cd import cfg, cfg_passes, distance, solve, student_times, teacher_times
+from runs import memory_needed
+from teachers import DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, precision
 
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -145,7 +146,7 @@ def text_teacher(model, device, dtype, folder):
                            FluxTransformer2DModel, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from local_cd import FluxTeacher, SDXLTeacher
+    from teachers import FluxTeacher, SDXLTeacher
     tiny = model.startswith("tiny")
     tok, n = char_tokenizer(folder)
     ids = dict(vocab_size=n, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
@@ -221,9 +222,9 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     first = one_forward(teacher, cond, batch, repeats, device)
     rows, one = [first], first["seconds"]
     with torch.no_grad():
-        sec, mem = timed(lambda: solve(lambda z_, t_: teacher.x0(z_, t_, c, w=w), z, teacher_times(teacher_steps),
+        sec, mem = timed(lambda: solve(lambda z_, t_: cfg(teacher, z_, t_, c, w), z, teacher_times(teacher_steps),
                                        teacher.alpha_sigma), repeats, device)
-        passes = 1 if isinstance(teacher, FluxTeacher) and not teacher.true_cfg else 2
+        passes = cfg_passes(teacher)
         rows.append(row(f"teacher, {teacher_steps} steps, CFG w={w:g}", sec, one, teacher_steps * passes, mem))
         with lora.merged(teacher.denoiser, "student"):
             t = torch.full((batch,), 500.0, device=device)
@@ -241,7 +242,7 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
     """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA) and the teacher's
     share (one TrajectoryBuffer refill at the family's preset, timed once, divided by the iterations it feeds), against
     one plain forward at the same batch. Target (issue 6): the update at batch 4 <= 3.5x one forward."""
-    from local_cd import PRESETS, TrajectoryBuffer, family, local_loss, milestones, segment
+    from local_cd import PRESETS, TrajectoryBuffer, local_loss, milestones, segment
     rows = [one_forward(teacher, cond, batch, repeats, device)]
     one = rows[0]["seconds"]
     z_m, z_n, c = teacher.noise(batch), teacher.noise(batch), cond(batch)
@@ -267,7 +268,7 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
     rows.append(row(f"stage-1 update, batch {batch}{ckpt}", sec, one, None, mem,
                     lora_params=sum(p.numel() for p in params)))
     # the teacher's share: one refill of trajectories at the preset; each pair is then served `reuse` times
-    pre = PRESETS[family(teacher)]
+    pre = PRESETS[teacher.family]["local"]
     prompts = types.SimpleNamespace(take=lambda n: (cond(n), torch.zeros(n, dtype=torch.long)), drawn=0)  # random
     buf = TrajectoryBuffer(teacher, prompts, M, skip, teacher.default_w,
                            pre["trajectories"], pre["buffer"], pre["reuse"], g)
@@ -290,7 +291,7 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=F
     params = add_student(teacher, rank=64)
     a = global_cd.parse_args([])
     a.lambda1, a.lambda2, a.w = lambda1, lambda2, teacher.default_w
-    global_cd.fill_presets(a, global_cd.PRESETS["flux" if isinstance(teacher, FluxTeacher) else "sdxl"])
+    global_cd.fill_presets(a, global_cd.PRESETS[teacher.family]["global"])
     disc = global_cd.Discriminator(teacher) if lambda1 > 0 else None
     fake = lora.inject(teacher.denoiser, teacher.student_lora["lora_targets"], "fake", 64) if lambda2 > 0 else None
     if checkpointing:
@@ -448,7 +449,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    if cuda:  # as in training (local_cd.init_distributed): cuDNN attention's backward crashed on FLUX
+    if cuda:  # as in training (runs.init_distributed): cuDNN attention's backward crashed on FLUX
         torch.backends.cuda.enable_cudnn_sdp(False)
     elif args.model in ("sdxl", "flux"):
         print(f"note: {args.model} at full size on a CPU takes minutes per forward; the tiny-* models are for CPUs")

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import load_teacher
+from teachers import load_teacher
 from toy.digits import load_digits, split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -168,6 +168,7 @@ def train(stage, argv, seed, folder):
     save) times the share of the machine the run had (1 / --jobs), so that costs compare across --jobs."""
     import global_cd
     import local_cd
+    import runs
     out = os.path.join(folder, f"seed{seed}", f"{stage}.safetensors")
     done, part = out + ".done.json", out + ".part.json"
     if os.path.exists(done) and os.path.exists(out):
@@ -178,7 +179,7 @@ def train(stage, argv, seed, folder):
     fresh = [*argv, "--overwrite"]  # this folder is eval's own: a part that cannot resume starts over
     # part.json: when this part started, its share of the machine, and the seconds its earlier, interrupted parts
     # took; an interrupted part counts until its last save (the checkpoint's mtime): --resume redoes what came after
-    resume = all(os.path.exists(f) for f in (out, local_cd.state_path(out), part))
+    resume = all(os.path.exists(f) for f in (out, runs.state_path(out), part))
     before = 0.0
     if resume:
         with open(part) as f:

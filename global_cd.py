@@ -5,19 +5,19 @@ DESIGN.md section 5. Everything shared with stage 1 (teachers, time, Psi, solve,
 """
 import argparse
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (DISTANCE_HELP, DTYPE_HELP, DTYPES, HERE, T, FluxTeacher, Parser, all_reduce_grads,
-                      check_fresh_out, cond_cat, cond_index, count, distance, explain_interrupt, explain_out_of_memory,
-                      family, fill_presets, init_distributed, load_optimizer, load_student, mean_over_ranks, new_run_id,
-                      number, open_prompt_stream, optimizer_tensors, positive, precision, prompts_meta, prompts_seen,
-                      rank_difference, read_prompts, read_state, resumed_late, run_prompts, save_checkpoint, solve,
-                      state_path, student_times, take_run_batch, take_run_values, weight)
+from local_cd import DISTANCE_HELP, PRESETS, cfg, distance, milestones, solve, student_times
+from runs import (Parser, all_reduce_grads, check_fresh_out, count, explain_interrupt, explain_out_of_memory,
+                  fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id, number, optimizer_tensors,
+                  positive, prompts_meta, rank_difference, read_state, resumed_late, run_prompts, state_path,
+                  take_run_batch, take_run_values, weight)
+from teachers import (DTYPE_HELP, DTYPES, T, FluxTeacher, cond_cat, cond_index, load_student, open_prompt_stream,
+                      precision, prompts_seen, read_prompts, save_checkpoint)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -54,7 +54,7 @@ def global_loss(teacher, d, z_m, t_m, t_n, cond, w, p):
     with torch.no_grad(), lora.adapter(teacher.denoiser, None):
         # hat z_{t_n} = Psi o ... o Psi (z_{t_m}): p steps of the teacher with CFG, t_m -> t_n in equal parts
         ts = [t_m + (t_n - t_m) * i / p for i in range(p + 1)]
-        z_n = solve(lambda z, t: teacher.x0(z, t, cond, w=w), z_m, ts, teacher.alpha_sigma)
+        z_n = solve(lambda z, t: cfg(teacher, z, t, cond, w), z_m, ts, teacher.alpha_sigma)
     with lora.adapter(teacher.denoiser, "student"):
         with torch.no_grad():
             x0_n, inner = z_n.clone(), (t_n > 0).nonzero().flatten()
@@ -147,6 +147,23 @@ class Discriminator(nn.Module):
         return sum(head(f) for head, f in zip(self.heads, feats)) / len(self.heads)
 
 
+def discriminator_loss(disc, real, fake, t, eps, cond):
+    """The heads' hinge loss, max(0, 1 - D(real)) + max(0, 1 + D(fake)): both sides re-noised to the same t with the
+    same eps, in one pass."""
+    logits = disc(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([eps, eps]), cond_cat(cond, cond))
+    d_real, d_fake = logits.chunk(2)
+    return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+
+
+def generator_loss(disc, x0, t, eps, cond):
+    """The generator's hinge term, -D(x0): its gradient reaches x0 (the student), not the heads."""
+    disc.requires_grad_(False)
+    try:
+        return -disc(x0, t, eps, cond).mean()
+    finally:
+        disc.requires_grad_(True)
+
+
 # ---- DMD: real score = the teacher with CFG, fake score = adapter `fake` on the same base ---------------------------
 
 def dmd_loss(teacher, x0, cond, w, gen):
@@ -156,7 +173,7 @@ def dmd_loss(teacher, x0, cond, w, gen):
     with torch.no_grad():
         z_t = renoise(teacher, x0, t, randn_like(x0, gen))
         with lora.adapter(teacher.denoiser, None):
-            real = teacher.x0(z_t, t, cond, w=w)
+            real = cfg(teacher, z_t, t, cond, w)
         with lora.adapter(teacher.denoiser, "fake"):
             fake = teacher.x0(z_t, t, cond)
         # grad = (x0_fake - x0_real) / mean |x0 - x0_real|
@@ -190,7 +207,7 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     with autocast():
         x0_q = student_samples(teacher, cond, a.q, M, gen)
     s = torch.randint(1, M + 1, (B,), generator=gen).to(device)
-    t_m, t_n = s * (T / M), (s - 1) * (T / M)
+    t_m, t_n = (milestones(M).to(device)[i].float() for i in (s, s - 1))  # adjacent milestones
     eps = randn_like(x0_q, gen)
     # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
     # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
@@ -200,10 +217,9 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     with autocast():
         l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w, a.p)
         loss = logs["cons"] = l_cons.mean()
-        if disc:  # the generator's hinge term; the heads get no gradient from it
-            disc.requires_grad_(False)
-            l_gan = logs["gan"] = -disc(x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen), cond).mean()
-            disc.requires_grad_(True)
+        if disc:
+            l_gan = logs["gan"] = generator_loss(disc, x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen),
+                                                 cond)
             loss = loss + a.lambda1 * l_gan
         if fake:
             l_dmd = logs["dmd"] = dmd_loss(teacher, x0_m, cond, a.w, gen)
@@ -213,9 +229,7 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     if disc:  # the discriminator step: real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
         with autocast():
             t_g, eps = uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen)
-            logits = disc(torch.cat([x0_n, x0_m]), torch.cat([t_g, t_g]), torch.cat([eps, eps]), cond_cat(cond, cond))
-            real, fake_logit = logits.chunk(2)
-            l_d = F.relu(1 - real).mean() + F.relu(1 + fake_logit).mean()
+            l_d = discriminator_loss(disc, x0_n, x0_m, t_g, eps, cond)
         logs["disc"] = update(l_d, "disc")
     for _ in range(a.fake_updates if fake else 0):  # the fake score follows the student
         with autocast():
@@ -228,12 +242,6 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
 
 RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
                   fake_rank=int, lr=float, lr_aux=float, seed=int)  # what --resume keeps of a run
-
-PRESETS = {  # the paper's hyper-parameters per teacher family; the embedded teacher's finish in minutes on a CPU
-    "digits": dict(iters=120, batch=32, lr=3e-5, lr_aux=1e-3, fake_rank=16, fake_updates=2, save_every=40),
-    "sdxl": dict(iters=3000, batch=4, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250),
-    "flux": dict(iters=6000, batch=2, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250),
-}
 
 STAGE2 = """
 Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
@@ -309,8 +317,12 @@ def main(argv=None):
     dtype, autocast = precision(device, args.dtype)
 
     check_fresh_out(args)
+    run = lora.metadata(args.out) if args.resume else {}
+    if args.resume:  # the run's own p, q, w, lambdas, ...: flags left out are taken from it, flags given must agree
+        take_run_values(args, run, RUN_VALUES)
+        take_run_batch(args, run, world)
     try:  # a prompts file is checked whole before any model loads
-        prompts = run_prompts(args, lora.metadata(args.out) if args.resume else {})
+        prompts = run_prompts(args, run)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata
@@ -324,10 +336,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}{hint}")
     if args.teacher is not None and args.teacher != teacher.id:
         raise SystemExit(f"error: {source} was distilled from teacher {teacher.id!r}, not {args.teacher!r}")
-    if args.resume:  # the run's own p, q, w, lambdas, ...: flags left out are taken from it, flags given must agree
-        take_run_values(args, meta, RUN_VALUES)
-        take_run_batch(args, meta, world)
-    fill_presets(args, PRESETS[family(teacher)])
+    fill_presets(args, PRESETS[teacher.family]["global"])
     M = int(meta["M"])
     args.w = float(meta["w"]) if args.w is None else args.w
     try:
@@ -337,8 +346,6 @@ def main(argv=None):
         teacher.check_prompts(prompts)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if args.d == "llpips" and args.llpips is None and teacher.id == "digits":
-        args.llpips = os.path.join(HERE, "toy", "llpips.safetensors")  # the embedded teacher's own L-LPIPS
     d = distance(args.d, args.llpips, teacher.latent_shape[0], device)
 
     torch.manual_seed(args.seed)  # the same initial heads and fake adapter on every rank
@@ -359,7 +366,8 @@ def main(argv=None):
         lora.gradient_checkpointing(teacher.denoiser)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
     stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
-    hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d, "llpips": args.llpips or "",
+    hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d,
+               "llpips": args.llpips if args.d == "llpips" else "",
                "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
                "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed, **prompts_meta(prompts),

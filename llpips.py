@@ -186,7 +186,8 @@ def main(argv=None):
         p.error("--bapps DIR is required (to time L-LPIPS against VAE decode + LPIPS: python bench.py --what llpips)")
 
     # the trainer alone needs a teacher (its VAE) and the shared checkpoint helpers
-    from local_cd import CACHE, default_device, load_optimizer, load_teacher, optimizer_tensors, state_path
+    from runs import load_optimizer, optimizer_tensors, state_path
+    from teachers import CACHE, default_device, load_teacher
     device = args.device or default_device()
     try:
         splits = {s: read_bapps(args.bapps, s) for s in ("train", "val")}

@@ -28,8 +28,10 @@ import torch
 from tqdm import tqdm
 
 import lora
-from local_cd import (DTYPE_HELP, DTYPES, Parser, T, count, default_device, load_student, load_teacher, precision,
-                      read_checkpoint, read_prompts, solve, student_times, teacher_times, weight)
+from local_cd import cfg, solve, student_times, teacher_times
+from runs import Parser, count, weight
+from teachers import (DTYPE_HELP, DTYPES, T, default_device, load_student, load_teacher, precision, read_checkpoint,
+                      read_prompts)
 
 
 def parse_args(argv=None):
@@ -76,12 +78,6 @@ def check_output(path, formats, flag):
         raise SystemExit(f"error: {flag} {path}: the folder {folder} is not writable") from None
 
 
-def sampling_times(k, M):
-    """A student's k-step grid: k milestones spread evenly (local_cd.student_times). An LCM-style student (M = 1) is
-    consistent to t = 0 from anywhere, so its k steps use a uniform grid."""
-    return student_times(k, M) if M > 1 else [T * (k - i) / k for i in range(k + 1)]
-
-
 def diffusers_args(ckpt, steps=4):
     """Keyword arguments for a stock diffusers pipeline call that samples the student `ckpt` (loaded into the pipeline
     with pipe.load_lora_weights(ckpt)) on the grid it was trained on, the grid sample.py uses: the same latents.
@@ -99,7 +95,7 @@ def diffusers_args(ckpt, steps=4):
     where the teacher interpolates log alpha-bar, a small difference."""
     _, meta = read_checkpoint(ckpt)
     M, res = int(meta["M"]), int(meta.get("resolution", 1024))
-    ts = sampling_times(steps, M)[:-1]  # the pipelines append the final t = 0 themselves
+    ts = student_times(steps, M)[:-1]  # the pipelines append the final t = 0 themselves
     if meta.get("lora_prefix") == "transformer":  # a flow (FLUX)
         return {"sigmas": [t / T for t in ts], "num_inference_steps": steps, "height": res, "width": res}
     return {"timesteps": [t - 1 for t in ts], "guidance_scale": 1.0, "height": res, "width": res}
@@ -147,7 +143,7 @@ def main(argv=None):
             if args.cfg is not None:
                 raise SystemExit("error: --cfg is for the teacher; the student was distilled with CFG "
                                  f"(w = {meta.get('w')}) and needs no guidance pass")
-            ts = sampling_times(k, M)
+            ts = student_times(k, M)
             what = f"{os.path.basename(args.ckpt)} ({meta['stage']} CD, M={M}), {k} steps {args.sampler}"
         else:
             teacher = load_teacher(args.teacher, args.device, args.resolution, dtype)
@@ -180,7 +176,7 @@ def main(argv=None):
                         for kk, v in embeds.items()}
 
                 def x0_fn(z, t):
-                    x0 = teacher.x0(z, t, cond) if args.ckpt else teacher.x0(z, t, cond, w=w)
+                    x0 = teacher.x0(z, t, cond) if args.ckpt else cfg(teacher, z, t, cond, w)
                     return x0.clamp(-1, 1) if args.clip else x0
 
                 noises = renoise[:, sl] if renoise is not None else None

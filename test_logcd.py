@@ -14,9 +14,12 @@ import torch
 
 import llpips
 import lora
+import runs
 import sample
-from local_cd import (T, Psi, PromptFile, PromptStream, add_student, load_student, load_teacher, milestones, read_checkpoint,
-                      save_checkpoint, segment, solve, student_times, teacher_times, to_x0)
+import teachers
+from local_cd import Psi, cfg, milestones, segment, solve, student_times, teacher_times
+from teachers import (T, PromptFile, PromptStream, add_student, load_student, load_teacher, read_checkpoint,
+                      save_checkpoint, to_x0)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,7 +96,7 @@ def tiny_flux(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def prompt_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr("local_cd.CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("teachers.CACHE", str(tmp_path / "cache"))
 
 
 def pack(z):
@@ -378,7 +381,7 @@ def test_digits_teacher(digits):
     z, t = digits.noise(2, torch.Generator().manual_seed(0)), torch.tensor([500.0, 500.0])
     c = digits.encode(["3", "7"])
     with torch.no_grad():  # w = 1 is the conditional model
-        assert torch.allclose(digits.x0(z, t, c, w=1.0), digits.x0(z, t, c), atol=1e-5)
+        assert torch.allclose(cfg(digits, z, t, c, 1.0), digits.x0(z, t, c), atol=1e-5)
     with pytest.raises(ValueError, match="knows the prompts"):
         digits.encode(["a cat"])
 
@@ -391,7 +394,7 @@ def test_sdxl_teacher_sampling_equals_diffusers_ddim(tiny_sdxl):
     z = t.noise(2, torch.Generator().manual_seed(0))
     cond = t.encode(["a cat", "a dog"])
     with torch.no_grad():
-        mine = solve(lambda z_, tt: t.x0(z_, tt, cond, w=5.0), z, teacher_times(4), t.alpha_sigma)
+        mine = solve(lambda z_, tt: cfg(t, z_, tt, cond, 5.0), z, teacher_times(4), t.alpha_sigma)
     pipe = t.pipe
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
                                                set_alpha_to_one=True, clip_sample=False)
@@ -404,11 +407,11 @@ def test_sdxl_teacher_sampling_equals_diffusers_ddim(tiny_sdxl):
 def test_flux_teacher_sampling_equals_diffusers_euler(tiny_flux):
     """Shifted sigmas, packing, ids and the guidance embedding reproduce FluxPipeline's Euler sampler."""
     t = load_teacher(tiny_flux, "cpu", resolution=32)
-    assert t.latent_shape == (4, 16, 16) and t.prediction == "flow" and not t.true_cfg
+    assert t.latent_shape == (4, 16, 16) and t.prediction == "flow" and t.guidance_embedded
     z = t.noise(2, torch.Generator().manual_seed(0))
     cond = t.encode(["a cat", "a dog"])
     with torch.no_grad():
-        mine = solve(lambda z_, tt: t.x0(z_, tt, cond, w=3.5), z, teacher_times(4), t.alpha_sigma)
+        mine = solve(lambda z_, tt: cfg(t, z_, tt, cond, 3.5), z, teacher_times(4), t.alpha_sigma)
     ref = t.pipe(["a cat", "a dog"], num_inference_steps=4, guidance_scale=3.5, height=32, width=32,
                  latents=pack(z), output_type="latent", max_sequence_length=512).images
     assert torch.allclose(mine, unpack(ref, 4, 16, 16), atol=1e-4), (mine - unpack(ref, 4, 16, 16)).abs().max()
@@ -776,9 +779,9 @@ def test_buffer_pairs_are_teacher_steps_from_noise(digits):
         k, depth = j % n, int(pool["depth"][j])
         c = cond_index(cond_all, idx[k:k + 1])
         with torch.no_grad():
-            z_m = solve(lambda z, t: digits.x0(z, t, c, w=w), z_T[k:k + 1], ts[:depth], digits.alpha_sigma)
+            z_m = solve(lambda z, t: cfg(digits, z, t, c, w), z_T[k:k + 1], ts[:depth], digits.alpha_sigma)
             tm, tn = pool["t_m"][j:j + 1], pool["t_n"][j:j + 1]
-            z_n = Psi(z_m, digits.x0(z_m, tm, c, w=w), tm, tn, digits.alpha_sigma)
+            z_n = Psi(z_m, cfg(digits, z_m, tm, c, w), tm, tn, digits.alpha_sigma)
         assert pool["prompt"][j] == idx[k] and tm.item() == ts[depth - 1] and tn.item() == ts[depth]
         assert torch.allclose(pool["z_m"][j], z_m[0], atol=1e-4) and torch.allclose(pool["z_n"][j], z_n[0], atol=1e-4)
         assert pool["t_s"][j] == milestones(8)[segment(tm, 8)].item()
@@ -963,7 +966,7 @@ def _captured(monkeypatch):
     seen = []
 
     def load_student(*a, **k):
-        seen.append(local_cd.load_student(*a, **k))
+        seen.append(teachers.load_student(*a, **k))
         return seen[-1]
 
     monkeypatch.setattr(global_cd, "load_student", load_student)
@@ -1053,7 +1056,7 @@ def test_stage2_gradients_stay_in_their_own_parameters(digits):
     assert grads_after(l_cons.mean() + 0.1 * l_gan + global_cd.dmd_loss(t, x0_m, c, 1.5, g)) == {"student"}
     x0_m = x0_m.detach()
     logits = disc(torch.cat([x0_n, x0_m]), torch.full((2 * B,), 200.0), torch.randn(2 * B, 1, 16, 16),
-                  local_cd.cond_cat(c, c))
+                  teachers.cond_cat(c, c))
     assert grads_after(torch.relu(1 - logits[:B]).mean() + torch.relu(1 + logits[B:]).mean()) == {"heads"}
     assert grads_after(global_cd.fake_score_loss(t, x0_m, c, g)) == {"fake"}
 
@@ -1069,9 +1072,9 @@ def test_global_loss_targets_are_the_teacher_solver_and_the_student(digits):
     _, x0_m, target = global_cd.global_loss(t, local_cd.distance("mse"), z_m, t_m, t_n, c, 1.5, 3)
     with torch.no_grad():
         for i in range(2):
-            ci = local_cd.cond_index(c, slice(i, i + 1))
+            ci = teachers.cond_index(c, slice(i, i + 1))
             ts = torch.linspace(t_m[i].item(), t_n[i].item(), 4).tolist()  # p = 3 equal teacher steps with CFG
-            z_n = solve(lambda z, s: t.x0(z, s, ci, w=1.5), z_m[i:i + 1], ts, t.alpha_sigma)
+            z_n = solve(lambda z, s: cfg(t, z, s, ci, 1.5), z_m[i:i + 1], ts, t.alpha_sigma)
             with lora.adapter(t.denoiser, "student"):
                 want = z_n if t_n[i] == 0 else t.x0(z_n, t_n[i:i + 1], ci)  # at t = 0: z_0 itself
                 assert torch.allclose(x0_m[i], t.x0(z_m[i:i + 1], t_m[i:i + 1], ci)[0], atol=1e-5)
@@ -1095,7 +1098,7 @@ def test_dmd_gradient_is_the_normalised_score_difference(digits):
     tt = global_cd.uniform(2, *global_cd.DMD_T, g, "cpu")
     with torch.no_grad():
         z = global_cd.renoise(t, x0, tt, global_cd.randn_like(x0, g))
-        real = t.x0(z, tt, c, w=1.5)
+        real = cfg(t, z, tt, c, 1.5)
         with lora.adapter(t.denoiser, "fake"):
             fake = t.x0(z, tt, c)
     want = (fake - real) / (x0 - real).abs().mean(dim=(1, 2, 3), keepdim=True) / x0.numel()
@@ -1426,7 +1429,7 @@ def test_out_of_memory_is_one_line_with_the_flags_that_help(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 2 ** 30))
     with pytest.raises(SystemExit) as e:
-        with local_cd.explain_out_of_memory():
+        with runs.explain_out_of_memory():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has ...")
     msg = str(e.value)
     assert "needs more than 60.5 GiB, the GPU has 80.0 GiB" in msg and "--grad-checkpointing" in msg
@@ -1711,9 +1714,9 @@ def test_a_signal_ends_a_run_with_the_command_that_continues_it(stage, signum, t
     finally:
         p.kill()  # never left running
     line = [x for x in err.splitlines() if x.startswith("interrupted")]
-    step = int(read_checkpoint(str(tmp_path / "s.safetensors"))[1]["step"])
-    assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
-    assert line == [f"interrupted: s.safetensors holds step {step}; continue with: python {script} {' '.join(argv)} "
+    step = int(lora.metadata(str(tmp_path / "s.state.safetensors"))["step"])  # ahead of the checkpoint's if the
+    assert p.returncode == 1 and "Traceback" not in err, err[-2000:]  # signal came between the two files' writes
+    assert line == [f"interrupted: s.safetensors continues from step {step} with: python {script} {' '.join(argv)} "
                     "--resume"], err[-500:]
     (_run if stage == "local" else _run2)(tmp_path, "--iters", str(step + 2), "--resume", out="s.safetensors")
     assert read_checkpoint(str(tmp_path / "s.safetensors"))[1]["step"] == str(step + 2)

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from local_cd import Parser, count, positive, weight
+from runs import Parser, count, positive, weight
 from toy.digits import PROMPTS, RES, load_digits
 
 p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,292 @@
+"""What every training run does around its loop (local_cd.py, global_cd.py; llpips.py's trainer too).
+
+  - the command line: argparse that says a mistake in one line, argument types that check ranges, the presets;
+  - fresh runs and resumed ones: --overwrite, --resume taking the run's own values, state files beside the
+    checkpoint (optimizers, RNG, the student LoRA), so a save interrupted anywhere resumes;
+  - torchrun: process setup, the gradient all-reduce, a cheap check that all ranks agree;
+  - how a run ends when it must: Ctrl-C / SIGTERM and out-of-memory errors as one line that says what to do.
+Nothing here is LogCD's method.
+"""
+import argparse
+import contextlib
+import math
+import os
+import re
+
+import torch
+
+import lora
+from teachers import PromptFile, default_device, prompt_file, read_checkpoint
+
+
+# ---- the command line -----------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse that says a mistake in one line (the usage is in --help) and exits with code 2, before any work;
+    parse_args also records which flags the command line gave (args.given), so --resume can tell them apart."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        defaults = [(a, a.default) for a in self._actions]
+        for a, _ in defaults:
+            a.default = argparse.SUPPRESS
+        try:
+            parsed.given = set(vars(super().parse_args(args)))
+        finally:
+            for a, d in defaults:
+                a.default = d
+        return parsed
+
+
+def count(text):
+    """An argparse type: a whole number, at least 1 (iterations, batch sizes, steps, ranks, ...)."""
+    return number(text, int, 1)
+
+
+def positive(text):
+    """An argparse type: a finite number above 0 (learning rates, skip, reuse)."""
+    return number(text, float, 0, strict=True)
+
+
+def weight(text):
+    """An argparse type: a finite number, 0 or more (CFG scales, loss weights)."""
+    return number(text, float, 0)
+
+
+def number(text, kind, low, strict=False):
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
+    if not math.isfinite(v) or v < low or (strict and v == low):
+        what = "a whole number" if kind is int else "a finite number"
+        raise argparse.ArgumentTypeError(f"must be {what} {'above' if strict else 'at least'} {low}, not {text}")
+    return v
+
+
+def fill_presets(args, preset):
+    """Every flag left at None takes the teacher family's preset value."""
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+# ---- fresh runs and resumed ones -------------------------------------------------------------------------------
+
+def check_fresh_out(args):
+    """A run without --resume does not replace an existing --out (or its state file) unless --overwrite says so."""
+    for path in (args.out, state_path(args.out)):
+        if not args.resume and not args.overwrite and os.path.exists(path):
+            raise SystemExit(f"error: {path} exists; continue its run with --resume, or replace it with --overwrite")
+
+
+def new_run_id():
+    """A fresh run's identity: its checkpoint and state file carry it, and --resume requires them to agree."""
+    import uuid
+    return uuid.uuid4().hex[:12]
+
+
+def take_run_values(args, meta, kinds):
+    """--resume continues the run as it was: each hyper-parameter in `kinds` (name -> type) that the command line left
+    out takes the checkpoint's value; one it gave must equal that value, or the resume stops with one line."""
+    for key, kind in kinds.items():
+        if key not in meta:
+            continue
+        theirs = kind(float(meta[key])) if kind in (int, float) else (meta[key] or None)
+        mine = getattr(args, key)
+        if key in args.given and mine != theirs:
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"error: cannot resume: {flag} {mine} differs from the run's {key} = {theirs}; leave "
+                             f"{flag} out to continue the run, or start another (--overwrite, or another --out)")
+        setattr(args, key, theirs)
+
+
+def take_run_batch(args, meta, world):
+    """--resume keeps the run's batch (samples per iteration, over all ranks) also on another number of ranks: --batch,
+    which is per rank, becomes the run's batch / world. A --batch given must give the run's batch; a world that does
+    not divide it is refused in one line."""
+    if "batch" not in meta:
+        return
+    total = int(meta["batch"])
+    if "batch" in args.given and args.batch * world != total:
+        raise SystemExit(f"error: cannot resume: --batch {args.batch} on {world} rank(s) is {args.batch * world} "
+                         f"samples per iteration, the run's batch is {total}; leave --batch out")
+    if total % world:
+        divisors = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0)
+        raise SystemExit(f"error: cannot resume: the run's batch of {total} does not split over {world} ranks; resume "
+                         f"on {divisors} rank(s)")
+    args.batch = total // world
+
+
+def run_prompts(args, meta):
+    """A training run's prompts file (a PromptFile, or None for the embedded teacher's own), checked whole before any
+    model loads. With --resume (meta: the run's checkpoint metadata) --prompts left out is the run's own file, and a
+    --prompts given must hold the run's captions, byte for byte (the file may have moved)."""
+    if args.resume and args.prompts is None:
+        args.prompts = meta.get("prompts") or None
+    prompts = args.prompts and prompt_file(args.prompts)
+    if args.resume and meta.get("prompts_sha1", "") != (prompts.sha1 if prompts else ""):
+        raise ValueError(f"cannot resume: --prompts {args.prompts} does not hold the run's captions (those of "
+                         f"{meta.get('prompts') or 'the embedded teacher'}); give the run's prompts file")
+    return prompts
+
+
+def prompts_meta(prompts):
+    """What a checkpoint records of its prompts file: its path and the sha1 of its bytes (run_prompts reads them);
+    empty for the embedded teacher's own prompts."""
+    if not isinstance(prompts, PromptFile):
+        return {"prompts": "", "prompts_sha1": ""}
+    return {"prompts": os.path.abspath(prompts.path), "prompts_sha1": prompts.sha1}
+
+
+def state_path(path):
+    """local.safetensors -> local.state.safetensors: optimizer, RNG and data state for --resume."""
+    return path[:-len(".safetensors")] + ".state.safetensors" if path.endswith(".safetensors") else path + ".state"
+
+
+def read_state(path, meta, lora_prefix):
+    """(state tensors, state metadata, where the student LoRA to resume is, its key prefix) of the run saved at `path`
+    (checkpoint metadata `meta`). The state file holds the student LoRA too (prefix "student"), so a save interrupted
+    between its two files (state written, checkpoint not) still resumes, at the state's step. A state without it
+    (runs before issue 16) must be of the checkpoint's step, and the LoRA comes from the checkpoint."""
+    state, smeta = lora.load(state_path(path))
+    if smeta.get("run", meta.get("run")) != meta.get("run"):
+        raise ValueError(f"{state_path(path)} belongs to another run than {path} (run {smeta.get('run')}, not "
+                         f"{meta.get('run')}); restore the pair, or start anew with another --out")
+    if any(k.startswith("student.") for k in state):
+        return state, smeta, state, "student"
+    if smeta.get("step") != meta.get("step"):
+        raise ValueError(f"{path} (step {meta.get('step')}) and its state file (step {smeta.get('step')}) disagree; "
+                         "a save was interrupted")
+    return state, smeta, None, lora_prefix
+
+
+def resumed_late(step, meta):
+    """What a resume log adds when the state file is newer than the checkpoint."""
+    if str(step) == meta.get("step"):
+        return ""
+    return f" (the checkpoint holds step {meta.get('step')}: its save was interrupted; the next save rewrites it)"
+
+
+def optimizer_tensors(opt, prefix="optim"):
+    return {f"{prefix}.{i}.{k}": v for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def load_optimizer(opt, tensors, prefix="optim"):
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, i, k = key.split(".")
+            sd["state"].setdefault(int(i), {})[k] = v
+    opt.load_state_dict(sd)
+
+
+# ---- torchrun: one process per GPU, no DDP wrapper (the LoRA gradients are averaged by hand, one flat all-reduce) ----
+
+def init_distributed(device=None):
+    """A training script's process setup: (rank, world, device, ddp). torchrun sets RANK: gloo on CPU, nccl on GPU,
+    one GPU per rank. On CUDA, cuDNN's scaled-dot-product attention is switched off: its backward crashed on FLUX
+    (illegal memory access; H200, torch 2.11); flash / memory-efficient attention remain."""
+    import torch.distributed as dist
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if not ddp:
+        return 0, 1, device or default_device(), False
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def all_reduce_grads(params, world):
+    """p.grad <- the mean of p.grad over ranks, for all params at once (a missing grad counts as zero)."""
+    import torch.distributed as dist
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params]) / world
+    dist.all_reduce(flat)
+    torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+
+
+def mean_over_ranks(x, world):
+    import torch.distributed as dist
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world
+
+
+def rank_difference(params):
+    """max |theta - theta of rank 0| over all ranks: 0 when every rank holds the same weights (a cheap guard)."""
+    import torch.distributed as dist
+    flat = torch.nn.utils.parameters_to_vector(params).detach()
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+# ---- how a run ends when it must ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def explain_out_of_memory():
+    """A CUDA out-of-memory error becomes one line: the least this run needs (memory_needed), the card's size, and
+    the flags that help -- instead of a CUDA trace."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        need = memory_needed(e)
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
+        raise SystemExit(f"error: out of GPU memory: this run needs more than {need:.1f} GiB, the GPU has {total:.1f} "
+                         "GiB; try --grad-checkpointing, a smaller --batch, or more GPUs with torchrun (--batch is per "
+                         "GPU)") from None
+
+
+def memory_needed(e):
+    """The least GiB a run that hit this CUDA out-of-memory error needs: the peak in use plus the failed allocation."""
+    m = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB)", str(e))
+    asked = float(m.group(1)) / (1024 if m.group(2) == "MiB" else 1) if m else 0.0
+    return torch.cuda.max_memory_allocated() / 2 ** 30 + asked
+
+
+@contextlib.contextmanager
+def explain_interrupt(script, out):
+    """Ctrl-C, or a SIGTERM (a scheduler's or torchrun's stop), ends a training run with one line: what --out holds
+    now, and the command that continues it. out(): the run's --out. Every checkpoint write is atomic, so what is on
+    disk is whole."""
+    import shlex
+    import signal
+    import sys
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt  # the same way out as Ctrl-C: unwinds through any save, which leaves no half file
+    before = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")  # below the progress bar
+        path = out()
+        try:  # the state's step when it is newer (an interrupted save): --resume continues from there
+            step = lora.metadata(state_path(path)).get("step") or read_checkpoint(path)[1]["step"]
+        except (ValueError, FileNotFoundError):
+            raise SystemExit(f"interrupted before the first checkpoint: nothing was written to {path}") from None
+        if int(os.environ.get("RANK", 0)) > 0:
+            raise SystemExit(1) from None  # rank 0 says it for all
+        again = " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume")
+        launch = "python"
+        if "RANK" in os.environ:  # torchrun, with its rendezvous flags (if any) as before
+            nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+            launch = (f"torchrun{f' --nnodes {nodes}' if nodes != '1' else ''} "
+                      f"--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '?')}")
+        raise SystemExit(f"interrupted: {path} continues from step {step} with: {launch} {script} {again} --resume"
+                         .replace("  ", " ")) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
