@@ -32,7 +32,7 @@ import types
 import torch
 
 import lora
-from local_cd import cfg, cfg_passes, distance, solve, student_times, teacher_times
+from local_cd import cfg, distance, solve, student_times, teacher_times
 from runs import memory_needed
 from teachers import DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, precision
 
@@ -201,6 +201,31 @@ def timed(f, repeats, device, warmup=1):
     return min(times[warmup:]), (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
 
 
+@contextlib.contextmanager
+def count_forwards(model):
+    """Counts the calls of `model` with a forward pre-hook (a call cut short, as the discriminator's, counts too):
+    yields a list that gets (the active adapter, the batch size) of each call. The model calls bench.py reports, and
+    those the tests check, are counted here, not computed from the step counts."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        layers = lora.layers(model)
+        calls.append((layers[0][1].active if layers else None, x.shape[0]))
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def timed_calls(model, batch, f, repeats, device):
+    """timed(f), and the model calls one run of f makes (counted, in calls of `batch` samples)."""
+    with count_forwards(model) as calls:
+        sec, mem = timed(f, repeats, device)
+    return sec, mem, sum(n for _, n in calls) / (repeats + 1) / batch  # timed runs f repeats + 1 times
+
+
 def row(what, seconds, one=None, calls=None, peak=None, **extra):
     return {"what": what, "calls": calls, "seconds": seconds, "x_one_forward": seconds / one if one else None,
             "peak_GiB": peak, **extra}
@@ -209,8 +234,8 @@ def row(what, seconds, one=None, calls=None, peak=None, **extra):
 def one_forward(teacher, cond, batch, repeats, device):
     z, c, t = teacher.noise(batch), cond(batch), torch.full((batch,), 500.0, device=device)
     with torch.no_grad():
-        sec, mem = timed(lambda: teacher.forward(z, t, c), repeats, device)
-    return row(f"one forward, batch {batch}", sec, sec, 1, mem)
+        sec, mem, calls = timed_calls(teacher.denoiser, batch, lambda: teacher.forward(z, t, c), repeats, device)
+    return row(f"one forward, batch {batch}", sec, sec, calls, mem)
 
 
 def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, student_steps=(2, 3, 4), M=8):
@@ -222,18 +247,18 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     first = one_forward(teacher, cond, batch, repeats, device)
     rows, one = [first], first["seconds"]
     with torch.no_grad():
-        sec, mem = timed(lambda: solve(lambda z_, t_: cfg(teacher, z_, t_, c, w), z, teacher_times(teacher_steps),
-                                       teacher.alpha_sigma), repeats, device)
-        passes = cfg_passes(teacher)
-        rows.append(row(f"teacher, {teacher_steps} steps, CFG w={w:g}", sec, one, teacher_steps * passes, mem))
+        sec, mem, calls = timed_calls(teacher.denoiser, batch, lambda: solve(
+            lambda z_, t_: cfg(teacher, z_, t_, c, w), z, teacher_times(teacher_steps), teacher.alpha_sigma),
+            repeats, device)
+        rows.append(row(f"teacher, {teacher_steps} steps, CFG w={w:g}", sec, one, calls, mem))
         with lora.merged(teacher.denoiser, "student"):
             t = torch.full((batch,), 500.0, device=device)
-            sec, mem = timed(lambda: teacher.forward(z, t, c), repeats, device)
-            rows.append(row(f"one forward, batch {batch}, LoRA merged", sec, one, 1, mem))
+            sec, mem, calls = timed_calls(teacher.denoiser, batch, lambda: teacher.forward(z, t, c), repeats, device)
+            rows.append(row(f"one forward, batch {batch}, LoRA merged", sec, one, calls, mem))
             for k in student_steps:
-                sec, mem = timed(lambda: solve(lambda z_, t_: teacher.x0(z_, t_, c), z, student_times(k, M),
-                                               teacher.alpha_sigma), repeats, device)
-                rows.append(row(f"student, {k} steps (LoRA merged)", sec, one, k, mem,
+                sec, mem, calls = timed_calls(teacher.denoiser, batch, lambda: solve(
+                    lambda z_, t_: teacher.x0(z_, t_, c), z, student_times(k, M), teacher.alpha_sigma), repeats, device)
+                rows.append(row(f"student, {k} steps (LoRA merged)", sec, one, calls, mem,
                                 speedup_vs_teacher=rows[1]["seconds"] / sec))
     return rows
 

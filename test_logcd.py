@@ -588,6 +588,87 @@ def test_student_from_tiny_sdxl_and_flux_checkpoints(tmp_path, tiny_sdxl, tiny_f
         assert _load(tmp_path / "x.safetensors")["images"].shape == (1, 3, res, res)
 
 
+# ---- model calls, counted by a hook on the denoiser (bench.count_forwards) -------------------------------------------
+
+def _count_calls(monkeypatch, module, name, stack):
+    """module.name (a teacher or student loader) returns its teacher with every call of the denoiser counted: the
+    returned list gets one list of (active adapter, batch size) per loaded teacher."""
+    import bench
+    load, counted = getattr(module, name), []
+
+    def loader(*a, **k):
+        out = load(*a, **k)
+        counted.append(stack.enter_context(bench.count_forwards((out[0] if isinstance(out, tuple) else out).denoiser)))
+        return out
+    monkeypatch.setattr(module, name, loader)
+    return counted
+
+
+def test_sampling_makes_one_model_call_per_step(tmp_path, monkeypatch, tiny_flux):
+    """sample.py end to end: the student at k = 2, 3, 4 steps makes k calls, adapter merged, no CFG pass; the
+    teacher at n steps with CFG makes n calls of both halves at once (digits), or n single calls for FLUX.1-dev,
+    whose guidance is an input."""
+    import contextlib
+    _zero_student(tmp_path / "s.safetensors")
+    out = ["--per-prompt", "2", "--out", str(tmp_path / "x.png")]
+    for argv, expected in [*[(["--ckpt", str(tmp_path / "s.safetensors"), "--steps", str(k)], [("student", 20)] * k)
+                             for k in (2, 3, 4)],
+                           (["--teacher", "digits", "--steps", "5"], [(None, 40)] * 5),
+                           (["--teacher", tiny_flux, "--resolution", "32", "--prompts", "a cat", "--steps", "3"],
+                            [(None, 2)] * 3)]:
+        with contextlib.ExitStack() as stack:
+            students = _count_calls(monkeypatch, sample, "load_student", stack)
+            teachers_ = _count_calls(monkeypatch, sample, "load_teacher", stack)
+            sample.main([*argv, *out])
+        assert students + teachers_ == [expected], argv
+
+
+def test_stage1_log_counts_the_forwards_it_makes(tmp_path, monkeypatch, capsys):
+    """The end-of-run line 'model forwards per training pair: teacher X + student Y' against the forwards a hook
+    counts in the run: the teacher's (no adapter; both CFG halves in one call per solver step) and the student's."""
+    import contextlib
+    import re
+    with contextlib.ExitStack() as stack:
+        counted = _count_calls(monkeypatch, local_cd, "load_teacher", stack)
+        local_cd.main([*FAST, "--iters", "6", "--out", str(tmp_path / "l.safetensors")])
+        calls = counted[0]
+    said = re.search(r"model forwards per training pair: teacher ([\d.]+) \+ student ([\d.]+)", capsys.readouterr().out)
+    pairs = 6 * 8  # iterations x batch
+    teacher = [n for a, n in calls if a is None]
+    student = [n for a, n in calls if a == "student"]
+    assert len(teacher) + len(student) == len(calls) and set(teacher) == {2 * 2}  # CFG: 2 trajectories, both halves
+    assert float(said.group(1)) == pytest.approx(sum(teacher) / pairs, abs=0.005)
+    assert float(said.group(2)) == pytest.approx(sum(student) / pairs, abs=0.005)
+    assert 1 < sum(student) / pairs < 2  # the target's forward is skipped at the segment's end
+
+
+def test_stage2_iteration_makes_the_forwards_of_the_method(tmp_path, monkeypatch):
+    """One stage-2 iteration, counted: q student steps (the image-free inputs), p teacher CFG steps, the student's
+    target at t_n (the samples not at t_n = 0) and its forward at t_m, the generator's discriminator pass, DMD's
+    real (CFG) and fake scores, the discriminator step (real and fake at once), and fake_updates fake-score steps.
+    p, q and fake_updates are 2, 3 and 4, so a count taken from the wrong one shows."""
+    import contextlib
+    B, p, q, updates = 4, 2, 3, 4
+    _stage1(tmp_path / "local.safetensors")
+    with contextlib.ExitStack() as stack:
+        counted = _count_calls(monkeypatch, global_cd, "load_student", stack)
+        global_cd.main(["--batch", str(B), "--p", str(p), "--q", str(q), "--fake-updates", str(updates), "--iters", "3",
+                        "--distance", "mse", "--init", str(tmp_path / "local.safetensors"),
+                        "--out", str(tmp_path / "g.safetensors")])
+        calls = counted[0]
+    assert calls[0] == (None, 1)  # the discriminator's heads sized on one pass of the teacher
+    calls, iterations = calls[1:], 0
+    while calls:
+        inner = calls[q + p + 1][0] == "student"  # a target forward at t_n, for the samples with t_n > 0
+        k = calls[q + p][1] if inner else 0
+        expected = ([("student", B)] * q + [(None, 2 * B)] * p + [("student", k)] * inner + [("student", B)]
+                    + [(None, B)] + [(None, 2 * B), ("fake", B)] + [(None, 2 * B)] + [("fake", B)] * updates)
+        assert 0 < k <= B or not inner
+        assert calls[:len(expected)] == expected, calls[:len(expected)]
+        calls, iterations = calls[len(expected):], iterations + 1
+    assert iterations == 3
+
+
 # ---- bad input: one clear line, nothing written -------------------------------------------------------------------
 
 def _fails(argv, match, capsys=None):
@@ -764,7 +845,9 @@ def test_buffer_pairs_are_teacher_steps_from_noise(digits):
     digit_prompts = [str(i) for i in range(10)]
     stream = PromptStream(digits, digit_prompts, seed=seed)
     buf = TrajectoryBuffer(digits, stream, 8, 20, w, n, 10_000, 4, torch.Generator().manual_seed(seed))
-    buf.refill()
+    import bench
+    with bench.count_forwards(digits.denoiser) as calls:
+        buf.refill()
     # the same draws, in the buffer's order: prompts (from the stream), offset, noise
     _, idx = PromptStream(digits, digit_prompts, seed=seed).take(n)
     cond_all = digits.encode(digit_prompts)
@@ -774,7 +857,8 @@ def test_buffer_pairs_are_teacher_steps_from_noise(digits):
     ts, _ = trajectory_times(8, 20, offset)
     pool = buf.pool
     assert len(pool["t_m"]) == n * sum(trajectory_times(8, 20, offset)[1]) == buf.made
-    assert buf.teacher_forwards == 2 * n * (len(ts) - 1)
+    assert calls == [(None, 2 * n)] * (len(ts) - 1)  # one CFG call (both halves) per solver step, counted
+    assert buf.teacher_forwards == sum(b for _, b in calls)
     for j in (0, 17, len(pool["t_m"]) - 1):
         k, depth = j % n, int(pool["depth"][j])
         c = cond_index(cond_all, idx[k:k + 1])
@@ -1335,7 +1419,8 @@ def test_bapps_bad_layouts(tmp_path):
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
 def test_bench_sample_runs_at_tiny_size(model, capsys):
-    """The CI smoke test of bench.py: the table's shape and model-call counts, never its timings."""
+    """The CI smoke test of bench.py: the table's shape and its model calls (counted by bench.count_forwards),
+    never its timings."""
     import bench
     rows = bench.main(["--model", model, "--repeats", "1", "--json"])
     assert json.loads(capsys.readouterr().out)["rows"] == rows
