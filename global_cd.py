@@ -200,7 +200,7 @@ def fake_score_loss(teacher, x0, cond, gen):
 def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
     a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
-    w, lambda1, lambda2, fake_updates; every forward runs inside autocast() (local_cd.precision), every backward
+    w, lambda1, lambda2, fake_updates; every forward runs inside autocast() (teachers.precision), every backward
     outside it. Returns the losses to log (tensors: no GPU sync here)."""
     B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
     # image-free inputs: the student's q-step samples, re-noised with fresh noise to a random milestone t_m

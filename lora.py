@@ -69,10 +69,10 @@ class LoRALayer(nn.Module):
             raise RuntimeError(f"adapter {self.merged!r} is merged into the base; unmerge before using {name!r}")
         A, B, b = self.lora_A[name].weight, self.lora_B[name].weight, self.base
         if b.weight.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
-            # fp32 adapters on a bf16 base meet only under autocast (local_cd.precision): outside it this layer
+            # fp32 adapters on a bf16 base meet only under autocast (teachers.precision): outside it this layer
             # would feed fp32 into the next bf16 one. Said here, at the first layer, instead of a dtype error deeper in.
             raise RuntimeError(f"adapter {name!r} is active on a {b.weight.dtype} base outside autocast: run the "
-                               "forward inside the script's autocast() (local_cd.precision), or merge the adapter")
+                               "forward inside the script's autocast() (teachers.precision), or merge the adapter")
         conv = isinstance(b, nn.Conv2d)
         if self.folded(name):
             # y = (W + alpha/r B A) x: one layer whose weight carries the adapter (the gradient reaches A and B

@@ -3,6 +3,7 @@
 SDXL and FLUX code paths run on tiny pipelines built from configs (random weights, a tokenizer from a
 hand-written vocabulary), the method on the embedded digits teacher.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -380,8 +381,9 @@ def test_digits_teacher(digits):
     assert digits.prompts == [str(i) for i in range(10)] + [""]
     z, t = digits.noise(2, torch.Generator().manual_seed(0)), torch.tensor([500.0, 500.0])
     c = digits.encode(["3", "7"])
-    with torch.no_grad():  # w = 1 is the conditional model
+    with torch.no_grad():  # w = 1 is the conditional model, w = 0 the model on the empty prompt (row 10)
         assert torch.allclose(cfg(digits, z, t, c, 1.0), digits.x0(z, t, c), atol=1e-5)
+        assert torch.allclose(cfg(digits, z, t, c, 0.0), digits.x0(z, t, digits.encode(["", ""])), atol=1e-5)
     with pytest.raises(ValueError, match="knows the prompts"):
         digits.encode(["a cat"])
 
@@ -404,15 +406,17 @@ def test_sdxl_teacher_sampling_equals_diffusers_ddim(tiny_sdxl):
     assert t.decode(mine).shape == (2, 3, 16, 16)
 
 
-def test_flux_teacher_sampling_equals_diffusers_euler(tiny_flux):
-    """Shifted sigmas, packing, ids and the guidance embedding reproduce FluxPipeline's Euler sampler."""
+@pytest.mark.parametrize("w", [3.5, 8.0])
+def test_flux_teacher_sampling_equals_diffusers_euler(tiny_flux, w):
+    """Shifted sigmas, packing, ids and the guidance embedding reproduce FluxPipeline's Euler sampler, at FLUX.1-dev's
+    default guidance and at another."""
     t = load_teacher(tiny_flux, "cpu", resolution=32)
     assert t.latent_shape == (4, 16, 16) and t.prediction == "flow" and t.guidance_embedded
     z = t.noise(2, torch.Generator().manual_seed(0))
     cond = t.encode(["a cat", "a dog"])
     with torch.no_grad():
-        mine = solve(lambda z_, tt: cfg(t, z_, tt, cond, 3.5), z, teacher_times(4), t.alpha_sigma)
-    ref = t.pipe(["a cat", "a dog"], num_inference_steps=4, guidance_scale=3.5, height=32, width=32,
+        mine = solve(lambda z_, tt: cfg(t, z_, tt, cond, w), z, teacher_times(4), t.alpha_sigma)
+    ref = t.pipe(["a cat", "a dog"], num_inference_steps=4, guidance_scale=w, height=32, width=32,
                  latents=pack(z), output_type="latent", max_sequence_length=512).images
     assert torch.allclose(mine, unpack(ref, 4, 16, 16), atol=1e-4), (mine - unpack(ref, 4, 16, 16)).abs().max()
     assert t.decode(mine).shape == (2, 3, 32, 32)
@@ -1164,6 +1168,38 @@ def test_global_loss_targets_are_the_teacher_solver_and_the_student(digits):
                 assert torch.allclose(x0_m[i], t.x0(z_m[i:i + 1], t_m[i:i + 1], ci)[0], atol=1e-5)
             assert torch.allclose(target[i], want[0], atol=1e-5)
     assert x0_m.requires_grad and not target.requires_grad
+
+
+def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch):
+    """Inside global_cd.iteration: the discriminator's real side is the consistency target (x0 at t_n) and its fake
+    side the student's x0 at t_m; the generator's term and DMD act on the student's x0 at t_m (the tensor that
+    carries the student's gradient); the fake score learns from that x0, detached."""
+    t = load_teacher("digits", "cpu")
+    add_student(t, rank=4)
+    lora.inject(t.denoiser, t.lora_targets, "fake", 4)
+    seen = {}
+
+    def spy(name, f):
+        def wrapped(*a, **k):
+            out = f(*a, **k)
+            seen.setdefault(name, (a, out))
+            return out
+        monkeypatch.setattr(global_cd, name, wrapped)
+    for name in ("global_loss", "discriminator_loss", "generator_loss", "dmd_loss", "fake_score_loss"):
+        spy(name, getattr(global_cd, name))
+    a = global_cd.parse_args(["--p", "2", "--q", "2"])
+    a.w, a.fake_updates = 1.5, 1
+
+    def update(loss, name):  # no optimizer step: the weights stay, only the sides fed to each term matter
+        loss.backward()
+        return loss.item()
+    global_cd.iteration(t, t.encode(["1", "2", "3"]), local_cd.distance("mse"), global_cd.Discriminator(t), True,
+                        update, a, 8, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    _, x0_m, x0_n = seen["global_loss"][1]
+    real, fake = seen["discriminator_loss"][0][1:3]
+    assert torch.equal(real, x0_n) and torch.equal(fake, x0_m) and not fake.requires_grad
+    assert seen["generator_loss"][0][1] is x0_m and seen["dmd_loss"][0][1] is x0_m and x0_m.requires_grad
+    assert torch.equal(seen["fake_score_loss"][0][1], x0_m) and not seen["fake_score_loss"][0][1].requires_grad
 
 
 def test_dmd_gradient_is_the_normalised_score_difference(digits):
