@@ -1,7 +1,10 @@
 """LogCD stage 2, global consistency distillation: the stage-1 student becomes ONE LoRA that samples in 2, 3 or 4 steps.
 
 Paper: "LogCD: Local-to-global Consistency Distillation for Few-step Image Generation" (CVPR 2026), Method 2 and 4.
-DESIGN.md section 5. Everything shared with stage 1 (teachers, time, Psi, solve, CFG, checkpoints) is in local_cd.py.
+DESIGN.md section 5. The method's common ground (time, milestones, Psi, solve, CFG, the distance d) is in
+local_cd.py, the teachers and checkpoints in teachers.py, the run's plumbing (arguments, resume, torchrun) in runs.py.
+This file: the image-free inputs and the milestone consistency loss, the GAN (the frozen teacher as backbone,
+trainable heads), DMD (a fake-score adapter on the same base), one iteration of all of them, and the training loop.
 """
 import argparse
 import math
