@@ -32,6 +32,7 @@ import types
 import torch
 
 import lora
+from lora import count_forwards  # the model calls bench.py reports are counted, not computed
 from local_cd import cfg, distance, solve, student_times, teacher_times
 from runs import memory_needed
 from teachers import DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, precision
@@ -199,24 +200,6 @@ def timed(f, repeats, device, warmup=1):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return min(times[warmup:]), (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
-
-
-@contextlib.contextmanager
-def count_forwards(model):
-    """Counts the calls of `model` with a forward pre-hook (a call cut short, as the discriminator's, counts too):
-    yields a list that gets (the active adapter, the batch size) of each call. The model calls bench.py reports, and
-    those the tests check, are counted here, not computed from the step counts."""
-    calls = []
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        layers = lora.layers(model)
-        calls.append((layers[0][1].active if layers else None, x.shape[0]))
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 def timed_calls(model, batch, f, repeats, device):

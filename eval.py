@@ -1,5 +1,5 @@
 """The project's own evaluator on the embedded digits teacher (the paper's CLIP score and FID, at toy scale), the
-paper's tables at toy scale, and a CLIP score for real teachers.
+paper's tables at toy scale, and the paper's Table 1 metrics (CLIP score, FID) for real teachers.
 
     python eval.py --table teacher      # teacher DDIM at 25 / 8 / 4 / 3 / 2 steps (the yardstick for every stage)
     python eval.py --table cfg          # the teacher across CFG scales w (how its default w was chosen)
@@ -9,6 +9,9 @@ paper's tables at toy scale, and a CLIP score for real teachers.
     python eval.py --table M            # Tables 4-6: M in {4, 8, 16}; --table p: p in 1..4; --table q: q in 1..4
     python eval.py --table main --quick # the same code on tiny trainings and 40 samples per row (CI: the table's shape)
     python eval.py --clip-score openai/clip-vit-large-patch14 --samples s.safetensors   # real teachers (below)
+    python eval.py --prepare-coco captions_val2017.json val2017/ --out coco5k      # MSCOCO-2017 5K (below)
+    python eval.py --score sdxl_global.safetensors --steps 4 3 2 --prompts coco5k/prompts.txt \
+        --reference coco5k/reference --images runs/coco5k/global  # --score sdxl --steps 25: the teacher's row
     python eval.py --train-classifier   # retrain the judge (deterministic; its weights are committed)
 
 A small CNN trained deterministically on the digits is the judge:
@@ -21,6 +24,11 @@ embedded presets, once per seed (seeds 0, 1, 2), into runs/eval/<recipe>/seed<s>
 cell is mean +/- std over the 3 seeds (teacher rows: 3 sampling seeds).
 For SDXL / FLUX students, `--clip-score MODEL --samples FILE` scores `sample.py --save-tensors FILE` output (e.g.
 from MSCOCO / MJHQ prompt files) with transformers' CLIPModel: 100 x cosine(image, prompt), averaged.
+`--score MODEL` (a student checkpoint, or a teacher with its CFG) is the paper's Table 1 on a GPU: per step count k,
+one image per prompt into <images>/<k>_steps/<index>.png (sample.py's loop; image i's noise seeded by seed + i, so an
+interrupted run continues where it stopped), then the FID against --reference (torchmetrics' Inception-v3, images
+first resized to --fid-size) and the CLIP score (--clip-model), a row per k, kept in <images>/scores.json.
+`--prepare-coco` / `--prepare-mjhq` write a prompts file and its reference images (docs/notes.md: the protocol).
 """
 import argparse
 import contextlib
@@ -33,9 +41,11 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import lora
-from teachers import load_teacher
+from runs import plot_log
+from teachers import load_student, load_teacher
 from toy.digits import load_digits, split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -310,6 +320,19 @@ def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
     return value
 
 
+def teacher_reference(runs, quick, seeds):
+    """The figures' reference line: the teacher's 25-step DDIM with its CFG, mean and std over the sampling seeds
+    (remembered scores: Table 1's teacher row)."""
+    net, _ = load_classifier()
+    scores = []
+    for seed in seeds:
+        src, extra, _ = source(None, None, "psi", seed, runs, quick)
+        scores.append(cached_score(src, 25, seed, 4 if quick else 100, extra, None, net, runs))
+    (a, a_std), (fd, fd_std) = (mean_std([s[m] for s in scores]) for m in ("alignment", "FD"))
+    return {"label": "teacher, 25 DDIM steps with CFG (50 calls)", "_alignment": a, "_alignment_std": a_std,
+            "_FD": fd, "_FD_std": fd_std}
+
+
 def mean_std(values):
     v = torch.tensor(values, dtype=torch.float64)
     return v.mean().item(), (v.std().item() if len(v) > 1 else 0.0)
@@ -340,51 +363,60 @@ def paper_table(name, runs=RUNS, quick=False, seeds=SEEDS, grids=None, jobs=1):
             rows.append({"row": label, "steps": k, "calls": 2 * k if s1 is None else k,
                          "alignment": f"{a[0]:.3f} ± {a[1]:.3f}", "FD": f"{fd[0]:.2f} ± {fd[1]:.2f}",
                          "training (min)": f"{sum(minutes) / len(minutes):.1f}" if minutes else "-",
-                         "_alignment": a[0], "_FD": fd[0]})
+                         "_alignment": a[0], "_FD": fd[0], "_alignment_std": a[1], "_FD_std": fd[1]})
             print(table([{k_: v for k_, v in rows[-1].items() if not k_.startswith("_")}]).splitlines()[-1],
                   flush=True)
     return rows
 
 
-def plot(rows, path, width=900, H=270):
-    """metrics against steps, one line per table row: FD (left) and alignment (right), plots H pixels high, the
-    legend below; a plain PIL drawing."""
-    from PIL import Image, ImageDraw
-    colors = [(0, 0, 0), (214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+TOY_METRICS = (("FD", "FD to the real digits (lower is better)"), ("alignment", "alignment (higher is better)"))
+
+
+def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
+    """Metrics against sampling steps, one panel per metric: a line per table row (mean over seeds, error bars one
+    std), the teacher's many-step score as a dashed reference line (its std as a band). rows: dicts with row, steps,
+    _<metric> and _<metric>_std; reference: {"label", "_<metric>", "_<metric>_std"} or None. Needs matplotlib
+    (plotting only). Also writes the figure's numbers beside it (*.json): `--replot` draws them again."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     labels = list(dict.fromkeys(r["row"] for r in rows))
     steps = sorted({r["steps"] for r in rows})
-    img = Image.new("RGB", (width, H + 48 + 12 * len(labels)), "white")
-    d = ImageDraw.Draw(img)
-    W, pad = width // 2, 50
-    for panel, metric in enumerate(("_FD", "_alignment")):
-        x0 = panel * W + pad
-        vals = [r[metric] for r in rows]
-        lo, hi = min(vals), max(vals)
-        hi = hi + (hi - lo) * 0.05 + 1e-9
-        lo = lo - (hi - lo) * 0.05
-
-        def xy(k, v):  # steps on a log axis
-            fx = (math.log(k) - math.log(steps[0])) / max(math.log(steps[-1]) - math.log(steps[0]), 1e-9)
-            return x0 + fx * (W - 2 * pad), 20 + (1 - (v - lo) / (hi - lo)) * (H - 20)
-        d.rectangle([x0, 20, x0 + W - 2 * pad, H], outline=(160, 160, 160))
-        d.text((x0, 4), ("FD (lower is better)" if metric == "_FD" else "alignment (higher is better)"), fill=0)
-        for k in steps:
-            x, _ = xy(k, lo)
-            d.text((x - 4, H + 4), str(k), fill=0)
-        for v in (lo, (lo + hi) / 2, hi):
-            d.text((x0 - 45, xy(steps[0], v)[1] - 6), f"{v:.3g}", fill=0)
-        d.text((x0 + W // 2 - 60, H + 18), "sampling steps", fill=0)
-        for i, label in enumerate(labels):
-            pts = [xy(r["steps"], r[metric]) for r in rows if r["row"] == label]
-            if len(pts) > 1:
-                d.line(pts, fill=colors[i % len(colors)], width=2)
-            for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[i % len(colors)])
-    for i, label in enumerate(labels):
-        d.rectangle([pad, H + 38 + 12 * i, pad + 10, H + 46 + 12 * i], fill=colors[i % len(colors)])
-        d.text((pad + 16, H + 35 + 12 * i), label, fill=0)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
+    for ax, (m, name) in zip(axes[0], metrics):
+        if reference is not None:
+            mean, std = reference[f"_{m}"], reference.get(f"_{m}_std") or 0.0
+            ax.axhline(mean, color="black", ls="--", lw=1.2, label=reference["label"])
+            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, lw=0)
+        for label in labels:
+            mine = sorted((r for r in rows if r["row"] == label), key=lambda r: r["steps"])
+            ax.errorbar([r["steps"] for r in mine], [r[f"_{m}"] for r in mine],
+                        yerr=[r.get(f"_{m}_std") or 0.0 for r in mine], marker="o", ms=4, capsize=3, lw=1.5,
+                        label=label)
+        ax.set_xticks(steps)
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(names) / 2), 1, 1))
     with lora.atomic(path) as tmp:
-        img.save(tmp, format="PNG")
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    with lora.atomic(os.path.splitext(path)[0] + ".json") as tmp, open(tmp, "w") as f:
+        json.dump({"title": title, "metrics": [list(m) for m in metrics], "reference": reference, "rows": rows}, f,
+                  indent=1)
+
+
+def replot(numbers, path=None):
+    """Draws a figure again from the numbers `plot` wrote beside it (default: the PNG of the same name)."""
+    with open(numbers) as f:
+        fig = json.load(f)
+    path = path or os.path.splitext(numbers)[0] + ".png"
+    plot(fig["rows"], path, fig["reference"], [tuple(m) for m in fig["metrics"]], fig["title"])
+    return path
 
 
 # ---- CLIP score for real teachers -----------------------------------------------------------------------------------
@@ -392,7 +424,9 @@ def plot(rows, path, width=900, H=270):
 @torch.no_grad()
 def clip_score(model, tokenizer, images, prompts, batch=32):
     """CLIP score of images (N, 3, H, W) in [-1, 1] against their prompts: 100 x max(cos(image, text), 0), mean
-    over the images (the metric of the paper's Tables 1-2). model: a transformers CLIPModel."""
+    over the images (the metric of the paper's Tables 1-2). model: a transformers CLIPModel. Square images are
+    preprocessed as CLIP's own image processor does it (bicubic, antialiased; a downscale without antialiasing moved
+    the tiny test CLIP's scores by 0.2 to 1.4 points): within 0.1 points of torchmetrics' CLIPScore (a test)."""
     c = model.config.vision_config
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # CLIP's preprocessing
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -400,7 +434,8 @@ def clip_score(model, tokenizer, images, prompts, batch=32):
     total = 0.0
     for i in range(0, len(images), batch):
         x = (images[i:i + batch].float() + 1) / 2
-        x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bicubic", align_corners=False).clamp(0, 1)
+        x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bicubic", align_corners=False,
+                          antialias=True).clamp(0, 1)
         tok = tokenizer(prompts[i:i + batch], padding=True, truncation=True, return_tensors="pt").to(device)
         f_img = model.get_image_features(pixel_values=((x - mean) / std).to(device))
         f_txt = model.get_text_features(**tok)
@@ -413,25 +448,340 @@ def clip_score(model, tokenizer, images, prompts, batch=32):
 def clip_score_file(model_path, samples):
     """`sample.py --save-tensors` output (images, prompts in the metadata, per-prompt samples in order) scored with a
     CLIPModel and its tokenizer from model_path (hub id or folder)."""
-    from transformers import AutoTokenizer, CLIPModel
     tensors, meta = lora.load(samples)
     images, prompts = tensors["images"], meta["prompts"].split("|")
     per_prompt = len(images) // len(prompts)
     if images.shape[1] != 3:
         raise SystemExit(f"error: {samples} holds {images.shape[1]}-channel images; CLIP scores RGB images "
                          "(SDXL / FLUX samples; the embedded teacher has its own judge: --table)")
-    model = CLIPModel.from_pretrained(model_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return clip_score(model, tokenizer, images, [p for p in prompts for _ in range(per_prompt)])
+    return clip_score(*load_clip(model_path), images, [p for p in prompts for _ in range(per_prompt)])
+
+
+def load_clip(path, device="cpu"):
+    """(CLIPModel, its tokenizer) from a hub id or folder."""
+    from transformers import AutoTokenizer, CLIPModel
+    return CLIPModel.from_pretrained(path).eval().to(device), AutoTokenizer.from_pretrained(path)
+
+
+# ---- the paper's Table 1 for real teachers: CLIP score and FID of a model's PNGs on a prompts file -----------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# the FID's feature network: torchmetrics' Inception-v3 (its 2048 pool features) or an nn.Module (the tests' own)
+FID_FEATURE = 2048
+FID_INSTALL = "pip install torchmetrics torch-fidelity"
+
+
+def image_files(folder):
+    """The images of a flat folder, sorted by name."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def png_path(folder, i):
+    return os.path.join(folder, f"{i:05d}.png")
+
+
+def read_image(path, size=None):
+    """An image file as a uint8 RGB tensor (3, H, W); with size: center-cropped to a square, then resized to size x size
+    with PIL's bicubic filter (antialiased). --prepare-* writes the reference images this way and the FID reads the
+    samples this way, so both reach the feature network alike."""
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size:
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+            if s != size:
+                im = im.resize((size, size), Image.BICUBIC)
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
+
+
+def write_png(image, path):
+    """image: uint8 (3, H, W), or float in [-1, 1]; written atomically, so a PNG that exists is whole."""
+    from PIL import Image
+    if image.dtype != torch.uint8:
+        image = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    with lora.atomic(path) as tmp:
+        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
+
+
+def check_fid_packages():
+    """One line before any work if the FID cannot be computed here (torchmetrics; torch-fidelity for its Inception)."""
+    import importlib.util
+    needed = ["torchmetrics"] + (["torch_fidelity"] if isinstance(FID_FEATURE, int) else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"error: the FID needs {' and '.join(missing)}: {FID_INSTALL}")
+
+
+def fid_metric(device="cpu"):
+    """torchmetrics' FrechetInceptionDistance on uint8 images, keeping the reference's features across reset(). With
+    FID_FEATURE = 2048: Inception-v3 with the TF FID weights (torch-fidelity's port, downloaded once into the torch
+    hub cache), which resizes every image to 299 x 299 itself (bilinear, antialiased), and its 2048 pool features."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        metric = FrechetInceptionDistance(feature=FID_FEATURE, reset_real_features=False)
+    except ModuleNotFoundError as e:  # torchmetrics, torch-fidelity, or the torchvision torch-fidelity imports
+        raise SystemExit(f"error: the FID needs {e.name or 'torch_fidelity'}: {FID_INSTALL}") from None
+    return metric.to(device)
+
+
+def add_images(metric, files, size, real, batch=50):
+    """Feeds image files to the FID metric, `batch` at a time, each read at size x size (read_image)."""
+    for i in tqdm(range(0, len(files), batch), desc=f"FID features ({'reference' if real else 'samples'})",
+                  disable=len(files) <= batch):
+        metric.update(torch.stack([read_image(f, size) for f in files[i:i + batch]]).to(metric.device), real=real)
+
+
+def clip_score_files(model, tokenizer, files, prompts, batch=32):
+    """clip_score of image files against their prompts, read `batch` at a time (5000 SDXL images in [-1, 1] would
+    take 60 GB)."""
+    total = 0.0
+    for i in tqdm(range(0, len(files), batch), desc="CLIP score", disable=len(files) <= batch):
+        images = torch.stack([read_image(f) for f in files[i:i + batch]]).float() / 127.5 - 1
+        total += clip_score(model, tokenizer, images, prompts[i:i + batch], batch) * len(images)
+    return total / len(files)
+
+
+def embedded(name):
+    """Whether a teacher name or folder is in the embedded layout (the digits): no RGB images, its own judge."""
+    from teachers import TEACHERS
+    return os.path.isfile(os.path.join(TEACHERS.get(name, name), "prompt_embeds.safetensors"))
+
+
+def file_sha1(path):
+    import hashlib
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path, default=None):
+    """The JSON in the file `path`, or `default` if there is no such file."""
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def generation(args, k, prompts):
+    """What the PNGs of <images>/<k>_steps come from; a folder holding PNGs of another generation is refused, so that
+    images of an older checkpoint, seed or prompts file are never scored as this one's."""
+    model = {"checkpoint_sha1": file_sha1(args.score)} if args.score.endswith(".safetensors") else \
+        {"teacher": args.score, "cfg": args.cfg, "resolution": args.resolution}
+    return {**model, "steps": k, "seed": args.seed, "prompts_sha1": prompts.sha1}
+
+
+def check_score(args):
+    """Every mistake of a --score command in one line, before any model loads. Returns the prompts (a PromptFile), the
+    reference images, the step counts and the checkpoint's metadata (None for a teacher)."""
+    from local_cd import student_times
+    from teachers import TEACHERS, prompt_file, read_checkpoint
+    for flag, value in (("--prompts FILE", args.prompts), ("--reference DIR", args.reference),
+                        ("--images DIR", args.images)):
+        if not value:
+            raise SystemExit(f"error: --score needs {flag}")
+    try:
+        prompts = prompt_file(args.prompts)
+    except ValueError as e:
+        raise SystemExit(f"error: --prompts: {e}") from None
+    if not os.path.isdir(args.reference):
+        raise SystemExit(f"error: --reference {args.reference} is not a folder")
+    references = image_files(args.reference)
+    if len(references) < 2:
+        raise SystemExit(f"error: --reference {args.reference} holds {len(references)} images "
+                         f"({' '.join(IMAGE_EXTENSIONS)}); the FID needs 2 or more")
+    meta, teacher, steps = None, args.score, args.steps or [25]
+    if args.score.endswith(".safetensors"):
+        steps = args.steps or [4, 3, 2]
+        try:
+            _, meta = read_checkpoint(args.score)
+            for k in steps:
+                student_times(k, int(meta["M"]))
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
+        if args.cfg is not None:
+            raise SystemExit(f"error: --cfg is for a teacher; the student was distilled with CFG (w = {meta.get('w')}) "
+                             "and samples without a guidance pass")
+        teacher = meta["teacher"]
+    if teacher not in TEACHERS and not os.path.isdir(teacher) and "/" not in teacher:
+        raise SystemExit(f"error: unknown teacher {teacher!r}: use sdxl, flux, a teacher folder or a hub id")
+    if embedded(teacher):
+        raise SystemExit(f"error: --score {args.score}: the teacher {teacher!r} draws no RGB images (the embedded "
+                         "layout has its own judge: --table); --score is for SDXL / FLUX teachers and their students")
+    try:
+        from transformers import CLIPConfig
+        CLIPConfig.from_pretrained(args.clip_model)
+    except Exception as e:
+        raise SystemExit(f"error: --clip-model {args.clip_model}: cannot read its config ({type(e).__name__}); "
+                         "offline? download it first (hf download MODEL --local-dir DIR) and pass DIR") from None
+    check_fid_packages()
+    for k in steps:
+        folder = os.path.join(args.images, f"{k}_steps")
+        if os.path.isdir(folder) and any(f.endswith(".png") for f in os.listdir(folder)):
+            path = os.path.join(folder, "generation.json")
+            done = read_json(path)
+            if done != generation(args, k, prompts):
+                raise SystemExit(f"error: {folder} holds PNGs of another generation (its generation.json: {done}); "
+                                 "remove it or pass another --images")
+    try:  # last, so that a refused command writes nothing
+        os.makedirs(args.images, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=args.images):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: --images {args.images} is not a writable folder ({e.strerror})") from None
+    return prompts, references, steps, meta
+
+
+def load_model(args, meta, device):
+    """(teacher, student?, w): the checkpoint's teacher with its student adapter, or the teacher with its CFG scale."""
+    try:
+        if meta is not None:
+            return load_student(args.score, device)[0], True, None
+        teacher = load_teacher(args.score, device, args.resolution)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return teacher, False, args.cfg if args.cfg is not None else teacher.default_w
+
+
+def generate_pngs(teacher, student, w, ts, prompts, indices, folder, seed, batch, chunk=256):
+    """Writes image i, for i in `indices`, as folder/<i:05d>.png: the prompt prompts[i] from noise drawn by a generator
+    seeded with seed + i, so that an image depends on neither the batch size nor the images made before it (an
+    interrupted generation continues with the missing ones). sample.py's loop (sample.generate) does the sampling."""
+    import sample as sample_py
+    x0_fn = sample_py.x0_function(teacher, student, w)
+    with torch.no_grad(), sample_py.sampling(teacher, student), tqdm(total=len(indices), desc=folder) as bar:
+        for j in range(0, len(indices), chunk):  # a chunk's noise at a time: 5000 SDXL latents take 1.3 GB
+            part = indices[j:j + chunk]
+            z_T = torch.cat([teacher.noise(1, torch.Generator().manual_seed(seed + i)) for i in part])
+            for sl, _, images in sample_py.generate(teacher, x0_fn, ts, [prompts[i] for i in part], z_T,
+                                                    batch=batch, chunk=chunk):
+                for i, image in zip(part[sl], images):
+                    write_png(image, png_path(folder, i))
+                bar.update(len(images))
+
+
+def fid_against_reference(metric, files, size):
+    """The FID of image files against the reference images already in `metric` (fid_metric)."""
+    add_images(metric, files, size, real=False)
+    fid = metric.compute().item()
+    metric.reset()  # the samples' features go, the reference's stay
+    return fid
+
+
+def save_row(args, row, n_reference):
+    """Adds a --score row, with what it was scored with, to <images>/scores.json (keyed by its step count)."""
+    path = os.path.join(args.images, "scores.json")
+    scores = read_json(path, {})
+    feature = FID_FEATURE if isinstance(FID_FEATURE, int) else type(FID_FEATURE).__name__
+    scores[str(row["steps"])] = {**row, "model": args.score, "prompts": args.prompts, "reference": args.reference,
+                                 "reference_images": n_reference, "fid_size": args.fid_size, "fid_feature": feature,
+                                 "clip_model": args.clip_model, "seed": args.seed}
+    with lora.atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(scores, f, indent=1)
+
+
+def score_model(args):
+    """--score: for each step count k, one image per prompt into <images>/<k>_steps/ (the PNGs already there are kept),
+    then their FID against --reference and their CLIP score: a table row per k, kept in <images>/scores.json."""
+    from local_cd import student_times, teacher_times
+    from teachers import default_device
+    prompts, references, steps, meta = check_score(args)
+    device = args.device or default_device()
+    model = metric = clip = None  # each loaded when first needed: a finished generation loads no teacher
+    rows = []
+    for k in steps:
+        folder = os.path.join(args.images, f"{k}_steps")
+        missing = [i for i in range(len(prompts)) if not os.path.exists(png_path(folder, i))]
+        if missing:
+            model = model or load_model(args, meta, device)
+            teacher, student, w = model
+            os.makedirs(folder, exist_ok=True)
+            with lora.atomic(os.path.join(folder, "generation.json")) as tmp, open(tmp, "w") as f:
+                json.dump(generation(args, k, prompts), f)
+            ts = student_times(k, int(meta["M"])) if student else teacher_times(k)
+            generate_pngs(teacher, student, w, ts, prompts, missing, folder, args.seed, args.batch)
+        files = [png_path(folder, i) for i in range(len(prompts))]
+        if metric is None:
+            metric = fid_metric(device)
+            add_images(metric, references, args.fid_size, real=True)
+        clip = clip or load_clip(args.clip_model, device)
+        rows.append({"model": os.path.basename(args.score.rstrip("/")), "steps": k,
+                     "w": "-" if meta else ("default" if args.cfg is None else args.cfg), "images": len(files),
+                     "CLIP score": clip_score_files(*clip, files, list(prompts)),
+                     "FID": fid_against_reference(metric, files, args.fid_size)})
+        save_row(args, rows[-1], len(references))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\n{len(prompts)} images per row; FID against {len(references)} images of {args.reference} at "
+          f"{args.fid_size} px; CLIP score with {args.clip_model}; in {os.path.join(args.images, 'scores.json')}\n")
+    print(table(rows))
+    return rows
+
+
+# ---- preparing MSCOCO-2017 5K and MJHQ-5K: a prompts file and its reference images ----------------------------------
+
+def coco_pairs(annotations, images):
+    """(name, caption, image file) of every image of a COCO captions file (val2017: 5000), in ascending image id: the
+    caption of lowest annotation id (COCO gives 5 or so), its whitespace, newlines included, made single spaces."""
+    with open(annotations) as f:
+        data = json.load(f)
+    first = {}
+    for a in sorted(data["annotations"], key=lambda a: a["id"]):
+        first.setdefault(a["image_id"], " ".join(a["caption"].split()))
+    pairs = []
+    for im in sorted(data["images"], key=lambda im: im["id"]):
+        if not first.get(im["id"]):
+            raise SystemExit(f"error: {annotations}: image {im['id']} has no caption")
+        pairs.append((f"{im['id']:012d}", first[im["id"]], os.path.join(images, im["file_name"])))
+    return pairs
+
+
+def mjhq_pairs(meta_data, images, per_category=500):
+    """(name, prompt, image file) of MJHQ-5K as chosen here (the paper does not say which 5K): of each of MJHQ-30K's
+    10 categories, the 500 image ids that sort first; meta_data.json maps id -> {category, prompt}, the images are
+    <images>/<category>/<id>.jpg."""
+    with open(meta_data) as f:
+        meta = json.load(f)
+    pairs = []
+    for category in sorted({m["category"] for m in meta.values()}):
+        ids = sorted(i for i, m in meta.items() if m["category"] == category)[:per_category]
+        pairs += [(i, " ".join(meta[i]["prompt"].split()), os.path.join(images, category, f"{i}.jpg")) for i in ids]
+    return pairs
+
+
+def prepare(pairs, out, size):
+    """out/prompts.txt (line i: pair i's caption) and out/reference/<name>.png (center-cropped, bicubic to size)."""
+    missing = [path for _, _, path in pairs if not os.path.isfile(path)]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} of the {len(pairs)} images are missing, e.g. {missing[0]}")
+    empty = [name for name, caption, _ in pairs if not caption]
+    if empty:
+        raise SystemExit(f"error: {len(empty)} images have an empty caption, e.g. {empty[0]}")
+    try:
+        os.makedirs(os.path.join(out, "reference"), exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror})") from None
+    for name, _, path in tqdm(pairs, desc=f"{out}/reference"):
+        write_png(read_image(path, size), os.path.join(out, "reference", f"{name}.png"))
+    with lora.atomic(os.path.join(out, "prompts.txt")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(caption + "\n" for _, caption, _ in pairs)
+    print(f"wrote {out}/prompts.txt ({len(pairs)} captions) and {len(pairs)} reference images of {size} x {size} "
+          f"into {out}/reference")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from runs import Parser, count, weight
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", choices=["teacher", "cfg", "student", *TABLES], help="which table to print")
     p.add_argument("--ckpt", default="local.safetensors", help="the student checkpoint of --table student")
-    p.add_argument("--steps", type=int, nargs="+", default=[8, 4, 3, 2], help="step counts of --table student")
+    p.add_argument("--steps", type=count, nargs="+", default=None, help="step counts of --table student (default 8 4 "
+                   "3 2) and of --score (default: 4 3 2 for a student, 25 for a teacher)")
     p.add_argument("--teacher", default="digits", help="an embedded-layout teacher (name or folder)")
-    p.add_argument("--cfg", type=float, default=None, help="w for --table teacher (default: the teacher's)")
+    p.add_argument("--cfg", type=weight, default=None, help="w for --table teacher and --score TEACHER (default: the "
+                   "teacher's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-prompt", type=int, default=100, help="samples per digit (1000 per row by default)")
     p.add_argument("--runs", default=RUNS, help="where the paper's tables keep their trainings (reused when finished)")
@@ -445,11 +795,57 @@ def main(argv=None):
     p.add_argument("--clip-score", default=None, metavar="MODEL", help="CLIPModel hub id or folder: score --samples")
     p.add_argument("--samples", default=None, help="sample.py --save-tensors output (SDXL / FLUX) for --clip-score")
     p.add_argument("--train-classifier", action="store_true")
+    p.add_argument("--curves", nargs="+", default=None, metavar="LOG", help="a training run's metrics log(s), "
+                   "<out>.log.jsonl: draws the loss curves into <out>.loss.png (needs matplotlib)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="draws a --figure again from the numbers written "
+                   "beside it (into --figure, default the PNG of the same name; needs matplotlib)")
+    g = p.add_argument_group("the paper's Table 1 for real teachers (SDXL / FLUX): --score and --prepare-*")
+    g.add_argument("--score", default=None, metavar="MODEL", help="a student checkpoint (X.safetensors) or a teacher "
+                   "(sdxl, flux, a folder or hub id): one image per --prompts line at each --steps, into --images, "
+                   "then their FID against --reference and their CLIP score")
+    g.add_argument("--prompts", default=None, help="--score: the prompts file (one caption per line)")
+    g.add_argument("--reference", default=None, help="--score: the folder of reference images for the FID")
+    g.add_argument("--images", default=None, help="--score: where <k>_steps/<index>.png go (the PNGs already there "
+                   "are kept: an interrupted run continues) and scores.json")
+    g.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="--score: CLIPModel hub id or folder")
+    g.add_argument("--batch", type=count, default=4, help="--score: images per model call")
+    g.add_argument("--fid-size", type=count, default=512, help="--score and --prepare-*: images are center-cropped and "
+                   "resized to this size (PIL bicubic) before the FID network (which resizes to 299 itself)")
+    g.add_argument("--resolution", type=count, default=1024, help="--score TEACHER: image size in pixels (a student's "
+                   "is in its checkpoint)")
+    g.add_argument("--device", default=None, help="--score: default cuda if available, else cpu")
+    g.add_argument("--prepare-coco", nargs=2, metavar=("CAPTIONS_JSON", "IMAGES"), help="writes --out/prompts.txt and "
+                   "--out/reference/ from captions_val2017.json and the val2017/ folder (MSCOCO-2017 5K)")
+    g.add_argument("--prepare-mjhq", nargs=2, metavar=("META_DATA_JSON", "IMAGES"), help="the same from MJHQ-30K's "
+                   "meta_data.json and its image folder: MJHQ-5K, 500 per category")
+    g.add_argument("--out", default=None, help="--prepare-*: the folder to write")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be 1 or more, got {args.jobs}")
     if args.train_classifier:
         train_classifier()
+    for path in (args.curves or []) + [args.replot] * bool(args.replot):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path} does not exist")
+    try:
+        for log in args.curves or ():
+            print(f"wrote {plot_log(log)}")
+        if args.replot:
+            print(f"wrote {replot(args.replot, args.figure)}")
+    except ImportError:
+        raise SystemExit("error: --curves and --replot draw with matplotlib: pip install matplotlib") from None
+    if args.prepare_coco or args.prepare_mjhq:
+        if not args.out:
+            raise SystemExit("error: --prepare-coco / --prepare-mjhq need --out DIR")
+        try:
+            pairs = coco_pairs(*args.prepare_coco) if args.prepare_coco else mjhq_pairs(*args.prepare_mjhq)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            what = "a COCO captions file" if args.prepare_coco else "MJHQ-30K's meta_data.json"
+            raise SystemExit(f"error: cannot read {(args.prepare_coco or args.prepare_mjhq)[0]} as {what} "
+                             f"({type(e).__name__}: {e})") from None
+        return prepare(pairs, args.out, args.fid_size)
+    if args.score:
+        return score_model(args)
     if args.clip_score:
         if not args.samples or not os.path.exists(args.samples):
             raise SystemExit("error: --clip-score needs --samples FILE (python sample.py ... --save-tensors FILE)")
@@ -462,10 +858,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         with contextlib.ExitStack() as stack:
             runs = stack.enter_context(tempfile.TemporaryDirectory()) if args.quick else args.runs
-            rows = paper_table(args.table, runs, args.quick, SEEDS[:2] if args.quick else SEEDS, args.grids,
-                               args.jobs)
-        if args.figure:
-            plot(rows, args.figure)
+            seeds = SEEDS[:2] if args.quick else SEEDS
+            rows = paper_table(args.table, runs, args.quick, seeds, args.grids, args.jobs)
+            if args.figure:  # the many-step teacher is the reference line, not a point of the curves
+                plot([r for r in rows if r["steps"] != 25], args.figure, teacher_reference(runs, args.quick, seeds),
+                     title=f"--table {args.table}: {len(seeds)} seeds, {40 if args.quick else 1000} samples per point")
+                print(f"wrote {args.figure} and its numbers, {os.path.splitext(args.figure)[0]}.json")
         n = 2 if args.quick else len(SEEDS)
         print(f"\n--table {args.table}: mean ± std over {n} seeds, {40 if args.quick else 1000} samples per row, "
               f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU threads\n")
@@ -487,7 +885,7 @@ def main(argv=None):
                              **score(x, lab, net)})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     elif args.table == "student":
-        for k in args.steps:
+        for k in args.steps or [8, 4, 3, 2]:
             x, lab = sample(["--ckpt", args.ckpt], k, args.seed, args.per_prompt)
             rows.append({"row": os.path.basename(args.ckpt), "steps": k, "w": "-", "clip": False, **score(x, lab, net)})
             print(table(rows[-1:]).splitlines()[-1], flush=True)

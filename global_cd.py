@@ -8,17 +8,19 @@ trainable heads), DMD (a fake-score adapter on the same base), one iteration of 
 """
 import argparse
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import DISTANCE_HELP, PRESETS, cfg, distance, milestones, solve, student_times
-from runs import (Parser, all_reduce_grads, check_fresh_out, count, explain_interrupt, explain_out_of_memory,
-                  fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id, number, optimizer_tensors,
-                  positive, prompts_meta, rank_difference, read_state, resumed_late, run_prompts, state_path,
-                  take_run_batch, take_run_values, weight)
+from local_cd import (DISTANCE_HELP, PRESETS, cfg, distance, milestones, solve, student_sample, val_prompts,
+                      validation)
+from runs import (MetricsLog, Parser, all_reduce_grads, check_fresh_out, count, explain_interrupt,
+                  explain_out_of_memory, fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id,
+                  number, optimizer_tensors, positive, prompts_meta, rank_difference, read_state, resumed_late,
+                  run_prompts, state_path, take_run_batch, take_run_values, weight)
 from teachers import (DTYPE_HELP, DTYPES, T, FluxTeacher, cond_cat, cond_index, load_student, open_prompt_stream,
                       precision, prompts_seen, read_prompts, save_checkpoint)
 
@@ -45,9 +47,7 @@ def renoise(teacher, x0, t, eps):
 @torch.no_grad()
 def student_samples(teacher, cond, q, M, gen):
     """hat z_0: the current student's own q-step samples from pure noise (Psi sampler on the milestone grid)."""
-    z_T = teacher.noise(len(next(iter(cond.values()))), gen)
-    with lora.adapter(teacher.denoiser, "student"):
-        return solve(lambda z, t: teacher.x0(z, t, cond), z_T, student_times(q, M), teacher.alpha_sigma)
+    return student_sample(teacher, cond, teacher.noise(len(next(iter(cond.values()))), gen), q, M)
 
 
 def global_loss(teacher, d, z_m, t_m, t_n, cond, w, p):
@@ -301,7 +301,11 @@ def parse_args(argv=None):
     a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
     a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
-    a("--log-every", type=count, default=10)
+    a("--log-every", type=count, default=10, help="iterations per line of the metrics log, <out>.log.jsonl")
+    a("--val-every", type=lambda x: number(x, int, 0), default=None, help="iterations between validation grids, "
+      "<out>.val/step_<N>.png (the student at 2 and 4 steps from fixed noise; also at the start and the end; 0: none)")
+    a("--val-prompts", nargs="+", default=None, help="the validation grid's prompts: a text file or the prompts "
+      "(default: the embedded teacher's digits, else the first 4 of --prompts)")
     a("--device", default=None)
     return p.parse_args(argv)
 
@@ -347,7 +351,8 @@ def main(argv=None):
             raise ValueError(f"--q: the student samples in 1..{M} steps, not {args.q}")
         prompts = prompts or read_prompts(None, teacher)
         teacher.check_prompts(prompts)
-    except ValueError as e:
+        shown = val_prompts(args.val_prompts, teacher, prompts)
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     d = distance(args.d, args.llpips, teacher.latent_shape[0], device)
 
@@ -404,6 +409,13 @@ def main(argv=None):
         for ps, _, _ in trainable.values():
             for p in ps:
                 dist.broadcast(p.data, 0)
+    metrics = MetricsLog(args.out, step, master)  # <out>.log.jsonl, continued on --resume
+    validate = None
+    if master and args.val_every:  # rank 0 draws the grids; the others go on to the next all-reduce and wait there
+        validate = validation(teacher, shown, sorted({k for k in (2, 4) if k <= M} or {M}), M, autocast, metrics,
+                              os.path.basename(args.out))
+        if step == 0:
+            validate(0)  # where the student starts: the stage-1 student
 
     def save():
         stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
@@ -441,23 +453,38 @@ def main(argv=None):
     log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch} per iteration), "
         f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
-    while step < args.iters:
-        cond, _ = stream.take(args.batch)
-        try:
-            logs = iteration(teacher, cond, d, disc, fake is not None, update, args, M, gen, autocast)
-        except SystemExit:
-            bar.close()
-            raise
-        step += 1
-        bar.update(1)
-        if master and (step % args.log_every == 0 or step == args.iters):
-            bar.set_postfix({k: f"{float(v):.4g}" for k, v in logs.items()})
-        if step % args.save_every == 0 or step == args.iters:
-            save()
+    with lora.count_forwards(teacher.denoiser) as calls:  # (adapter, batch) of every model call, for the log
+        while step < args.iters:
+            cond, _ = stream.take(args.batch)
+            try:
+                logs = iteration(teacher, cond, d, disc, fake is not None, update, args, M, gen, autocast)
+            except SystemExit:
+                bar.close()
+                raise
+            step += 1
+            bar.update(1)
+            metrics.add(logs)
+            if step % args.log_every == 0 or step == args.iters:
+                samples = (step - metrics.step) * args.batch  # this interval's, on this rank
+                forwards = {}
+                for adapter, n in calls:
+                    forwards[adapter or "teacher"] = forwards.get(adapter or "teacher", 0) + n
+                calls.clear()
+                line = metrics.write(step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in opts.items()},
+                                     **{f"fwd_per_sample_{k}": n / samples for k, n in forwards.items()})
+                if master:
+                    bar.set_postfix({k: f"{line[k]:.4g}" for k in logs})
+            if validate and (step % args.val_every == 0 or step == args.iters):
+                counted = len(calls)
+                validate(step)
+                del calls[counted:]  # validation's forwards are not training's
+            if step % args.save_every == 0 or step == args.iters:
+                save()
     bar.close()
     if lora.metadata(args.out).get("step") != str(step):  # resumed from a state newer than its checkpoint, at the end
         save()
     log(prompts_seen(stream, world))
+    log(metrics.close())
     log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 2  (or 3, 4)")
     if ddp:  # a cheap guard: every rank must hold rank 0's weights
         diff = max(rank_difference(ps) for ps, _, _ in trainable.values())

@@ -14,14 +14,15 @@ import argparse
 import json
 import math
 import os
+import time
 
 import torch
 
 import lora
-from runs import (Parser, all_reduce_grads, check_fresh_out, count, explain_interrupt, explain_out_of_memory,
-                  fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id, optimizer_tensors,
-                  positive, prompts_meta, rank_difference, read_state, resumed_late, run_prompts, state_path,
-                  take_run_batch, take_run_values, weight)
+from runs import (MetricsLog, Parser, all_reduce_grads, check_fresh_out, count, explain_interrupt,
+                  explain_out_of_memory, fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id,
+                  number, optimizer_tensors, positive, prompts_meta, rank_difference, read_state, resumed_late,
+                  run_prompts, state_path, take_run_batch, take_run_values, weight)
 from teachers import (DTYPE_HELP, DTYPES, HERE, T, add_student, cond_index, cond_cat, load_teacher, open_prompt_stream,
                       precision, prompts_seen, read_checkpoint, read_prompts, save_checkpoint)
 
@@ -85,6 +86,13 @@ def solve(x0_fn, z, ts, alpha_sigma, noises=None):
             a_s, s_s = alpha_sigma(s_)
             z = a_s * x0_hat + s_s * noises[i]
     return z
+
+
+def student_sample(teacher, cond, z_T, k, M):
+    """z_0 from z_T by the student's k-step sampler: Psi between the milestones student_times(k, M), one student
+    call per step (stage 2's image-free inputs, the validation grids; sample.py runs the same with the LoRA merged)."""
+    with lora.adapter(teacher.denoiser, "student"):
+        return solve(lambda z, t: teacher.x0(z, t, cond), z_T, student_times(k, M), teacher.alpha_sigma)
 
 
 # ---- classifier-free guidance -----------------------------------------------------------------------------------
@@ -262,18 +270,60 @@ TOY_LLPIPS = os.path.join(HERE, "toy", "llpips.safetensors")  # L-LPIPS trained 
 
 # The paper's recipe per teacher family, both stages (flags left out take these values); the embedded teacher's is
 # ours, sized to finish in minutes on a CPU. SDXL / FLUX: --llpips has no default (train one with llpips.py).
+# ---- watching the student learn: validation grids -----------------------------------------------------------------
+
+VAL_SEED = 0  # the validation noise, the same in every run: two runs' grids compare image by image
+
+
+def val_prompts(spec, teacher, prompts):
+    """The validation prompts: --val-prompts (a file or the prompts; at most 16), else the embedded teacher's digits,
+    else the first 4 training prompts. Checked before any training."""
+    try:
+        chosen = read_prompts(spec, teacher) if spec or teacher.embedded else prompts
+        chosen = [chosen[i] for i in range(min(len(chosen), 16 if spec or teacher.embedded else 4))]
+        teacher.check_prompts(chosen)
+    except ValueError as e:
+        raise ValueError(f"--val-prompts: {e}" if spec else str(e)) from None
+    return chosen
+
+
+def validation(teacher, prompts, steps, M, autocast, metrics, name):
+    """validate(step): the student's images of `prompts` from fixed noise (VAL_SEED) at each of `steps` sampling
+    steps -- a row per step count, a column per prompt -- into <out>.val/step_<step>.png, its seconds counted in the
+    metrics log (runs.MetricsLog). It draws no number from the run's generators: a run trains the same with or
+    without it."""
+    cut = teacher.truncated
+    cond = teacher.encode(prompts)
+    teacher.truncated = cut  # the run's "cut to an encoder's token limit" counts its training prompts only
+    z_T = teacher.noise(len(prompts), torch.Generator().manual_seed(VAL_SEED))
+
+    @torch.no_grad()
+    def validate(step):
+        t0 = time.perf_counter()
+        rows = []
+        for k in steps:
+            with autocast():
+                z_0 = student_sample(teacher, cond, z_T, k, M)
+            rows.append(teacher.decode(z_0).float().cpu())
+        title = f"{name} at step {step}; columns: {' | '.join(prompts)}"[:200]
+        metrics.grid(step, torch.cat(rows), [f"{k} steps" for k in steps], title, time.perf_counter() - t0)
+    return validate
+
+
 PRESETS = {
     "digits": {
         "local": dict(iters=400, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=100,
-                      llpips=TOY_LLPIPS),
+                      val_every=50, llpips=TOY_LLPIPS),
         "global": dict(iters=120, batch=32, lr=3e-5, lr_aux=1e-3, fake_rank=16, fake_updates=2, save_every=40,
-                       llpips=TOY_LLPIPS)},
+                       val_every=20, llpips=TOY_LLPIPS)},
     "sdxl": {
-        "local": dict(iters=12000, batch=4, lr=1e-4, w=7.0, trajectories=4, buffer=512, reuse=4, save_every=500),
-        "global": dict(iters=3000, batch=4, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250)},
+        "local": dict(iters=12000, batch=4, lr=1e-4, w=7.0, trajectories=4, buffer=512, reuse=4, save_every=500,
+                      val_every=500),
+        "global": dict(iters=3000, batch=4, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250, val_every=250)},
     "flux": {
-        "local": dict(iters=6000, batch=2, lr=1e-4, w=3.5, trajectories=2, buffer=256, reuse=4, save_every=500),
-        "global": dict(iters=6000, batch=2, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250)},
+        "local": dict(iters=6000, batch=2, lr=1e-4, w=3.5, trajectories=2, buffer=256, reuse=4, save_every=500,
+                      val_every=500),
+        "global": dict(iters=6000, batch=2, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250, val_every=500)},
 }
 
 
@@ -305,7 +355,12 @@ def parse_args(argv=None):
     a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
     a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
-    a("--log-every", type=count, default=50)
+    a("--log-every", type=count, default=10, help="iterations per line of the metrics log, <out>.log.jsonl")
+    a("--val-every", type=lambda x: number(x, int, 0), default=None, help="iterations between validation grids, "
+      "<out>.val/step_<N>.png (the student at 2, 4 and M steps from fixed noise; also at the start and the end; "
+      "0: none)")
+    a("--val-prompts", nargs="+", default=None, help="the validation grid's prompts: a text file or the prompts "
+      "(default: the embedded teacher's digits, else the first 4 of --prompts)")
     a("--device", default=None)
     return p.parse_args(argv)
 
@@ -348,6 +403,7 @@ def main(argv=None):
         teacher = load_teacher(args.teacher, device, args.resolution, dtype)
         prompts = prompts or read_prompts(None, teacher)
         teacher.check_prompts(prompts)
+        shown = val_prompts(args.val_prompts, teacher, prompts)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     fill_presets(args, PRESETS[teacher.family]["local"])
@@ -389,6 +445,13 @@ def main(argv=None):
     if ddp:  # identical LoRA on every rank
         for p in params:
             dist.broadcast(p.data, 0)
+    metrics = MetricsLog(args.out, step, master)  # <out>.log.jsonl, continued on --resume
+    validate = None
+    if master and args.val_every:  # rank 0 draws the grids; the others go on to the next all-reduce and wait there
+        validate = validation(teacher, shown, sorted({k for k in (2, 4, args.M) if k <= args.M}), args.M, autocast,
+                              metrics, os.path.basename(args.out))
+        if step == 0:
+            validate(0)  # where the student starts: the teacher itself in 2, 4 and M steps
 
     def save():
         stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
@@ -426,10 +489,17 @@ def main(argv=None):
         opt.step()
         step += 1
         bar.update(1)
-        served = max(buffer.served, 1)
-        if master and (step % args.log_every == 0 or step == args.iters):
-            bar.set_postfix(loss=f"{loss.item():.4g}", teacher_fwd_per_pair=f"{buffer.teacher_forwards / served:.2f}",
-                            student_fwd_per_pair=f"{n_student / served:.2f}")
+        metrics.add({"loss": loss})
+        if step % args.log_every == 0 or step == args.iters:
+            served = max(buffer.served, 1)
+            line = metrics.write(step, lr=opt.param_groups[0]["lr"],
+                                 fwd_per_pair_teacher=buffer.teacher_forwards / served,
+                                 fwd_per_pair_student=n_student / served)
+            if master:
+                bar.set_postfix(loss=f"{line['loss']:.4g}", teacher_fwd_per_pair=f"{line['fwd_per_pair_teacher']:.2f}",
+                                student_fwd_per_pair=f"{line['fwd_per_pair_student']:.2f}")
+        if validate and (step % args.val_every == 0 or step == args.iters):
+            validate(step)
         if step % args.save_every == 0 or step == args.iters:
             save()
     bar.close()
@@ -440,6 +510,7 @@ def main(argv=None):
         f"{n_student / served:.2f} = {(buffer.teacher_forwards + n_student) / served:.2f} (this run's pairs; the "
         f"naive way, re-running the teacher from T for every pair: {buffer.naive_forwards / served:.1f} + student)")
     log(prompts_seen(stream, world))
+    log(metrics.close())
     log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 4")
     if ddp:  # a cheap guard: every rank must hold rank 0's LoRA
         log(f"LoRA identical on all {world} ranks: max difference {rank_difference(params):.3g}")

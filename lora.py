@@ -150,6 +150,24 @@ def adapter(model, name):
             l.active = a
 
 
+@contextlib.contextmanager
+def count_forwards(model):
+    """Counts the calls of `model` with a forward pre-hook (a call cut short, as the discriminator's, counts too):
+    yields a list that gets (the active adapter, the batch size) of each call. The model calls bench.py reports, the
+    stage-2 metrics log and the tests check are counted here, not computed from the step counts."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        wrapped = layers(model)
+        calls.append((wrapped[0][1].active if wrapped else None, x.shape[0]))
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def gradient_checkpointing(model):
     """Turns on a diffusers model's gradient checkpointing so that the recomputation in backward runs with the
     adapter that was active in the forward. (Plain checkpointing recomputes with whatever adapter is active when

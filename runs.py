@@ -4,14 +4,17 @@
   - fresh runs and resumed ones: --overwrite, --resume taking the run's own values, state files beside the
     checkpoint (optimizers, RNG, the student LoRA), so a save interrupted anywhere resumes;
   - torchrun: process setup, the gradient all-reduce, a cheap check that all ranks agree;
+  - watching a run: the metrics log (<out>.log.jsonl), validation grids (<out>.val/), the loss curves;
   - how a run ends when it must: Ctrl-C / SIGTERM and out-of-memory errors as one line that says what to do.
 Nothing here is LogCD's method.
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import re
+import time
 
 import torch
 
@@ -232,6 +235,159 @@ def rank_difference(params):
     diff = (flat - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
+
+
+# ---- watching a run: the metrics log and validation grids ---------------------------------------------------------
+
+def run_files(out):
+    """local.safetensors -> (local.log.jsonl, local.val): a run's metrics log and its folder of validation grids."""
+    stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
+    return stem + ".log.jsonl", stem + ".val"
+
+
+class MetricsLog:
+    """The run's metrics log, <out>.log.jsonl: one JSON line per logging interval, written by rank 0 and flushed at
+    once, so `tail -f` and `python eval.py --curves` read a running job. A line holds the step, the interval's mean of
+    every loss term (add), what the script passes to write (learning rates, forwards counters), iterations per second
+    (validation excluded), the interval's validation seconds, the CUDA memory peak so far and the elapsed seconds.
+    A fresh run starts the log anew; --resume from step N keeps its lines up to N (later ones were written past the
+    last save; the resumed run writes them again) and continues it, elapsed time included. The validation grids of
+    steps after N go likewise."""
+
+    def __init__(self, out, step, master):
+        self.path, self.folder = run_files(out)
+        self.master, self.step, self.sums, self.n = master, step, {}, 0
+        self.val_s = self.val_total = self.elapsed = 0.0
+        self.t0 = self.t_last = time.perf_counter()
+        if not master:
+            return
+        kept = []
+        if step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            self.elapsed = json.loads(kept[-1])["elapsed_s"] if kept else 0.0
+        with lora.atomic(self.path) as tmp, open(tmp, "w") as f:
+            f.writelines(kept)
+        if os.path.isdir(self.folder):
+            for name in os.listdir(self.folder):
+                if re.fullmatch(r"step_\d+\.png", name) and int(name[5:-4]) > step:
+                    os.remove(os.path.join(self.folder, name))
+        self.file = open(self.path, "a")
+
+    def add(self, terms):
+        """One iteration's loss terms (name -> tensor or float): summed on their device, no GPU sync until write."""
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+        self.n += 1
+
+    def write(self, step, **values):
+        """Appends the interval's line (rank 0) and starts the next interval; returns the line (None on ranks > 0)."""
+        now = time.perf_counter()
+        line = {"step": step, **{k: float(v) / max(self.n, 1) for k, v in self.sums.items()}, **values,
+                "it_per_s": (step - self.step) / max(now - self.t_last - self.val_s, 1e-9), "val_s": self.val_s,
+                "elapsed_s": self.elapsed + now - self.t0}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            line["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        self.step, self.sums, self.n, self.t_last, self.val_s = step, {}, 0, now, 0.0
+        if not self.master:
+            return None
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+        return line
+
+    def grid(self, step, images, prompts, title, seconds):
+        """Writes a validation grid to <out>.val/step_<step>.png (rank 0) and counts its cost in the log."""
+        self.val_s += seconds
+        self.val_total += seconds
+        if not self.master:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"step_{step:06d}.png")
+        with lora.atomic(path) as tmp:
+            grid(images, prompts, title).save(tmp, format="PNG")
+
+    def close(self):
+        """The run's summary line: validation's share of this session's time; the loss curves as a PNG beside the log
+        when matplotlib is installed (plotting is optional; training never needs it)."""
+        if not self.master:
+            return ""
+        self.file.close()
+        share = self.val_total / max(time.perf_counter() - self.t0, 1e-9)
+        said = (f"metrics: {self.path}; validation grids: {self.folder}/ ({self.val_total:.1f} s, {share:.1%} of the "
+                "run)")
+        try:
+            said += f"; loss curves: {plot_log(self.path)}"
+        except ImportError:
+            said += f" (pip install matplotlib, then python eval.py --curves {self.path}, draws the loss curves)"
+        return said
+
+
+def read_log(path):
+    """The lines of a metrics log, as dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+LOG_BOOKKEEPING = ("step", "it_per_s", "val_s", "elapsed_s", "gpu_mem_peak_gib")
+
+
+def curves_figure(lines, title):
+    """A matplotlib figure of a metrics log's lines: one panel per loss term against the step (log scale where a
+    term stays positive), and one of the training speed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    terms = [k for k in lines[0] if k not in LOG_BOOKKEEPING and not k.startswith(("lr", "fwd"))] + ["it_per_s"]
+    cols = min(len(terms), 3)
+    rows = math.ceil(len(terms) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    steps = [line["step"] for line in lines]
+    for ax, k in zip(axes.flat, terms):
+        ys = [line.get(k, float("nan")) for line in lines]
+        ax.plot(steps, ys, lw=1.2)
+        if k != "it_per_s" and all(y > 0 for y in ys if y == y):
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("iterations / s (validation excluded)" if k == "it_per_s" else f"{k} (interval mean)")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(terms):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_log(path, png=None):
+    """The loss curves of the metrics log at `path` as a PNG (default: beside it, <out>.loss.png). Needs matplotlib."""
+    import matplotlib.pyplot as plt
+    if png is None:
+        png = (path[:-len(".log.jsonl")] if path.endswith(".log.jsonl") else path) + ".loss.png"
+    fig = curves_figure(read_log(path), os.path.basename(path))
+    with lora.atomic(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png
+
+
+def grid(images, row_labels, title, tile=None):
+    """PIL image: one row per label, images (N, C, H, W) in [-1, 1] laid out row-major, label to the left."""
+    from PIL import Image, ImageDraw
+    N, C, H, W = images.shape
+    cols = N // len(row_labels)
+    tile = tile or (64 if H < 64 else min(H, 256))
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    lab, top = 8 * max([len(l) for l in row_labels] + [1]) + 12, 20
+    width = max(lab + cols * (tile + 2), 6 * len(title) + 8)  # wide enough for the title
+    out = Image.new("RGB", (width, top + len(row_labels) * (tile + 2)), "white")
+    draw = ImageDraw.Draw(out)
+    draw.text((4, 4), title, fill="black")
+    for i in range(N):
+        r, c = divmod(i, cols)
+        im = Image.fromarray(x[i, :, :, 0] if C == 1 else x[i, :, :, :3]).resize((tile, tile), Image.NEAREST)
+        out.paste(im.convert("RGB"), (lab + c * (tile + 2), top + r * (tile + 2)))
+    for r, l in enumerate(row_labels):
+        draw.text((4, top + r * (tile + 2) + tile // 2 - 5), l[:40], fill="black")
+    return out
 
 
 # ---- how a run ends when it must ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import lora
 from local_cd import cfg, solve, student_times, teacher_times
-from runs import Parser, count, weight
+from runs import Parser, count, grid, weight
 from teachers import (DTYPE_HELP, DTYPES, T, default_device, load_student, load_teacher, precision, read_checkpoint,
                       read_prompts)
 
@@ -101,24 +101,36 @@ def diffusers_args(ckpt, steps=4):
     return {"timesteps": [t - 1 for t in ts], "guidance_scale": 1.0, "height": res, "width": res}
 
 
-def grid(images, row_labels, title, tile=None):
-    """PIL image: one row per label, images (N, C, H, W) in [-1, 1] laid out row-major, label to the left."""
-    from PIL import Image, ImageDraw
-    N, C, H, W = images.shape
-    cols = N // len(row_labels)
-    tile = tile or (64 if H < 64 else min(H, 256))
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    lab, top = 8 * max([len(l) for l in row_labels] + [1]) + 12, 20
-    out = Image.new("RGB", (lab + cols * (tile + 2), top + len(row_labels) * (tile + 2)), "white")
-    draw = ImageDraw.Draw(out)
-    draw.text((4, 4), title, fill="black")
-    for i in range(N):
-        r, c = divmod(i, cols)
-        im = Image.fromarray(x[i, :, :, 0] if C == 1 else x[i, :, :, :3]).resize((tile, tile), Image.NEAREST)
-        out.paste(im.convert("RGB"), (lab + c * (tile + 2), top + r * (tile + 2)))
-    for r, l in enumerate(row_labels):
-        draw.text((4, top + r * (tile + 2) + tile // 2 - 5), l[:40], fill="black")
-    return out
+def x0_function(teacher, student, w=None, clip=False):
+    """x0_hat(z, t, cond) of the sampler: the student (no CFG pass: it learned the guided teacher) or the teacher
+    with CFG at scale w; with clip, x0_hat clipped to [-1, 1] (the pixel-space toy)."""
+    def x0_fn(z, t, cond):
+        x0 = teacher.x0(z, t, cond) if student else cfg(teacher, z, t, cond, w)
+        return x0.clamp(-1, 1) if clip else x0
+    return x0_fn
+
+
+def sampling(teacher, student):
+    """The weights to sample with: the student's adapter merged into the base (no per-layer overhead, as a diffusers
+    pipeline runs it), or the teacher's own, no adapter active."""
+    return lora.merged(teacher.denoiser, "student") if student else lora.adapter(teacher.denoiser, None)
+
+
+def generate(teacher, x0_fn, ts, prompts, z_T, per=1, batch=4, noises=None, chunk=256):
+    """The sampling loop of sample.py and eval.py: image i starts from the noise z_T[i] with the prompt
+    prompts[i // per] (len(prompts) * per images) and is solved along the times ts, `batch` images per model call.
+    The prompts are encoded a chunk at a time, each once: the text encoders visit the GPU once per chunk. noises:
+    the LCM sampler's fresh noise, one (N, ...) tensor per step. Yields (the slice of image indices, their final
+    latents z_0, their decoded images) batch by batch; run it under torch.no_grad() and `sampling`."""
+    for j in range(0, len(prompts), chunk):
+        embeds = teacher.encode(prompts[j:j + chunk], device="cpu")
+        end = min(j + chunk, len(prompts)) * per
+        for i in range(j * per, end, batch):
+            sl = slice(i, min(i + batch, end))
+            cond = {k: v[torch.arange(sl.start, sl.stop) // per - j].to(teacher.device) for k, v in embeds.items()}
+            z0 = solve(lambda z, t: x0_fn(z, t, cond), z_T[sl], ts, teacher.alpha_sigma,
+                       None if noises is None else noises[:, sl])
+            yield sl, z0, teacher.decode(z0)
 
 
 def main(argv=None):
@@ -163,27 +175,13 @@ def main(argv=None):
     z_T = teacher.noise(N, gen)
     renoise = torch.randn(k, *z_T.shape, generator=gen).to(z_T.device) if args.sampler == "lcm" else None
     batch = args.batch or (1000 if teacher.embedded else 4)
-    chunk = 256  # prompts encoded at a time, each once: the text encoders visit the GPU once per chunk
+    x0_fn = x0_function(teacher, bool(args.ckpt), None if args.ckpt else w, args.clip)
     images, latents = [], []
-    ctx = lora.merged(teacher.denoiser, "student") if args.ckpt else lora.adapter(teacher.denoiser, None)
-    with torch.no_grad(), ctx, tqdm(total=N, desc=what, disable=N <= batch) as bar:
-        for j in range(0, len(prompts), chunk):
-            embeds = teacher.encode(prompts[j:j + chunk], device="cpu")
-            end = min(j + chunk, len(prompts)) * per
-            for i in range(j * per, end, batch):
-                sl = slice(i, min(i + batch, end))
-                cond = {kk: v[torch.arange(sl.start, sl.stop) // per - j].to(teacher.device)
-                        for kk, v in embeds.items()}
-
-                def x0_fn(z, t):
-                    x0 = teacher.x0(z, t, cond) if args.ckpt else cfg(teacher, z, t, cond, w)
-                    return x0.clamp(-1, 1) if args.clip else x0
-
-                noises = renoise[:, sl] if renoise is not None else None
-                z0 = solve(x0_fn, z_T[sl], ts, teacher.alpha_sigma, noises)
-                latents.append(z0.float().cpu())
-                images.append(teacher.decode(z0).float().cpu())
-                bar.update(sl.stop - sl.start)
+    with torch.no_grad(), sampling(teacher, bool(args.ckpt)), tqdm(total=N, desc=what, disable=N <= batch) as bar:
+        for sl, z0, x in generate(teacher, x0_fn, ts, prompts, z_T, per, batch, renoise):
+            latents.append(z0.float().cpu())
+            images.append(x.float().cpu())
+            bar.update(sl.stop - sl.start)
     images, latents = torch.cat(images), torch.cat(latents)
 
     with lora.atomic(args.out) as tmp:

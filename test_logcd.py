@@ -657,7 +657,7 @@ def test_stage2_iteration_makes_the_forwards_of_the_method(tmp_path, monkeypatch
     with contextlib.ExitStack() as stack:
         counted = _count_calls(monkeypatch, global_cd, "load_student", stack)
         global_cd.main(["--batch", str(B), "--p", str(p), "--q", str(q), "--fake-updates", str(updates), "--iters", "3",
-                        "--distance", "mse", "--init", str(tmp_path / "local.safetensors"),
+                        "--distance", "mse", "--val-every", "0", "--init", str(tmp_path / "local.safetensors"),
                         "--out", str(tmp_path / "g.safetensors")])
         calls = counted[0]
     assert calls[0] == (None, 1)  # the discriminator's heads sized on one pass of the teacher
@@ -772,7 +772,15 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     for r in rows:
         assert " ± " in r["alignment"] and " ± " in r["FD"] and 0 <= r["_alignment"] <= 1 and r["_FD"] > 0
         assert (r["training (min)"] == "-") == r["row"].startswith("teacher")
-    assert (tmp_path / "f.png").stat().st_size > 0 and len(list((tmp_path / "g").glob("*.png"))) == 13
+    assert len(list((tmp_path / "g").glob("*.png"))) == 13
+    # the figure: the students' and the teacher's few-step rows against steps, the 25-step teacher as the reference
+    # line (its remembered scores: no sampling beyond the 13 above); --replot draws the same PNG from its numbers
+    fig = json.loads((tmp_path / "f.json").read_text())
+    assert [(r["row"], r["steps"]) for r in fig["rows"]] == [(r["row"], r["steps"]) for r in rows if r["steps"] != 25]
+    assert {k: fig["reference"][k] for k in ("_FD", "_alignment")} == {k: rows[0][k] for k in ("_FD", "_alignment")}
+    assert all(r["_FD_std"] > 0 for r in fig["rows"])  # error bars: the 2 seeds differ
+    ev.main(["--replot", str(tmp_path / "f.json"), "--figure", str(tmp_path / "again.png")])
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "f.png").read_bytes()
     assert set(ev.TABLES) == {"main", "ablation", "M", "p", "q"}
     assert [len(ev.TABLES[t]) for t in ("ablation", "M", "p", "q")] == [5, 3, 4, 4]
     with pytest.raises(SystemExit, match="--jobs must be 1 or more"):
@@ -797,20 +805,34 @@ def test_eval_training_continues_after_an_interruption(tmp_path):
     assert ev.train("local", argv, 0, str(tmp_path / "cut")) == (out, seconds)
 
 
-def test_clip_score_with_a_tiny_random_clip(tmp_path):
-    """The real-teacher metric: 100 x max(cos, 0) of CLIPModel image and text features, from a saved model folder and
-    a sample.py --save-tensors file (a tiny random CLIP; nothing is downloaded)."""
-    import eval as ev
+def _tiny_clip(folder, aligned=False):
+    """A tiny random CLIPModel (32 px images) and its tokenizer, saved to folder. aligned: its image and text features
+    share one large component (the same final-norm bias, the same projection), so that cosines sit near 1 and still
+    move with the input: scores max(cos, 0) does not flatten to 0, as it does most of the plain random model's."""
     from transformers import CLIPConfig, CLIPModel
-    tok, n = _tokenizer(str(tmp_path / "clip"))
+    tok, n = _tokenizer(str(folder))
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(
         text_config=dict(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                          max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8), projection_dim=8)).eval()
-    model.save_pretrained(tmp_path / "clip")
-    tok.save_pretrained(tmp_path / "clip")
+    if aligned:
+        with torch.no_grad():
+            bias = torch.randn(16)
+            model.vision_model.post_layernorm.bias.copy_(bias)
+            model.text_model.final_layer_norm.bias.copy_(bias)
+            model.text_projection.weight.copy_(model.visual_projection.weight)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+def test_clip_score_with_a_tiny_random_clip(tmp_path):
+    """The real-teacher metric: 100 x max(cos, 0) of CLIPModel image and text features, from a saved model folder and
+    a sample.py --save-tensors file (a tiny random CLIP; nothing is downloaded)."""
+    import eval as ev
+    model, tok = _tiny_clip(tmp_path / "clip")
     images, prompts = torch.rand(6, 3, 40, 40) * 2 - 1, ["a cat", "a dog"]
     lora.save(str(tmp_path / "s.safetensors"), {"images": images}, {"prompts": "|".join(prompts)})
     cs = ev.main(["--clip-score", str(tmp_path / "clip"), "--samples", str(tmp_path / "s.safetensors")])
@@ -821,12 +843,305 @@ def test_clip_score_with_a_tiny_random_clip(tmp_path):
         ev.main(["--clip-score", str(tmp_path / "clip"), "--samples", str(tmp_path / "d.safetensors")])
 
 
+class _MeanColour(torch.nn.Module):
+    """An FID feature network whose features are known: each image's mean colour (0..255)."""
+    num_features = 3  # torchmetrics reads it instead of running a 299 x 299 probe image
+
+    def forward(self, x):
+        return x.float().mean((2, 3))
+
+
+class _TinyFeatures(torch.nn.Module):
+    """A small random feature network for the FID on uint8 images (CI has no Inception weights)."""
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, stride=2), torch.nn.Tanh(),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x.float() / 127.5 - 1)
+
+
+def test_clip_score_matches_torchmetrics_clipscore(tmp_path):
+    """eval.clip_score against torchmetrics' CLIPScore (CLIP's own image processor: PIL bicubic) on the same tiny
+    CLIP, image by image: equal at CLIP's input size, within 0.1 points on images 3x as large (resized by each its own
+    way; without antialiasing ours is 0.3 points off). The scores themselves spread over points, so the
+    comparison is not of zeros."""
+    import eval as ev
+    pytest.importorskip("torchmetrics")
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPImageProcessor, CLIPProcessor
+    model, tok = _tiny_clip(tmp_path / "clip", aligned=True)
+
+    class Features(torch.nn.Module):  # transformers 5 returns output objects; torchmetrics 1.9 expects tensors
+        def __init__(self):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, *a, **k):
+            return model.get_image_features(*a, **k).pooler_output
+
+        def get_text_features(self, *a, **k):
+            return model.get_text_features(*a, **k).pooler_output
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    theirs = CLIPScore(model_name_or_path=lambda: (Features(), processor))
+    prompts = ["a cat", "a dog on a mat", "two birds", "x"]
+    g = torch.Generator().manual_seed(0)
+    for size, tol in ((32, 1e-3), (96, 0.1)):
+        smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 8, 8, generator=g) * 255, size=(size, size),
+                                                 mode="bilinear")
+        images = (smooth + torch.randn(4, 3, size, size, generator=g) * 20).clamp(0, 255).round().byte()
+        ours = [ev.clip_score(model, tok, images[i:i + 1].float() / 127.5 - 1, [prompts[i]]) for i in range(4)]
+        for i in range(4):
+            theirs.reset()
+            theirs.update(images[i:i + 1], prompts[i])
+            assert ours[i] == pytest.approx(theirs.compute().item(), abs=tol), (size, i)
+        assert min(ours) > 50 and max(ours) - min(ours) > 1, ours
+
+
+def test_fid_through_torchmetrics_is_the_frechet_distance(tmp_path, monkeypatch):
+    """eval's FID path (PNG folders -> torchmetrics' FrechetInceptionDistance with an injected feature network) on
+    images whose features are known: one colour each, the samples' colours those of the reference shifted by d. Equal
+    covariances, so the FID is |d|^2 = 325 exactly; and it is eval.frechet of the same features."""
+    import eval as ev
+    pytest.importorskip("torchmetrics")
+    monkeypatch.setattr(ev, "FID_FEATURE", _MeanColour())
+    g = torch.Generator().manual_seed(0)
+    colours = (torch.randn(200, 3, generator=g) * 15 + 120).round().clamp(30, 220)
+    d = torch.tensor([10.0, 0.0, -15.0])
+    for name, cs in (("ref", colours), ("fake", colours + d)):
+        for i, c in enumerate(cs):
+            ev.write_png(c.byte().view(3, 1, 1).expand(3, 4, 4), str(tmp_path / name / f"{i:05d}.png"))
+    metric = ev.fid_metric()
+    ev.add_images(metric, ev.image_files(tmp_path / "ref"), 8, real=True)
+    ev.add_images(metric, ev.image_files(tmp_path / "fake"), 8, real=False)
+    fid = metric.compute().item()
+    assert fid == pytest.approx(325.0, abs=1e-2)
+    assert fid == pytest.approx(ev.frechet(colours + d, colours), rel=1e-5)
+    metric.reset()  # the reference's features stay: the samples against themselves shifted by 0
+    ev.add_images(metric, ev.image_files(tmp_path / "ref"), 8, real=False)
+    assert metric.compute().item() == pytest.approx(0.0, abs=1e-2)
+
+
+def _score_setup(tmp_path, tiny_sdxl, monkeypatch):
+    """A tiny SDXL student checkpoint (M = 8), 6 prompts, 5 reference images (24 x 20: cropped to square), a tiny
+    CLIP, the FID's feature network injected; returns (checkpoint, the common eval.py flags)."""
+    import eval as ev
+    t = load_teacher(tiny_sdxl, "cpu", resolution=16)
+    add_student(t, rank=4)
+    _randomize(t.denoiser, "student", std=0.01)
+    ckpt = str(tmp_path / "student.safetensors")
+    save_checkpoint(ckpt, t, "global", {"M": 8})
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\ntwo birds\na red car\nthe sea\na house\n")
+    g = torch.Generator().manual_seed(1)
+    for i in range(5):
+        image = torch.randint(0, 256, (3, 20, 24), generator=g, dtype=torch.uint8)
+        ev.write_png(image, str(tmp_path / "ref" / f"{i}.png"))
+    _tiny_clip(tmp_path / "clip", aligned=True)
+    monkeypatch.setattr(ev, "FID_FEATURE", _TinyFeatures())
+    return ckpt, ["--prompts", str(tmp_path / "prompts.txt"), "--reference", str(tmp_path / "ref"), "--clip-model",
+                  str(tmp_path / "clip"), "--fid-size", "16", "--batch", "2", "--seed", "3", "--device", "cpu"]
+
+
+def test_score_a_tiny_sdxl_student_and_teacher_and_continue_after_an_interruption(tmp_path, monkeypatch, tiny_sdxl):
+    """eval.py --score end to end on tiny SDXL: a student checkpoint and the teacher, 2 steps, 6 prompts. Each writes
+    <images>/2_steps/00000..00005.png; its FID and CLIP score equal the metrics computed here on the PNGs as read here;
+    scores.json holds them. A generation stopped after 4 images continues with the 2 missing ones only (2 model calls,
+    not 6) into PNGs byte-identical to an uninterrupted run's; another batch size draws the same images (each image's
+    noise is seeded by its index); a finished folder is scored again without loading the model."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer, CLIPModel
+
+    import eval as ev
+    ckpt, common = _score_setup(tmp_path, tiny_sdxl, monkeypatch)
+    student = ["--score", ckpt, "--steps", "2", *common]
+
+    def run(argv):  # -> (rows, the model calls counted: one list per model loaded)
+        with monkeypatch.context() as mp, contextlib.ExitStack() as stack:
+            students, teachers_ = (_count_calls(mp, ev, name, stack) for name in ("load_student", "load_teacher"))
+            rows = ev.main(argv)
+        return rows, students + teachers_
+
+    def pngs(folder):
+        return [p.read_bytes() for p in sorted((tmp_path / folder / "2_steps").glob("*.png"))]
+
+    rows, calls = run([*student, "--images", str(tmp_path / "whole")])
+    assert calls == [[("student", 2)] * 6]  # 3 batches of 2 images, 2 steps each, adapter merged
+    files = sorted((tmp_path / "whole" / "2_steps").glob("*.png"))
+    assert [f.name for f in files] == [f"{i:05d}.png" for i in range(6)]
+
+    def read(path, size=None):  # the protocol, written out: RGB, center-crop to a square, PIL bicubic
+        im = Image.open(path).convert("RGB")
+        if size:
+            s = min(im.size)
+            l, t = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((l, t, l + s, t + s)).resize((size, size), Image.BICUBIC)
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    feats = _TinyFeatures()
+    with torch.no_grad():
+        f_ref = feats(torch.stack([read(p, 16) for p in sorted((tmp_path / "ref").glob("*.png"))]))
+        f_gen = feats(torch.stack([read(p, 16) for p in files]))
+    images = torch.stack([read(p) for p in files]).float() / 127.5 - 1
+    assert images.shape == (6, 3, 16, 16)
+    model, tok = CLIPModel.from_pretrained(tmp_path / "clip"), AutoTokenizer.from_pretrained(tmp_path / "clip")
+    prompts = (tmp_path / "prompts.txt").read_text().splitlines()
+    cs = ev.clip_score(model, tok, images, prompts)
+    (row,) = rows
+    assert row["steps"] == 2 and row["images"] == 6
+    assert row["FID"] == pytest.approx(ev.frechet(f_gen, f_ref), rel=1e-3, abs=1e-4)
+    assert row["CLIP score"] == pytest.approx(cs, rel=1e-5) and cs > 10
+    saved = json.load(open(tmp_path / "whole" / "scores.json"))["2"]
+    assert saved["FID"] == row["FID"] and saved["CLIP score"] == row["CLIP score"] and saved["reference_images"] == 5
+
+    written, write_png = [], ev.write_png
+
+    def stop_after_4(image, path):
+        if len(written) == 4:
+            raise KeyboardInterrupt
+        written.append(path)
+        write_png(image, path)
+    monkeypatch.setattr(ev, "write_png", stop_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        run([*student, "--images", str(tmp_path / "cut")])
+    monkeypatch.setattr(ev, "write_png", write_png)
+    assert len(pngs("cut")) == 4
+    rows_cut, calls = run([*student, "--images", str(tmp_path / "cut")])
+    assert calls == [[("student", 2)] * 2]  # the 2 missing images: one batch, 2 steps
+    assert pngs("cut") == pngs("whole") and rows_cut == rows
+    rows_again, calls = run([*student, "--images", str(tmp_path / "cut")])
+    assert calls == [] and rows_again == rows  # nothing missing: no model loaded
+    run([*student, "--batch", "3", "--images", str(tmp_path / "batch3")])
+    other = torch.stack([read(p) for p in sorted((tmp_path / "batch3" / "2_steps").glob("*.png"))])
+    assert (other.int() - torch.stack([read(p) for p in files]).int()).abs().max() <= 1
+
+    teacher_rows, calls = run(["--score", tiny_sdxl, "--resolution", "16", "--steps", "2", *common,
+                               "--images", str(tmp_path / "teacher")])
+    assert calls == [[(None, 4)] * 6]  # CFG: both halves of 2 images in one call, 2 steps, 3 batches
+    assert len(pngs("teacher")) == 6 and pngs("teacher") != pngs("whole")
+    assert teacher_rows[0]["images"] == 6 and teacher_rows[0]["FID"] > 0
+
+
+def test_prepare_coco_and_mjhq_write_prompts_and_square_references(tmp_path):
+    """--prepare-coco on a 3-image captions file: one caption per image (the lowest annotation id), images in
+    ascending id, newlines made spaces; each reference center-cropped to a square and resized: an image whose centre
+    square is one colour (its margins another) becomes that colour. --prepare-mjhq: per category the ids that sort
+    first."""
+    import eval as ev
+    from PIL import Image
+
+    def picture(path, w, h, centre, margin):
+        im = Image.new("RGB", (w, h), margin)
+        s = min(w, h)
+        im.paste(Image.new("RGB", (s, s), centre), ((w - s) // 2, (h - s) // 2))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        im.save(path)
+    picture(str(tmp_path / "val" / "a.png"), 30, 20, (200, 10, 10), (0, 0, 255))  # wide
+    picture(str(tmp_path / "val" / "b.png"), 20, 30, (10, 200, 10), (255, 0, 0))  # tall
+    picture(str(tmp_path / "val" / "c.png"), 24, 24, (10, 10, 200), (0, 0, 0))
+    coco = {"images": [{"id": 42, "file_name": "b.png"}, {"id": 139, "file_name": "c.png"},
+                       {"id": 7, "file_name": "a.png"}],
+            "annotations": [{"id": 9, "image_id": 7, "caption": "a second caption"},
+                            {"id": 3, "image_id": 7, "caption": "  A red\nsquare "},
+                            {"id": 5, "image_id": 139, "caption": "blue"},
+                            {"id": 8, "image_id": 42, "caption": "green,\r\n on red"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    ev.main(["--prepare-coco", str(tmp_path / "captions.json"), str(tmp_path / "val"), "--out", str(tmp_path / "coco"),
+             "--fid-size", "8"])
+    assert (tmp_path / "coco" / "prompts.txt").read_text() == "A red square\ngreen, on red\nblue\n"
+    refs = ev.image_files(tmp_path / "coco" / "reference")
+    assert [os.path.basename(r) for r in refs] == ["000000000007.png", "000000000042.png", "000000000139.png"]
+    for path, colour in zip(refs, [(200, 10, 10), (10, 200, 10), (10, 10, 200)]):
+        assert torch.equal(ev.read_image(path), torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8))
+    meta = {i: {"category": c, "prompt": f"{c} {i}"} for c in ("people", "animals") for i in (f"{c[0]}2", f"{c[0]}1")}
+    for i, m in meta.items():
+        picture(str(tmp_path / "mjhq" / m["category"] / f"{i}.jpg"), 10, 10, (9, 9, 9), (9, 9, 9))
+    (tmp_path / "meta_data.json").write_text(json.dumps(meta))
+    assert [p[0] for p in ev.mjhq_pairs(str(tmp_path / "meta_data.json"), str(tmp_path / "mjhq"), 1)] == ["a1", "p1"]
+    ev.main(["--prepare-mjhq", str(tmp_path / "meta_data.json"), str(tmp_path / "mjhq"), "--out",
+             str(tmp_path / "mj"), "--fid-size", "4"])
+    assert (tmp_path / "mj" / "prompts.txt").read_text() == "animals a1\nanimals a2\npeople p1\npeople p2\n"
+    assert len(ev.image_files(tmp_path / "mj" / "reference")) == 4
+
+
+def test_score_bad_inputs_are_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys, tiny_sdxl):
+    """Each mistake of eval.py --score / --prepare-* is one line and a non-zero exit, before any model (teacher,
+    student, CLIP, FID network) loads, and writes nothing."""
+    import importlib.util
+
+    import eval as ev
+    ckpt, common = _score_setup(tmp_path, tiny_sdxl, monkeypatch)
+    _zero_student(tmp_path / "digits.safetensors")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "old" / "2_steps").mkdir(parents=True)
+    (tmp_path / "old" / "2_steps" / "00000.png").write_bytes(b"")
+    (tmp_path / "old" / "2_steps" / "generation.json").write_text('{"teacher": "another"}')
+
+    def loaded(*a, **k):
+        raise AssertionError("a model loaded")
+    for name in ("load_student", "load_teacher", "load_clip", "fid_metric"):
+        monkeypatch.setattr(ev, name, loaded)
+
+    def tree():  # every file with its bytes, and every folder (an empty one too)
+        return _files(tmp_path), sorted(d for d, _, _ in os.walk(tmp_path))
+    before = tree()
+    images = ["--images", str(tmp_path / "out")]
+
+    def flag(argv, name, value):
+        i = argv.index(name)
+        return [*argv[:i + 1], value, *argv[i + 2:]]
+    find_spec = importlib.util.find_spec
+    for argv, said in [
+        (["--score", ckpt, *common], "--score needs --images DIR"),
+        (["--score", ckpt, *flag(common, "--prompts", str(tmp_path / "no.txt")), *images], "no.txt does not exist"),
+        (["--score", ckpt, *flag(common, "--reference", str(tmp_path / "nope")), *images], "nope is not a folder"),
+        (["--score", ckpt, *flag(common, "--reference", str(tmp_path / "empty")), *images], "holds 0 images"),
+        (["--score", "digits", *common, *images], "draws no RGB images"),
+        (["--score", "nope", *common, *images], "unknown teacher 'nope'"),
+        (["--score", str(tmp_path / "digits.safetensors"), *common, *images], "draws no RGB images"),
+        (["--score", str(tmp_path / "missing.safetensors"), *common, *images], "no such checkpoint"),
+        (["--score", ckpt, "--steps", "4", "9", *common, *images], "samples in 1..8 steps, not 9"),
+        (["--score", ckpt, "--cfg", "3", *common, *images], "--cfg is for a teacher"),
+        (["--score", ckpt, *flag(common, "--clip-model", str(tmp_path / "noclip")), *images], "--clip-model"),
+        (["--score", tiny_sdxl, "--steps", "2", *common, "--images", str(tmp_path / "old")], "another generation"),
+        (["--score", ckpt, *common, "--images", "/proc/x"], "/proc/x is not a writable folder"),
+        (["--prepare-coco", str(tmp_path / "c.json"), str(tmp_path)], "need --out DIR"),
+        (["--prepare-coco", str(tmp_path / "prompts.txt"), str(tmp_path), "--out", str(tmp_path / "coco")],
+         "prompts.txt as a COCO captions file (JSONDecodeError"),
+        (["--score", ckpt, *common, *images, "FID"], "the FID needs torch_fidelity: " + ev.FID_INSTALL),
+    ]:
+        if argv[-1] == "FID":  # the default Inception, without torch-fidelity installed
+            argv = argv[:-1]
+            monkeypatch.setattr(ev, "FID_FEATURE", 2048)
+            monkeypatch.setattr(importlib.util, "find_spec",
+                                lambda n, *a: None if n == "torch_fidelity" else find_spec(n, *a))
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        assert said in str(e.value) and str(e.value).startswith("error: ") and "\n" not in str(e.value), str(e.value)
+        assert tree() == before, argv
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse's mistakes: one line too (runs.Parser), exit code 2
+        ev.main(["--score", ckpt, "--steps", "0", *common, *images])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--steps: must be a whole number at least 1, not 0" in err and err.count("\n") == 1
+    coco = {"images": [{"id": 1, "file_name": "gone.jpg"}], "annotations": [{"id": 1, "image_id": 1, "caption": "x"}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    before = tree()
+    with pytest.raises(SystemExit, match="1 of the 1 images are missing"):
+        ev.main(["--prepare-coco", str(tmp_path / "c.json"), str(tmp_path), "--out", str(tmp_path / "coco")])
+    assert tree() == before
+
+
 # ---- stage 1: local consistency distillation ---------------------------------------------------------------------
 
 import local_cd  # noqa: E402
 from local_cd import TrajectoryBuffer, cond_index, local_loss, trajectory_times  # noqa: E402
 
-FAST = ["--batch", "8", "--trajectories", "2", "--buffer", "256", "--rank", "4", "--log-every", "1"]
+FAST = ["--batch", "8", "--trajectories", "2", "--buffer", "256", "--rank", "4", "--log-every", "1", "--val-every", "0"]
 
 
 def test_trajectory_grid_is_made_of_training_pairs():
@@ -1024,7 +1339,7 @@ def _resume_on_one_rank(tmp_path, main, out):
 
 import global_cd  # noqa: E402
 
-G_FAST = ["--batch", "4", "--log-every", "1"]
+G_FAST = ["--batch", "4", "--log-every", "1", "--val-every", "0"]
 
 
 def _stage1(path, teacher="digits", resolution=1024, M=8, w=1.5):
@@ -1926,6 +2241,116 @@ def test_resume_continues_the_run_it_names(tmp_path):
     _run2(tmp_path, "--iters", "2", "--resume")
     meta = read_checkpoint(str(tmp_path / "global.safetensors"))[1]
     assert (meta["step"], meta["lambda1"], meta["p"]) == ("2", "0.5", "2")
+
+
+# ---- watching a run: the metrics log, validation grids, the loss curves --------------------------------------------
+
+def test_stage1_log_holds_each_intervals_mean_loss_and_a_resume_continues_it(tmp_path, monkeypatch):
+    """<out>.log.jsonl gets a line every --log-every iterations with the mean of that interval's losses (recorded
+    here as local_loss returns them). A resume from the step-4 save drops a line written past it (planted here) and
+    continues the log: the lines before are kept byte for byte, the losses after are the uninterrupted run's and the
+    elapsed time goes on from where it stood; a validation grid of a step past the save goes too."""
+    import runs
+    losses, real = [], local_cd.local_loss
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        losses.append(out[0].item())
+        return out
+    monkeypatch.setattr(local_cd, "local_loss", recording)
+    every = ["--log-every", "2"]
+    _run(tmp_path, "--iters", "6", *every, out="a.safetensors")
+    a = runs.read_log(str(tmp_path / "a.log.jsonl"))
+    assert [line["step"] for line in a] == [2, 4, 6]
+    for i, line in enumerate(a):
+        assert line["loss"] == pytest.approx(sum(losses[2 * i:2 * i + 2]) / 2, rel=1e-6)
+        assert line["lr"] == 1e-3 and line["it_per_s"] > 0 and 1 < line["fwd_per_pair_student"] < 2
+    _run(tmp_path, "--iters", "4", *every, out="b.safetensors")
+    log = tmp_path / "b.log.jsonl"
+    kept = log.read_text()
+    with open(log, "a") as f:  # a line and a grid written after the last save, before a crash
+        f.write(json.dumps({"step": 5, "loss": -1.0, "elapsed_s": 0.0}) + "\n")
+    (tmp_path / "b.val").mkdir()
+    (tmp_path / "b.val" / "step_000004.png").write_bytes(b"step 4")
+    (tmp_path / "b.val" / "step_000005.png").write_bytes(b"step 5")
+    _run(tmp_path, "--iters", "6", "--resume", *every, out="b.safetensors")
+    b = runs.read_log(str(log))
+    assert log.read_text().startswith(kept) and [line["step"] for line in b] == [2, 4, 6]
+    assert os.listdir(tmp_path / "b.val") == ["step_000004.png"]
+    assert [line["loss"] for line in b] == [line["loss"] for line in a]
+    assert b[2]["elapsed_s"] > b[1]["elapsed_s"]
+
+
+def test_validation_grids_show_the_checkpoint_at_its_steps_and_leave_training_as_it_was(tmp_path):
+    """--val-every 2 on a 4-iteration run: grids at steps 0, 2 and 4, and the same checkpoint as a run without them
+    (validation draws nothing from the run's generators). The last grid shows the checkpoint as sample.py samples it
+    -- LoRA merged, its own code path -- from the same noise (seed 0, one image per digit), at 2 and 4 = M steps."""
+    import numpy as np
+    from PIL import Image
+    import runs
+    a = _run(tmp_path, "--iters", "4", "--M", "4", "--val-every", "2", out="a.safetensors")
+    b = _run(tmp_path, "--iters", "4", "--M", "4", out="b.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(os.listdir(tmp_path / "a.val")) == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert not (tmp_path / "b.val").exists()
+    rows = []
+    for k in (2, 4):
+        sample.main(["--ckpt", str(tmp_path / "a.safetensors"), "--steps", str(k), "--per-prompt", "1", "--seed", "0",
+                     "--out", str(tmp_path / "s.png"), "--save-tensors", str(tmp_path / "s.safetensors")])
+        rows.append(_load(tmp_path / "s.safetensors")["images"])
+    want = np.asarray(runs.grid(torch.cat(rows), ["2 steps", "4 steps"], ""))
+    got = np.asarray(Image.open(tmp_path / "a.val" / "step_000004.png").convert("RGB"))
+    got, want = got[20:, :want.shape[1]].astype(int), want[20:].astype(int)  # below the title
+    assert got.shape == want.shape and np.abs(got - want).max() <= 2, np.abs(got - want).max()
+    before = np.asarray(Image.open(tmp_path / "a.val" / "step_000000.png").convert("RGB"))[20:, :want.shape[1]]
+    assert np.abs(before.astype(int) - want).mean() > 1  # step 0 (the bare teacher) differs: the grid follows training
+
+
+def test_stage2_log_counts_the_methods_forwards_and_validation_stays_out_of_it(tmp_path):
+    """The stage-2 log's forwards per sample, counted by a hook: the teacher's p CFG solver steps (2 halves each),
+    the DMD real score with CFG (2) and the GAN's teacher features (generator 1, discriminator 2); the fake score's
+    DMD pass and its --fake-updates; the student's q sampling steps, its x0 at t_m and, unless t_n = 0, at t_n. A run
+    that draws a grid after every iteration logs the same counts and losses and ends with the same checkpoint."""
+    import runs
+    _stage1(tmp_path / "local.safetensors")
+    a = _run2(tmp_path, "--iters", "2", "--val-every", "1", "--log-every", "2", out="a.safetensors")
+    b = _run2(tmp_path, "--iters", "2", "--log-every", "2", out="b.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    (la,), (lb,) = (runs.read_log(str(tmp_path / f"{x}.log.jsonl")) for x in "ab")
+    timing = ("it_per_s", "val_s", "elapsed_s")
+    assert {k: v for k, v in la.items() if k not in timing} == {k: v for k, v in lb.items() if k not in timing}
+    p, q, fake_updates = 3, 4, 2  # the defaults
+    assert la["fwd_per_sample_teacher"] == 2 * p + 2 + 1 + 2 and la["fwd_per_sample_fake"] == 1 + fake_updates
+    assert q + 1 <= la["fwd_per_sample_student"] <= q + 2
+    assert {"cons", "gan", "dmd", "loss", "disc", "fake", "lr_student", "lr_disc", "lr_fake"} <= set(la)
+    assert la["val_s"] > 0 == lb["val_s"]
+
+
+def test_loss_curves_show_every_term_of_the_log(tmp_path, capsys):
+    """eval.py --curves: a panel per loss term of the log (stage 2: six) holding the log's values, and one of the
+    speed; a log that does not exist is one line."""
+    import eval as ev
+    import runs
+    lines = [{"step": 10 * i, "cons": 1.0 / i, "gan": -0.1 * i, "dmd": 0.3, "loss": 2.0, "disc": 1.9, "fake": 0.04,
+              "lr_student": 1e-5, "fwd_per_sample_teacher": 11.0, "it_per_s": 2.0 + i, "val_s": 0.0,
+              "elapsed_s": 5.0 * i} for i in range(1, 5)]
+    fig = runs.curves_figure(lines, "x")
+    shown = {ax.get_ylabel().split(" ")[0]: list(ax.lines[0].get_ydata()) for ax in fig.axes if ax.lines}
+    assert shown == {k: [line[k] for line in lines] for k in ("cons", "gan", "dmd", "loss", "disc", "fake")} | {
+        "iterations": [line["it_per_s"] for line in lines]}
+    (tmp_path / "g.log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ev.main(["--curves", str(tmp_path / "g.log.jsonl")])
+    assert f"wrote {tmp_path / 'g.loss.png'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: .*none.log.jsonl does not exist"):
+        ev.main(["--curves", str(tmp_path / "none.log.jsonl")])
+
+
+def test_validation_prompts_are_checked_before_any_work(tmp_path):
+    for argv, said in ((["--val-prompts", str(tmp_path / "none.txt")], "--val-prompts: prompts file"),
+                       (["--val-prompts", "cat"], "the embedded teacher knows the prompts")):
+        with pytest.raises(SystemExit, match=said):
+            _run(tmp_path, "--iters", "1", *argv)
+        assert os.listdir(tmp_path) == ["cache"] or os.listdir(tmp_path) == []
 
 
 # ---- training moves toward answers known without the code: the teacher's own ODE and samples, the judge ----------
