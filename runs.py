@@ -333,7 +333,7 @@ LOG_BOOKKEEPING = ("step", "it_per_s", "val_s", "elapsed_s", "gpu_mem_peak_gib")
 
 def curves_figure(lines, title):
     """A matplotlib figure of a metrics log's lines: one panel per loss term against the step (log scale where a
-    term stays positive), and one of the training speed."""
+    term stays positive and spans more than a decade), and one of the training speed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -345,7 +345,8 @@ def curves_figure(lines, title):
     for ax, k in zip(axes.flat, terms):
         ys = [line.get(k, float("nan")) for line in lines]
         ax.plot(steps, ys, lw=1.2)
-        if k != "it_per_s" and all(y > 0 for y in ys if y == y):
+        seen = [y for y in ys if y == y]
+        if k != "it_per_s" and min(seen) > 0 and max(seen) > 10 * min(seen):
             ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel("iterations / s (validation excluded)" if k == "it_per_s" else f"{k} (interval mean)")
