@@ -374,25 +374,37 @@ TOY_METRICS = (("FD", "FD to the real digits (lower is better)"), ("alignment", 
 
 def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
     """Metrics against sampling steps, one panel per metric: a line per table row (mean over seeds, error bars one
-    std), the teacher's many-step score as a dashed reference line (its std as a band). rows: dicts with row, steps,
+    std; the rows a little apart at each step count, a log y axis where the bars span more than a decade), the
+    teacher's many-step score as a dashed reference line (its std as a band). rows: dicts with row, steps,
     _<metric> and _<metric>_std; reference: {"label", "_<metric>", "_<metric>_std"} or None. Needs matplotlib
     (plotting only). Also writes the figure's numbers beside it (*.json): `--replot` draws them again."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     labels = list(dict.fromkeys(r["row"] for r in rows))
     steps = sorted({r["steps"] for r in rows})
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
     for ax, (m, name) in zip(axes[0], metrics):
+        ends = []  # of every error bar and band: a log axis where they stay positive and span more than a decade
         if reference is not None:
             mean, std = reference[f"_{m}"], reference.get(f"_{m}_std") or 0.0
             ax.axhline(mean, color="black", ls="--", lw=1.2, label=reference["label"])
             ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, lw=0)
-        for label in labels:
+            ends += [mean - std, mean + std]
+        for i, label in enumerate(labels):
             mine = sorted((r for r in rows if r["row"] == label), key=lambda r: r["steps"])
-            ax.errorbar([r["steps"] for r in mine], [r[f"_{m}"] for r in mine],
-                        yerr=[r.get(f"_{m}_std") or 0.0 for r in mine], marker="o", ms=4, capsize=3, lw=1.5,
+            dx = 0.04 * (i - (len(labels) - 1) / 2)  # the rows side by side at each step count: bars do not overlap
+            ys, errs = [r[f"_{m}"] for r in mine], [r.get(f"_{m}_std") or 0.0 for r in mine]
+            ax.errorbar([r["steps"] + dx for r in mine], ys, yerr=errs, marker="o", ms=4, capsize=3, lw=1.5,
                         label=label)
+            ends += [y - e for y, e in zip(ys, errs)] + [y + e for y, e in zip(ys, errs)]
+        if ends and min(ends) > 0 and max(ends) > 10 * min(ends):  # e.g. Table 1's LCM row (FD 146 +/- 117)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            name += ", log scale"
         ax.set_xticks(steps)
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(name)
@@ -684,6 +696,36 @@ def save_row(args, row, n_reference):
         json.dump(scores, f, indent=1)
 
 
+REAL_METRICS = (("FID", "FID to the reference images (lower is better)"),
+                ("CLIP score", "CLIP score (higher is better)"))
+
+
+def scores_figure(files, teacher_files, path):
+    """--score's rows against steps (the paper's Table 1 columns): a line per model, the mean over its scores.json
+    files (one per --seed; error bars one std), and the teacher's row of most steps (mean over its files) as the
+    dashed reference line."""
+    by_model = {}
+    for f in files:
+        for row in read_json(f).values():
+            by_model.setdefault(row["model"], {}).setdefault(row["steps"], []).append(row)
+    rows = []
+    for model, per_steps in by_model.items():
+        for k, seen in sorted(per_steps.items()):
+            row = {"row": f"{model} ({len(seen)} seed{'s' * (len(seen) > 1)})", "steps": k}
+            for m, _ in REAL_METRICS:
+                row[f"_{m}"], row[f"_{m}_std"] = mean_std([r[m] for r in seen])
+            rows.append(row)
+    reference = None
+    if teacher_files:
+        tops = [max(read_json(f).values(), key=lambda r: r["steps"]) for f in teacher_files]
+        reference = {"label": f"teacher {tops[0]['model']}, {tops[0]['steps']} steps ({len(tops)} seed"
+                              f"{'s' * (len(tops) > 1)})"}
+        for m, _ in REAL_METRICS:
+            reference[f"_{m}"], reference[f"_{m}_std"] = mean_std([r[m] for r in tops])
+    plot(rows, path, reference, REAL_METRICS, title=f"eval.py --score: {len(files)} scores.json")
+    return path
+
+
 def score_model(args):
     """--score: for each step count k, one image per prompt into <images>/<k>_steps/ (the PNGs already there are kept),
     then their FID against --reference and their CLIP score: a table row per k, kept in <images>/scores.json."""
@@ -791,7 +833,8 @@ def main(argv=None):
                    "cores / jobs threads (2 on 2 cores: 1.35x faster, equal up to float rounding; 1 reproduces the "
                    "README pipeline's checkpoints bit for bit)")
     p.add_argument("--grids", default=None, help="the paper's tables: write each row's seed-0 sample grid into DIR")
-    p.add_argument("--figure", default=None, help="the paper's tables: PNG of FD and alignment against steps")
+    p.add_argument("--figure", default=None, help="the paper's tables: PNG of FD and alignment against steps; with "
+                   "--plot-scores, of FID and CLIP score")
     p.add_argument("--clip-score", default=None, metavar="MODEL", help="CLIPModel hub id or folder: score --samples")
     p.add_argument("--samples", default=None, help="sample.py --save-tensors output (SDXL / FLUX) for --clip-score")
     p.add_argument("--train-classifier", action="store_true")
@@ -819,6 +862,10 @@ def main(argv=None):
     g.add_argument("--prepare-mjhq", nargs=2, metavar=("META_DATA_JSON", "IMAGES"), help="the same from MJHQ-30K's "
                    "meta_data.json and its image folder: MJHQ-5K, 500 per category")
     g.add_argument("--out", default=None, help="--prepare-*: the folder to write")
+    g.add_argument("--plot-scores", nargs="+", default=None, metavar="SCORES_JSON", help="--score's scores.json files "
+                   "(several seeds of one model are averaged): FID and CLIP score against steps into --figure")
+    g.add_argument("--teacher-scores", nargs="+", default=None, metavar="SCORES_JSON", help="--plot-scores: the "
+                   "teacher's scores.json (its row of most steps is the reference line)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be 1 or more, got {args.jobs}")
@@ -846,6 +893,12 @@ def main(argv=None):
         return prepare(pairs, args.out, args.fid_size)
     if args.score:
         return score_model(args)
+    if args.plot_scores:
+        for path in args.plot_scores + (args.teacher_scores or []):
+            if not os.path.isfile(path):
+                raise SystemExit(f"error: {path} does not exist (eval.py --score writes <images>/scores.json)")
+        print(f"wrote {scores_figure(args.plot_scores, args.teacher_scores, args.figure or 'scores.png')}")
+        return None
     if args.clip_score:
         if not args.samples or not os.path.exists(args.samples):
             raise SystemExit("error: --clip-score needs --samples FILE (python sample.py ... --save-tensors FILE)")

@@ -260,16 +260,6 @@ def distance(name, llpips_path=None, channels=None, device="cpu"):
     return d
 
 
-# ---- the training script ------------------------------------------------------------------------------------------
-
-RUN_VALUES = dict(teacher=str, resolution=int, M=int, skip=float, w=float, d=str, llpips=str, lr=float, rank=int,
-                  seed=int)  # what --resume keeps of a run
-
-
-TOY_LLPIPS = os.path.join(HERE, "toy", "llpips.safetensors")  # L-LPIPS trained on the embedded teacher's latents
-
-# The paper's recipe per teacher family, both stages (flags left out take these values); the embedded teacher's is
-# ours, sized to finish in minutes on a CPU. SDXL / FLUX: --llpips has no default (train one with llpips.py).
 # ---- watching the student learn: validation grids -----------------------------------------------------------------
 
 VAL_SEED = 0  # the validation noise, the same in every run: two runs' grids compare image by image
@@ -310,6 +300,16 @@ def validation(teacher, prompts, steps, M, autocast, metrics, name):
     return validate
 
 
+# ---- the training script ------------------------------------------------------------------------------------------
+
+RUN_VALUES = dict(teacher=str, resolution=int, M=int, skip=float, w=float, d=str, llpips=str, lr=float, rank=int,
+                  seed=int)  # what --resume keeps of a run
+
+
+TOY_LLPIPS = os.path.join(HERE, "toy", "llpips.safetensors")  # L-LPIPS trained on the embedded teacher's latents
+
+# The paper's recipe per teacher family, both stages (flags left out take these values); the embedded teacher's is
+# ours, sized to finish in minutes on a CPU. SDXL / FLUX: --llpips has no default (train one with llpips.py).
 PRESETS = {
     "digits": {
         "local": dict(iters=400, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=100,

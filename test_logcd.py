@@ -1136,6 +1136,29 @@ def test_score_bad_inputs_are_one_line_before_any_model_loads(tmp_path, monkeypa
     assert tree() == before
 
 
+def test_scores_figure_averages_a_models_seeds_against_the_teacher(tmp_path, capsys):
+    """eval.py --plot-scores: the scores.json of two seeds of a student become one line (mean, std as error bars) per
+    metric; the teacher's row of most steps is the reference line. Read back from the numbers written beside it."""
+    import eval as ev
+    rows = {0: {"2": (20.0, 30.0), "4": (24.0, 31.0)}, 1: {"2": (22.0, 32.0), "4": (24.0, 33.0)}}
+    files = []
+    for seed, by_steps in rows.items():
+        files.append(tmp_path / f"s{seed}.json")
+        files[-1].write_text(json.dumps({k: {"model": "g.safetensors", "steps": int(k), "FID": fid, "CLIP score": cs}
+                                         for k, (fid, cs) in by_steps.items()}))
+    (tmp_path / "t.json").write_text(json.dumps({k: {"model": "sdxl", "steps": int(k), "FID": fid, "CLIP score": cs}
+                                                 for k, fid, cs in (("4", 40.0, 30.0), ("25", 18.0, 34.0))}))
+    ev.main(["--plot-scores", *map(str, files), "--teacher-scores", str(tmp_path / "t.json"),
+             "--figure", str(tmp_path / "f.png")])
+    fig = json.loads((tmp_path / "f.json").read_text())
+    got = {(r["row"], r["steps"]): (r["_FID"], r["_FID_std"], r["_CLIP score"]) for r in fig["rows"]}
+    assert got == {("g.safetensors (2 seeds)", 2): (21.0, 2 ** 0.5, 31.0), ("g.safetensors (2 seeds)", 4): (24.0, 0, 32.0)}
+    assert (fig["reference"]["_FID"], fig["reference"]["_CLIP score"]) == (18.0, 34.0)
+    assert "25 steps" in fig["reference"]["label"] and (tmp_path / "f.png").exists()
+    with pytest.raises(SystemExit, match="none.json does not exist"):
+        ev.main(["--plot-scores", str(tmp_path / "none.json")])
+
+
 # ---- stage 1: local consistency distillation ---------------------------------------------------------------------
 
 import local_cd  # noqa: E402
