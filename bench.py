@@ -209,6 +209,24 @@ def timed_calls(model, batch, f, repeats, device):
     return sec, mem, sum(n for _, n in calls) / (repeats + 1) / batch  # timed runs f repeats + 1 times
 
 
+def forward_floor(model, f, batch):
+    """What one run of f costs at the least, in forwards at `batch`, counted: each model call its batch / `batch`,
+    twice when it runs with gradients (its backward, with no weight gradient for the frozen base, costs about one
+    forward). Checkpointing's recomputation is not added and a call cut short (the discriminator's) counts whole:
+    the method's floor, not an implementation's. Runs f once (a warm-up)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        seen.append(x.shape[0] / batch * (2 if torch.is_grad_enabled() else 1))
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        f()
+    finally:
+        handle.remove()
+    return sum(seen)
+
+
 def row(what, seconds, one=None, calls=None, peak=None, **extra):
     return {"what": what, "calls": calls, "seconds": seconds, "x_one_forward": seconds / one if one else None,
             "peak_GiB": peak, **extra}
@@ -271,10 +289,11 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
         loss.backward()
         opt.step()
 
+    floor = forward_floor(teacher.denoiser, update, batch)
     sec, mem = timed(update, repeats, device)
     ckpt = ", grad checkpointing" if checkpointing else ""
     rows.append(row(f"stage-1 update, batch {batch}{ckpt}", sec, one, None, mem,
-                    lora_params=sum(p.numel() for p in params)))
+                    lora_params=sum(p.numel() for p in params), floor=floor, x_floor=sec / (floor * one)))
     # the teacher's share: one refill of trajectories at the preset; each pair is then served `reuse` times
     pre = PRESETS[teacher.family]["local"]
     prompts = types.SimpleNamespace(take=lambda n: (cond(n), torch.zeros(n, dtype=torch.long)), drawn=0)  # random
@@ -319,11 +338,15 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=F
 
     gen, c = torch.Generator().manual_seed(0), cond(batch)
     d = distance("mse")  # L-LPIPS on latents costs ~1% of this (the llpips row)
-    sec, mem = timed(lambda: global_cd.iteration(teacher, c, d, disc, fake is not None, update, a, 8, gen, autocast),
-                     repeats, device)
+    def iteration():
+        global_cd.iteration(teacher, c, d, disc, fake is not None, update, a, 8, gen, autocast)
+    floor = forward_floor(teacher.denoiser, iteration, batch)
+    sec, mem = timed(iteration, repeats, device)
     parts = f"lambda1={lambda1:g} lambda2={lambda2:g}, {a.fake_updates} fake updates"
     ckpt = ", grad checkpointing" if checkpointing else ""
-    rows.append(row(f"stage-2 iteration, batch {batch}, {parts}{ckpt}", sec, rows[0]["seconds"], None, mem))
+    one = rows[0]["seconds"]
+    rows.append(row(f"stage-2 iteration, batch {batch}, {parts}{ckpt}", sec, one, None, mem, floor=floor,
+                    x_floor=sec / (floor * one)))
     return rows
 
 
@@ -500,6 +523,8 @@ def main(argv=None):
             mem = (f"host: peak {r['host_peak_GiB']:.2f} ({r['bytes_per_parameter']:.2f} bytes per parameter), "
                    f"private {r['host_private_GiB']:.2f}, file-mapped {r['host_mapped_GiB']:.2f}")
         x = f"{r['x_one_forward']:.2f}" if r["x_one_forward"] else "-"
+        if "floor" in r:  # a training step against its counted floor
+            x += f" (floor {r['floor']:.1f}: {r['x_floor']:.2f}x it)"
         speedup = f"{r['speedup_vs_teacher']:.1f}" if "speedup_vs_teacher" in r else (
             f"L-LPIPS {r['x_llpips']:.1f}x cheaper" if "x_llpips" in r else "-")
         if "bytes_per_prompt" in r:  # an encode row

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import lora
 from local_cd import (DISTANCE_HELP, PRESETS, cfg, distance, milestones, solve, student_sample, val_prompts,
                       validation)
-from runs import (MetricsLog, Parser, all_reduce_grads, check_fresh_out, count, explain_interrupt,
+from runs import (GradientSync, MetricsLog, Parser, check_fresh_out, count, explain_interrupt,
                   explain_out_of_memory, fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id,
                   number, optimizer_tensors, positive, prompts_meta, rank_difference, read_state, resumed_late,
                   run_prompts, state_path, take_run_batch, take_run_values, weight)
@@ -370,6 +370,7 @@ def main(argv=None):
         trainable["fake"] = (fake, args.lr_aux, (0.9, 0.999))
     opts = {k: torch.optim.AdamW(ps, lr=lr, betas=b, weight_decay=0.0, fused=cuda or None)
             for k, (ps, lr, b) in trainable.items()}
+    syncs = {k: GradientSync(ps, world) for k, (ps, _, _) in trainable.items()}
     if args.grad_checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
@@ -436,9 +437,9 @@ def main(argv=None):
         """One AdamW step of `name` (student / disc / fake) on loss, gradients averaged over ranks. A non-finite loss
         stops the run before the step: the last checkpoint on disk stays the last good one."""
         opts[name].zero_grad(set_to_none=True)
-        loss.backward()
+        with syncs[name].backward():  # under torchrun: its gradients averaged over ranks while backward runs
+            loss.backward()
         if ddp:
-            all_reduce_grads(trainable[name][0], world)
             loss = mean_over_ranks(loss, world)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: the {name} loss is {loss.item()} at step {step}; stopped. {args.out} keeps the "

@@ -19,7 +19,7 @@ import time
 import torch
 
 import lora
-from runs import (MetricsLog, Parser, all_reduce_grads, check_fresh_out, count, explain_interrupt,
+from runs import (GradientSync, MetricsLog, Parser, check_fresh_out, count, explain_interrupt,
                   explain_out_of_memory, fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id,
                   number, optimizer_tensors, positive, prompts_meta, rank_difference, read_state, resumed_late,
                   run_prompts, state_path, take_run_batch, take_run_values, weight)
@@ -415,6 +415,7 @@ def main(argv=None):
     if args.grad_checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda or None)
+    sync = GradientSync(params, world)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own trajectories and pairs
     stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
     buffer = TrajectoryBuffer(teacher, stream, args.M, args.skip, args.w, args.trajectories, args.buffer,
@@ -478,9 +479,9 @@ def main(argv=None):
             loss, _, n = local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond)
         n_student += n
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if ddp:  # average the LoRA gradients over ranks (one flat all-reduce) and the loss for logging
-            all_reduce_grads(params, world)
+        with sync.backward():  # under torchrun: the LoRA gradients averaged over ranks while backward runs
+            loss.backward()
+        if ddp:  # the loss too, for the log
             loss = mean_over_ranks(loss, world)
         if not torch.isfinite(loss):
             bar.close()

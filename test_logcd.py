@@ -1327,6 +1327,58 @@ def _torchrun(tmp_path, port, script, *args):
     return r.stdout
 
 
+_GRADIENT_SYNC = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from runs import GradientSync
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(), torch.nn.Linear(64, 64), torch.nn.GELU(),
+                          torch.nn.Linear(64, 4))
+unused = torch.nn.Linear(4, 4)  # no gradient this backward: its bucket goes as zeros
+params = [*net.parameters(), *unused.parameters()]
+x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1 + rank))  # each rank its own data
+
+
+def backward():
+    for p in params:
+        p.grad = None
+    net(x).square().mean().backward()
+
+
+backward()  # the reference: one flat all-reduce after backward
+flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]) / world
+dist.all_reduce(flat)
+mine = torch.cat([p.grad.flatten() for p in params[:-2]])
+said = open(f"{sys.argv[2]}/rank{rank}.txt", "w")
+for bucket_mb in (1e-4, 0.01, 25):  # a bucket per parameter, a few, one
+    sync = GradientSync(params, world, bucket_mb)
+    with sync.backward():
+        backward()
+    got = torch.cat([p.grad.flatten() for p in params])
+    print(bucket_mb, len(sync.buckets), torch.equal(got, flat), bool((got != torch.cat([mine, got[len(mine):]])).any()),
+          file=said)
+    # (its hooks stay on the parameters, unarmed: the next sync's backward runs beside them, as stage 2's do)
+"""
+
+
+def test_gradient_sync_overlapped_with_backward_is_the_flat_all_reduce(tmp_path):
+    """runs.GradientSync on 2 gloo ranks with their own data: gradients equal to one flat all-reduce after backward,
+    bit for bit, with a bucket per parameter, a few buckets or one; a parameter backward never reaches comes out as
+    zeros; the averaged gradients differ from the rank's own."""
+    (tmp_path / "sync.py").write_text(_GRADIENT_SYNC)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(tmp_path / "sync.py"), HERE, str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = (tmp_path / "rank0.txt").read_text() + (tmp_path / "rank1.txt").read_text()
+    lines = [line.split() for line in said.splitlines()]
+    assert len(lines) == 6 and all(line[2:] == ["True", "True"] for line in lines), said
+    buckets = sorted({int(line[1]) for line in lines})
+    assert len(buckets) == 3 and buckets[0] == 1 and buckets[-1] > 2, said
+
+
 def test_stage1_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
     """Two ranks, bf16 base on tiny SDXL (the GPU regime): every rank ends with rank 0's LoRA, the batch is global."""
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
@@ -1827,6 +1879,17 @@ def test_bench_all_runs_at_tiny_size_in_bf16(model, tmp_path, capsys):
     assert not any("DOES NOT FIT" in w for w in whats)
     assert all(r["seconds"] > 0 for r in rows if "seconds" in r)
     assert "| stage-2 iteration" in capsys.readouterr().out
+    # the floors, counted: stage 1, the student's forward and backward at t_m (2) and its target at t_n (1, where
+    # t_n is inside the segment); stage 2, per sample: q = 4 rollout steps, p = 3 teacher CFG steps (2 each), the
+    # student at t_m (2) and its target (1 but at t_n = 0), the generator's discriminator pass (2), DMD's real (2)
+    # and fake (1) scores, the discriminator step on real and fake (2 x 2), 2 fake-score updates (2 each). FLUX.1-dev's
+    # guidance is an embedding: one pass where CFG takes 2
+    c = 1 if model == "tiny-flux" else 2
+    for r in rows:
+        if r["what"].startswith("stage-1 update"):
+            assert 2 < r["floor"] <= 3 and r["x_floor"] == pytest.approx(r["x_one_forward"] / r["floor"])
+        if r["what"] in step2:
+            assert 4 + 3 * c + 2 + 2 + c + 1 + 4 + 4 <= r["floor"] <= 4 + 3 * c + 3 + 2 + c + 1 + 4 + 4, r["floor"]
 
 
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
