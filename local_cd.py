@@ -296,7 +296,7 @@ def validation(teacher, prompts, steps, M, autocast, metrics, name):
                 z_0 = student_sample(teacher, cond, z_T, k, M)
             rows.append(teacher.decode(z_0).float().cpu())
         title = f"{name} at step {step}; columns: {' | '.join(prompts)}"[:200]
-        metrics.grid(step, torch.cat(rows), [f"{k} steps" for k in steps], title, time.perf_counter() - t0)
+        metrics.write_grid(step, torch.cat(rows), [f"{k} steps" for k in steps], title, time.perf_counter() - t0)
     return validate
 
 

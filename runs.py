@@ -346,7 +346,7 @@ class MetricsLog:
         self.file.flush()
         return line
 
-    def grid(self, step, images, prompts, title, seconds):
+    def write_grid(self, step, images, prompts, title, seconds):
         """Writes a validation grid to <out>.val/step_<step>.png (rank 0) and counts its cost in the log."""
         self.val_s += seconds
         self.val_total += seconds
