@@ -568,6 +568,19 @@ def test_sample_cli_is_deterministic(tmp_path):
     assert a.shape == (20, 1, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_each_image_is_drawn_for_its_own_prompt(tmp_path):
+    """sample.py --prompts 3 8 1 --per-prompt 3 in batches of 4 (batches that cut across prompts): the judge, a
+    classifier that never saw the code, reads image i as the digit of prompt i // 3."""
+    import eval as ev
+    sample.main(["--teacher", "digits", "--steps", "8", "--prompts", "3", "8", "1", "--per-prompt", "3", "--batch", "4",
+                 "--out", str(tmp_path / "s.png"), "--save-tensors", str(tmp_path / "s.safetensors")])
+    images = _load(tmp_path / "s.safetensors")["images"]
+    net, _ = ev.load_classifier()
+    with torch.no_grad():
+        read = net.head(net.trunk(images.float())).argmax(1).tolist()
+    assert read == [3, 3, 3, 8, 8, 8, 1, 1, 1], read
+
+
 def test_lcm_sampler_and_clip(tmp_path):
     _zero_student(tmp_path / "s.safetensors")
     for extra in (["--sampler", "lcm"], ["--clip"]):
