@@ -395,11 +395,12 @@ def main(argv=None):
     dtype, autocast = precision(device, args.dtype)
 
     check_fresh_out(args)
+    run = lora.metadata(args.out) if args.resume else {}
     if args.resume:  # the run's own teacher, M, skip, w, ...: flags left out are taken from it, flags given must agree
-        take_run_values(args, lora.metadata(args.out), RUN_VALUES)
-        take_run_batch(args, lora.metadata(args.out), world)
+        take_run_values(args, run, RUN_VALUES)
+        take_run_batch(args, run, world)
     try:
-        prompts = run_prompts(args, lora.metadata(args.out))  # checked whole before any model loads
+        prompts = run_prompts(args, run)  # checked whole before any model loads
         teacher = load_teacher(args.teacher, device, args.resolution, dtype)
         prompts = prompts or read_prompts(None, teacher)
         teacher.check_prompts(prompts)
