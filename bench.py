@@ -202,6 +202,37 @@ def timed(f, repeats, device, warmup=1):
     return min(times[warmup:]), (torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
 
 
+OP_KINDS = {  # operator names by kind, as torch.profiler reports them (on CPU and CUDA alike)
+    "casts": ("aten::_to_copy",),
+    "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution"),
+    "norms": ("aten::native_group_norm", "aten::native_layer_norm", "aten::native_group_norm_backward",
+              "aten::native_layer_norm_backward"),
+}
+
+
+def profiled(what, f, device):
+    """One run of f under torch.profiler, as a row: the operators it calls by kind (dtype casts -- autocast's and the
+    adapters' --, matmuls and convolutions, normalisations, all aten operators) and, on CUDA, its GPU kernels and
+    their busy time against the wall time: what shows whether a step is launch-bound (issue 19)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = str(device).startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        t0 = time.perf_counter()
+        f()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    counts = {kind: sum(e.count for e in events if e.key in names) for kind, names in OP_KINDS.items()}
+    extra = {f"op_{kind}": n for kind, n in counts.items()}
+    extra["op_all_aten"] = sum(e.count for e in events if e.key.startswith("aten::"))
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        extra["gpu_kernels"], extra["gpu_busy_s"] = len(kernels), sum(e.device_time for e in kernels) / 1e6
+    said = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    return row(f"{what}, profiled once: {said}, {extra['op_all_aten']} aten ops", wall, None, None, None, **extra)
+
+
 def timed_calls(model, batch, f, repeats, device):
     """timed(f), and the model calls one run of f makes (counted, in calls of `batch` samples)."""
     with count_forwards(model) as calls:
@@ -264,7 +295,7 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     return rows
 
 
-def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, checkpointing=False):
+def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, checkpointing=False, profile=False):
     """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA) and the teacher's
     share (one TrajectoryBuffer refill at the family's preset, timed once, divided by the iterations it feeds), against
     one plain forward at the same batch. Target (issue 6): the update at batch 4 <= 3.5x one forward."""
@@ -294,6 +325,8 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
     ckpt = ", grad checkpointing" if checkpointing else ""
     rows.append(row(f"stage-1 update, batch {batch}{ckpt}", sec, one, None, mem,
                     lora_params=sum(p.numel() for p in params), floor=floor, x_floor=sec / (floor * one)))
+    if profile:
+        rows.append(profiled(f"stage-1 update, batch {batch}{ckpt}", update, device))
     # the teacher's share: one refill of trajectories at the preset; each pair is then served `reuse` times
     pre = PRESETS[teacher.family]["local"]
     prompts = types.SimpleNamespace(take=lambda n: (cond(n), torch.zeros(n, dtype=torch.long)), drawn=0)  # random
@@ -307,7 +340,8 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
     return rows
 
 
-def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=False, lambda1=0.1, lambda2=1.0):
+def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=False, lambda1=0.1, lambda2=1.0,
+                profile=False):
     """A stage-2 iteration exactly as global_cd.py runs it (global_cd.iteration: q = 4 student steps for the
     image-free inputs, p = 3 teacher CFG steps, student forward + backward, GAN generator and discriminator steps,
     DMD with the real and fake scores, 2 fake-score updates), with the student, the fake score (rank 64 each) and the
@@ -347,6 +381,8 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=F
     one = rows[0]["seconds"]
     rows.append(row(f"stage-2 iteration, batch {batch}, {parts}{ckpt}", sec, one, None, mem, floor=floor,
                     x_floor=sec / (floor * one)))
+    if profile:
+        rows.append(profiled(f"stage-2 iteration, batch {batch}{ckpt}", iteration, device))
     return rows
 
 
@@ -421,7 +457,7 @@ def projection(step1, step2, recipe=RECIPE):
             "paper_gpu_hours": recipe["paper_gpu_hours"], "fraction_of_paper": hours / recipe["paper_gpu_hours"]}
 
 
-def measure(what, model, batch, repeats, device, dtype, autocast, checkpointing=False, lambda2=1.0):
+def measure(what, model, batch, repeats, device, dtype, autocast, checkpointing=False, lambda2=1.0, profile=False):
     """One bench on a freshly built model. A CUDA out-of-memory error becomes a row that says so."""
     teacher = None
     try:
@@ -435,9 +471,10 @@ def measure(what, model, batch, repeats, device, dtype, autocast, checkpointing=
         if what == "sample":
             return bench_sample(teacher, cond, batch, repeats, device)
         if what == "step1":
-            return bench_step1(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing)
+            return bench_step1(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing,
+                               profile=profile)
         return bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing,
-                           lambda2=lambda2)
+                           lambda2=lambda2, profile=profile)
     except torch.OutOfMemoryError as e:
         need = memory_needed(e)
         hint = "--grad-checkpointing helps" if what != "llpips" and not checkpointing else "a smaller --batch helps"
@@ -474,6 +511,8 @@ def main(argv=None):
                    "with --what all the presets' (SDXL 4, FLUX 2 for stage 1 and 1 for stage 2)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="step1 / step2: also one run under torch.profiler: operators "
+                   "by kind (dtype casts, matmuls, norms), GPU kernels and their busy time against the wall time")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--save", default=None, help="also write the JSON to this file (rewritten after each bench)")
     p.add_argument("--device", default=None)
@@ -493,7 +532,8 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "rows": []}
     rows = out["rows"]
     for what, batch, ckpt in jobs:
-        rows += measure(what, args.model, batch, args.repeats, device, dtype, autocast, ckpt, args.lambda2)
+        rows += measure(what, args.model, batch, args.repeats, device, dtype, autocast, ckpt, args.lambda2,
+                        args.profile)
         if args.save:
             with lora.atomic(args.save) as tmp, open(tmp, "w") as f:
                 json.dump(out, f, indent=1)

@@ -1872,6 +1872,24 @@ def test_bench_stage1_iteration_runs_at_tiny_size():
     assert rows[1]["lora_params"] > 0
 
 
+def test_bench_profile_counts_the_casts_the_bf16_regime_adds():
+    """--profile: one update under torch.profiler, operators by kind. The same update in fp32 and in the GPU regime
+    (bf16 base, fp32 adapters, autocast) runs the same matmuls and norms; the bf16 regime adds dtype casts -- at
+    least the adapters' A and B, to bf16 in the forward and back to fp32 in the backward -- the launches issue 19
+    is about."""
+    import bench
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        rows = bench.main(["--model", "tiny-sdxl", "--what", "step1", "--repeats", "1", "--dtype", dtype, "--profile"])
+        runs[dtype] = next(r for r in rows if "profiled once" in r["what"])
+    teacher, _ = bench.build("tiny-sdxl", "cpu", torch.float32)
+    add_student(teacher, rank=64)
+    wrapped = len(lora.layers(teacher.denoiser))
+    f32, b16 = runs["float32"], runs["bfloat16"]
+    assert f32["op_matmuls"] == b16["op_matmuls"] > 0 and f32["op_norms"] == b16["op_norms"] > 0
+    assert b16["op_casts"] - f32["op_casts"] >= 2 * wrapped > 0, (b16["op_casts"], f32["op_casts"], wrapped)
+
+
 @pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
 def test_bench_all_runs_at_tiny_size_in_bf16(model, tmp_path, capsys):
     """--what all as a GPU runs it (bf16 base, fp32 LoRA, autocast), every row: sampling, stage-1 and stage-2
