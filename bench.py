@@ -386,6 +386,36 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=F
     return rows
 
 
+def bench_val(teacher, cond, repeats, device, autocast, model, prompts=4, M=8):
+    """A validation grid as the training scripts draw one: the student (rank-64 adapter, under autocast) at 2, 4 and
+    M steps from fixed noise on 4 prompts (local_cd.validation_latents), then the decodes, by a VAE of SDXL's size
+    built here (FLUX's: 16 latent channels; the bench teachers' own VAEs are stand-ins). Its share of training: the
+    grid's seconds over the preset's --val-every stage-1 iterations (the step1 row)."""
+    from diffusers import AutoencoderKL
+
+    from local_cd import PRESETS, validation_latents
+    add_student(teacher, rank=64)
+    one = one_forward(teacher, cond, prompts, repeats, device)
+    steps, c, z_T = (2, 4, M), cond(prompts), teacher.noise(prompts)
+    sec, mem, calls = timed_calls(teacher.denoiser, prompts,
+                                  lambda: validation_latents(teacher, c, z_T, steps, M, autocast), repeats, device)
+    tiny = model.startswith("tiny")
+    config = {**SDXL_VAE, "latent_channels": 16 if teacher.family == "flux" else 4}
+    if tiny:
+        config.update(block_out_channels=(8,) * 4, norm_num_groups=8)
+    vae = AutoencoderKL(**config).to(device).requires_grad_(False)  # fp32, as the teachers decode
+    side = 8 if tiny else 128  # latents of 1024 px
+    z = torch.randn(1, config["latent_channels"], side, side, device=device)
+    with torch.no_grad():
+        dec, dec_mem = timed(lambda: vae.decode(z).sample, repeats, device)
+    every = PRESETS[teacher.family]["local"]["val_every"]
+    n = len(steps) * prompts
+    return [one, row(f"validation grid: {prompts} prompts at {'/'.join(map(str, steps))} steps (the student)", sec,
+                     one["seconds"], calls, mem),
+            row(f"validation grid: {n} VAE decodes at {side * 8} px, one at a time", n * dec, one["seconds"], None,
+                dec_mem, val_every=every)]
+
+
 def bench_llpips(batch, repeats, device, size):
     """Forward + backward of the two ways to a perceptual loss on latents: L-LPIPS on the latents, or decoding with
     the VAE (SDXL's architecture) and running pixel LPIPS-VGG. size: latent side (128 = SDXL's 1024 px)."""
@@ -470,6 +500,8 @@ def measure(what, model, batch, repeats, device, dtype, autocast, checkpointing=
         teacher, cond = build(model, device, dtype)
         if what == "sample":
             return bench_sample(teacher, cond, batch, repeats, device)
+        if what == "val":
+            return bench_val(teacher, cond, repeats, device, autocast, model)
         if what == "step1":
             return bench_step1(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing,
                                profile=profile)
@@ -499,9 +531,11 @@ def plan(model, batch):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["sdxl", "flux", "tiny-sdxl", "tiny-flux"], default="tiny-sdxl")
-    p.add_argument("--what", choices=["sample", "step1", "step2", "llpips", "load", "encode", "all"], default="sample",
+    p.add_argument("--what", choices=["sample", "step1", "step2", "val", "llpips", "load", "encode", "all"],
+                   default="sample",
                    help="sample: teacher vs student sampling; step1 / step2: one training iteration of a stage vs one "
-                   "forward; llpips: L-LPIPS vs VAE decode + LPIPS; load: host memory of loading the denoiser; "
+                   "forward; val: a validation grid (the student at 2 / 4 / 8 steps on 4 prompts, decoded); llpips: "
+                   "L-LPIPS vs VAE decode + LPIPS; load: host memory of loading the denoiser; "
                    "encode: prompts per second and bytes stored per prompt; all: the README's GPU rows (not load) "
                    "and the recipe's GPU hours")
     p.add_argument("--grad-checkpointing", action="store_true", help="step1 / step2: with gradient checkpointing")

@@ -277,6 +277,17 @@ def val_prompts(spec, teacher, prompts):
     return chosen
 
 
+@torch.no_grad()
+def validation_latents(teacher, cond, z_T, steps, M, autocast):
+    """The validation grid's rows before decoding: z_0 of the student's k-step sampler from z_T, for each k in steps,
+    the student's adapter active under the run's autocast as in training."""
+    rows = []
+    for k in steps:
+        with autocast():
+            rows.append(student_sample(teacher, cond, z_T, k, M))
+    return rows
+
+
 def validation(teacher, prompts, steps, M, autocast, metrics, name):
     """validate(step): the student's images of `prompts` from fixed noise (VAL_SEED) at each of `steps` sampling
     steps -- a row per step count, a column per prompt -- into <out>.val/step_<step>.png, its seconds counted in the
@@ -290,11 +301,7 @@ def validation(teacher, prompts, steps, M, autocast, metrics, name):
     @torch.no_grad()
     def validate(step):
         t0 = time.perf_counter()
-        rows = []
-        for k in steps:
-            with autocast():
-                z_0 = student_sample(teacher, cond, z_T, k, M)
-            rows.append(teacher.decode(z_0).float().cpu())
+        rows = [teacher.decode(z_0).float().cpu() for z_0 in validation_latents(teacher, cond, z_T, steps, M, autocast)]
         title = f"{name} at step {step}; columns: {' | '.join(prompts)}"[:200]
         metrics.write_grid(step, torch.cat(rows), [f"{k} steps" for k in steps], title, time.perf_counter() - t0)
     return validate

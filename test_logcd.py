@@ -1872,6 +1872,16 @@ def test_bench_stage1_iteration_runs_at_tiny_size():
     assert rows[1]["lora_params"] > 0
 
 
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_bench_val_times_the_grid_the_training_draws(model):
+    """--what val in the GPU regime: the student's part of a validation grid is 2 + 4 + 8 = 14 model calls at batch 4
+    (counted), then 12 decodes, and the row names the preset's --val-every it is spread over."""
+    import bench
+    rows = bench.main(["--model", model, "--what", "val", "--repeats", "1", "--dtype", "bfloat16"])
+    assert [r["calls"] for r in rows[:2]] == [1.0, 14.0] and all(r["seconds"] > 0 for r in rows)
+    assert "12 VAE decodes" in rows[2]["what"] and rows[2]["val_every"] == 500
+
+
 def test_bench_profile_counts_the_casts_the_bf16_regime_adds():
     """--profile: one update under torch.profiler, operators by kind. The same update in fp32 and in the GPU regime
     (bf16 base, fp32 adapters, autocast) runs the same matmuls and norms; the bf16 regime adds dtype casts -- at
