@@ -245,17 +245,9 @@ def forward_floor(model, f, batch):
     twice when it runs with gradients (its backward, with no weight gradient for the frozen base, costs about one
     forward). Checkpointing's recomputation is not added and a call cut short (the discriminator's) counts whole:
     the method's floor, not an implementation's. Runs f once (a warm-up)."""
-    seen = []
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        seen.append(x.shape[0] / batch * (2 if torch.is_grad_enabled() else 1))
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with count_forwards(model, grad=True) as calls:
         f()
-    finally:
-        handle.remove()
-    return sum(seen)
+    return sum(n / batch * (2 if with_grad else 1) for _, n, with_grad in calls)
 
 
 def row(what, seconds, one=None, calls=None, peak=None, **extra):

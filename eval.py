@@ -562,15 +562,6 @@ def embedded(name):
     return os.path.isfile(os.path.join(TEACHERS.get(name, name), "prompt_embeds.safetensors"))
 
 
-def file_sha1(path):
-    import hashlib
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_json(path, default=None):
     """The JSON in the file `path`, or `default` if there is no such file."""
     if not os.path.exists(path):
@@ -582,8 +573,11 @@ def read_json(path, default=None):
 def generation(args, k, prompts):
     """What the PNGs of <images>/<k>_steps come from; a folder holding PNGs of another generation is refused, so that
     images of an older checkpoint, seed or prompts file are never scored as this one's."""
-    model = {"checkpoint_sha1": file_sha1(args.score)} if args.score.endswith(".safetensors") else \
-        {"teacher": args.score, "cfg": args.cfg, "resolution": args.resolution}
+    if args.score.endswith(".safetensors"):  # a checkpoint is its run and step (teachers.save_checkpoint writes them)
+        meta = lora.metadata(args.score)
+        model = {"checkpoint_run": meta.get("run"), "checkpoint_step": meta.get("step")}
+    else:
+        model = {"teacher": args.score, "cfg": args.cfg, "resolution": args.resolution}
     return {**model, "steps": k, "seed": args.seed, "prompts_sha1": prompts.sha1}
 
 

@@ -7,6 +7,7 @@ This file: the image-free inputs and the milestone consistency loss, the GAN (th
 trainable heads), DMD (a fake-score adapter on the same base), one iteration of all of them, and the training loop.
 """
 import argparse
+import collections
 import math
 import os
 
@@ -467,9 +468,9 @@ def main(argv=None):
             metrics.add(logs)
             if step % args.log_every == 0 or step == args.iters:
                 samples = (step - metrics.step) * args.batch  # this interval's, on this rank
-                forwards = {}
+                forwards = collections.Counter()
                 for adapter, n in calls:
-                    forwards[adapter or "teacher"] = forwards.get(adapter or "teacher", 0) + n
+                    forwards[adapter or "teacher"] += n
                 calls.clear()
                 line = metrics.write(step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in opts.items()},
                                      **{f"fwd_per_sample_{k}": n / samples for k, n in forwards.items()})

@@ -293,9 +293,7 @@ def validation(teacher, prompts, steps, M, autocast, metrics, name):
     steps -- a row per step count, a column per prompt -- into <out>.val/step_<step>.png, its seconds counted in the
     metrics log (runs.MetricsLog). It draws no number from the run's generators: a run trains the same with or
     without it."""
-    cut = teacher.truncated
     cond = teacher.encode(prompts)
-    teacher.truncated = cut  # the run's "cut to an encoder's token limit" counts its training prompts only
     z_T = teacher.noise(len(prompts), torch.Generator().manual_seed(VAL_SEED))
 
     @torch.no_grad()

@@ -151,16 +151,18 @@ def adapter(model, name):
 
 
 @contextlib.contextmanager
-def count_forwards(model):
+def count_forwards(model, grad=False):
     """Counts the calls of `model` with a forward pre-hook (a call cut short, as the discriminator's, counts too):
-    yields a list that gets (the active adapter, the batch size) of each call. The model calls bench.py reports, the
-    stage-2 metrics log and the tests check are counted here, not computed from the step counts."""
+    yields a list that gets (the active adapter, the batch size) of each call -- with grad, (adapter, batch, whether
+    it runs with gradients). The model calls bench.py reports, the stage-2 metrics log and the tests check are counted
+    here, not computed from the step counts."""
     calls = []
 
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         wrapped = layers(model)
-        calls.append((wrapped[0][1].active if wrapped else None, x.shape[0]))
+        call = (wrapped[0][1].active if wrapped else None, x.shape[0])
+        calls.append(call + (torch.is_grad_enabled(),) if grad else call)
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield calls

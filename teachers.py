@@ -484,6 +484,7 @@ class PromptStream:
         self.share = len(self.mine)
         self.drawn, self.cached, self._epoch = 0, None, None  # cached: (chunk, embeddings, prompt indices)
         self.encoded = self.reused = 0  # prompts this rank encoded / read back from the disk cache
+        self.truncated = 0  # of those encoded, the ones cut to an encoder's token limit
         source = prompts.sha1 if isinstance(prompts, PromptFile) else sha1("\n".join(prompts))
         self.cache = cache and os.path.join(cache, f"{sha1(f'{key}|{source}|{seed}|{chunk}')[:16]}-{rank}of{world}")
 
@@ -518,8 +519,10 @@ class PromptStream:
                     return tensors, idx
             except (FileNotFoundError, ValueError, KeyError):
                 pass  # gone or unreadable: encoded again below
+        cut = self.teacher.truncated
         cond = self.teacher.encode([self.prompts[int(i)] for i in idx], device="cpu")
         self.encoded += len(idx)
+        self.truncated += self.teacher.truncated - cut
         if path:
             lora.save(path, {**cond, "prompt_index": idx}, {"teacher": self.teacher.id})
         return cond, idx
@@ -567,7 +570,7 @@ def prompts_seen(stream, world):
         dist.all_reduce(total)
     return (f"prompts seen: {int(mine)} distinct on rank 0, {min(int(total), len(stream.prompts))} on all {world} "
             f"ranks (of {len(stream.prompts)}); rank 0 encoded {stream.encoded} and read {stream.reused} back from the "
-            f"cache, {stream.teacher.truncated} cut to an encoder's token limit (as the pipelines cut them)")
+            f"cache, {stream.truncated} cut to an encoder's token limit (as the pipelines cut them)")
 
 
 # ---- the student on a teacher, and its checkpoints ----------------------------------------------------------------

@@ -424,7 +424,7 @@ def test_flux_teacher_sampling_equals_diffusers_euler(tiny_flux, w):
 
 class _Counting:
     """A stand-in teacher whose 'embedding' of a prompt is its length; it records every prompt it encodes."""
-    id, device, embedded = "counting", "cpu", False
+    id, device, embedded, truncated = "counting", "cpu", False, 0
 
     def __init__(self):
         self.seen = []
