@@ -35,7 +35,7 @@ import lora
 from lora import count_forwards  # the model calls bench.py reports are counted, not computed
 from local_cd import cfg, distance, solve, student_times, teacher_times
 from runs import memory_needed
-from teachers import DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, precision
+from teachers import ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, precision
 
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -203,7 +203,7 @@ def timed(f, repeats, device, warmup=1):
 
 
 OP_KINDS = {  # operator names by kind, as torch.profiler reports them (on CPU and CUDA alike)
-    "casts": ("aten::_to_copy",),
+    "casts": ("aten::_to_copy",),  # of tensors: a Python scalar made a tensor (a CPU's AdamW, x * 0.5) is no kernel
     "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution"),
     "norms": ("aten::native_group_norm", "aten::native_layer_norm", "aten::native_group_norm_backward",
               "aten::native_layer_norm_backward"),
@@ -211,21 +211,22 @@ OP_KINDS = {  # operator names by kind, as torch.profiler reports them (on CPU a
 
 
 def profiled(what, f, device):
-    """One run of f under torch.profiler, as a row: the operators it calls by kind (dtype casts -- autocast's and the
-    adapters' --, matmuls and convolutions, normalisations, all aten operators) and, on CUDA, its GPU kernels and
-    their busy time against the wall time: what shows whether a step is launch-bound (issue 19)."""
+    """One run of f under torch.profiler, as a row: the operators it calls by kind (dtype casts of tensors --
+    autocast's and the adapters' --, matmuls and convolutions, normalisations, all aten operators) and, on CUDA, its
+    GPU kernels and their busy time against the wall time: what shows whether a step is launch-bound (issue 19)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = str(device).startswith("cuda")
-    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
         t0 = time.perf_counter()
         f()
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    counts = {kind: sum(e.count for e in events if e.key in names) for kind, names in OP_KINDS.items()}
+    ops = [e for e in prof.events() if e.device_type.name == "CPU" and e.name.startswith("aten::")]
+    counts = {kind: sum(e.name in names and (kind != "casts" or bool(e.input_shapes and e.input_shapes[0]))
+                        for e in ops) for kind, names in OP_KINDS.items()}
     extra = {f"op_{kind}": n for kind, n in counts.items()}
-    extra["op_all_aten"] = sum(e.count for e in events if e.key.startswith("aten::"))
+    extra["op_all_aten"] = len(ops)
     if cuda:
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         extra["gpu_kernels"], extra["gpu_busy_s"] = len(kernels), sum(e.device_time for e in kernels) / 1e6
@@ -287,10 +288,17 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     return rows
 
 
-def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, checkpointing=False, profile=False):
-    """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA) and the teacher's
-    share (one TrajectoryBuffer refill at the family's preset, timed once, divided by the iterations it feeds), against
-    one plain forward at the same batch. Target (issue 6): the update at batch 4 <= 3.5x one forward."""
+def regime(checkpointing, adapter_dtype):
+    """The end of a training row's label: how the step ran (training's --grad-checkpointing and --adapters)."""
+    return ", grad checkpointing" * checkpointing + f", adapters in {str(adapter_dtype).removeprefix('torch.')}" * bool(adapter_dtype)
+
+
+def bench_step1(teacher, cond, batch, repeats, device, autocast, adapter_dtype=None, M=8, skip=20,
+                checkpointing=False, profile=False):
+    """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA, computed as
+    training's --adapters says: adapter_dtype) and the teacher's share (one TrajectoryBuffer refill at the family's
+    preset, timed once, divided by the iterations it feeds), against one plain forward at the same batch. Target
+    (issue 6): the update at batch 4 <= 3.5x one forward."""
     from local_cd import PRESETS, TrajectoryBuffer, local_loss, milestones, segment
     rows = [one_forward(teacher, cond, batch, repeats, device)]
     one = rows[0]["seconds"]
@@ -303,6 +311,7 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
     if checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=str(device).startswith("cuda") or None)
+    work = lora.Working(teacher.denoiser, "student", adapter_dtype)
     mse = distance("mse")
 
     def update():
@@ -310,11 +319,11 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
             loss, _, _ = local_loss(teacher, mse, z_m, t_m, z_n, t_n, t_s, c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        work.step(opt)
 
     floor = forward_floor(teacher.denoiser, update, batch)
     sec, mem = timed(update, repeats, device)
-    ckpt = ", grad checkpointing" if checkpointing else ""
+    ckpt = regime(checkpointing, adapter_dtype)
     rows.append(row(f"stage-1 update, batch {batch}{ckpt}", sec, one, None, mem,
                     lora_params=sum(p.numel() for p in params), floor=floor, x_floor=sec / (floor * one)))
     if profile:
@@ -332,8 +341,8 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, M=8, skip=20, c
     return rows
 
 
-def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=False, lambda1=0.1, lambda2=1.0,
-                profile=False):
+def bench_step2(teacher, cond, batch, repeats, device, autocast, adapter_dtype=None, checkpointing=False,
+                lambda1=0.1, lambda2=1.0, profile=False):
     """A stage-2 iteration exactly as global_cd.py runs it (global_cd.iteration: q = 4 student steps for the
     image-free inputs, p = 3 teacher CFG steps, student forward + backward, GAN generator and discriminator steps,
     DMD with the real and fake scores, 2 fake-score updates), with the student, the fake score (rank 64 each) and the
@@ -355,11 +364,15 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=F
         opts["disc"] = torch.optim.AdamW(disc.parameters(), lr=a.lr_aux, betas=(0.0, 0.99), fused=fused)
     if fake:
         opts["fake"] = torch.optim.AdamW(fake, lr=a.lr_aux, fused=fused)
+    work = {k: lora.Working(teacher.denoiser, k, adapter_dtype) for k in opts if k != "disc"}
 
     def update(loss, name):
         opts[name].zero_grad(set_to_none=True)
         loss.backward()
-        opts[name].step()
+        if name in work:
+            work[name].step(opts[name])
+        else:
+            opts[name].step()
         return loss.detach()
 
     gen, c = torch.Generator().manual_seed(0), cond(batch)
@@ -369,7 +382,7 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=F
     floor = forward_floor(teacher.denoiser, iteration, batch)
     sec, mem = timed(iteration, repeats, device)
     parts = f"lambda1={lambda1:g} lambda2={lambda2:g}, {a.fake_updates} fake updates"
-    ckpt = ", grad checkpointing" if checkpointing else ""
+    ckpt = regime(checkpointing, adapter_dtype)
     one = rows[0]["seconds"]
     rows.append(row(f"stage-2 iteration, batch {batch}, {parts}{ckpt}", sec, one, None, mem, floor=floor,
                     x_floor=sec / (floor * one)))
@@ -378,7 +391,7 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=F
     return rows
 
 
-def bench_val(teacher, cond, repeats, device, autocast, model, prompts=4, M=8):
+def bench_val(teacher, cond, repeats, device, autocast, adapter_dtype, model, prompts=4, M=8):
     """A validation grid as the training scripts draw one: the student (rank-64 adapter, under autocast) at 2, 4 and
     M steps from fixed noise on 4 prompts (local_cd.validation_latents), then the decodes, by a VAE of SDXL's size
     built here (FLUX's: 16 latent channels; the bench teachers' own VAEs are stand-ins). Its share of training: the
@@ -387,6 +400,7 @@ def bench_val(teacher, cond, repeats, device, autocast, model, prompts=4, M=8):
 
     from local_cd import PRESETS, validation_latents
     add_student(teacher, rank=64)
+    lora.Working(teacher.denoiser, "student", adapter_dtype)  # as training computes it
     one = one_forward(teacher, cond, prompts, repeats, device)
     steps, c, z_T = (2, 4, M), cond(prompts), teacher.noise(prompts)
     sec, mem, calls = timed_calls(teacher.denoiser, prompts,
@@ -469,17 +483,18 @@ def bench_load(model, dtype):
     return rows
 
 
-def projection(step1, step2, recipe=RECIPE):
+def projection(step1, step2, tag="", recipe=RECIPE):
     """GPU hours of the paper's SDXL recipe from measured per-iteration seconds (per-GPU batch as measured; the
     all-reduce of the LoRA gradients between GPUs is not included)."""
     hours = recipe["gpus"] * (recipe["stage1_iters"] * step1 + recipe["stage2_iters"] * step2) / 3600
     k1, k2 = recipe["stage1_iters"] // 1000, recipe["stage2_iters"] // 1000
-    return {"what": f"paper's SDXL recipe: {k1}K stage-1 + {k2}K stage-2 iterations on {recipe['gpus']} GPUs",
+    return {"what": f"paper's SDXL recipe: {k1}K stage-1 + {k2}K stage-2 iterations on {recipe['gpus']} GPUs{tag}",
             "gpu_hours": hours,
             "paper_gpu_hours": recipe["paper_gpu_hours"], "fraction_of_paper": hours / recipe["paper_gpu_hours"]}
 
 
-def measure(what, model, batch, repeats, device, dtype, autocast, checkpointing=False, lambda2=1.0, profile=False):
+def measure(what, model, batch, repeats, device, dtype, autocast, adapter_dtype=None, checkpointing=False,
+            lambda2=1.0, profile=False):
     """One bench on a freshly built model. A CUDA out-of-memory error becomes a row that says so."""
     teacher = None
     try:
@@ -493,17 +508,17 @@ def measure(what, model, batch, repeats, device, dtype, autocast, checkpointing=
         if what == "sample":
             return bench_sample(teacher, cond, batch, repeats, device)
         if what == "val":
-            return bench_val(teacher, cond, repeats, device, autocast, model)
+            return bench_val(teacher, cond, repeats, device, autocast, adapter_dtype, model)
         if what == "step1":
-            return bench_step1(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing,
-                               profile=profile)
-        return bench_step2(teacher, cond, batch, repeats, device, autocast, checkpointing=checkpointing,
+            return bench_step1(teacher, cond, batch, repeats, device, autocast, adapter_dtype,
+                               checkpointing=checkpointing, profile=profile)
+        return bench_step2(teacher, cond, batch, repeats, device, autocast, adapter_dtype, checkpointing=checkpointing,
                            lambda2=lambda2, profile=profile)
     except torch.OutOfMemoryError as e:
         need = memory_needed(e)
         hint = "--grad-checkpointing helps" if what != "llpips" and not checkpointing else "a smaller --batch helps"
         first = str(e).splitlines()[0][:90]
-        return [row(f"{what}, batch {batch}{', grad checkpointing' if checkpointing else ''}: DOES NOT FIT, needs more "
+        return [row(f"{what}, batch {batch}{regime(checkpointing, adapter_dtype)}: DOES NOT FIT, needs more "
                     f"than {need:.1f} GiB ({first}); {hint}", float("nan"), peak=need)]
     finally:
         del teacher
@@ -536,6 +551,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="images per model call (a CFG pass doubles it); default 1, "
                    "with --what all the presets' (SDXL 4, FLUX 2 for stage 1 and 1 for stage 2)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
+    p.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=["autocast"], help="step1 / step2: each "
+                   "regime named, side by side (training's --adapters): " + ADAPTERS_HELP)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="step1 / step2: also one run under torch.profiler: operators "
                    "by kind (dtype casts, matmuls, norms), GPU kernels and their busy time against the wall time")
@@ -549,27 +566,34 @@ def main(argv=None):
         torch.backends.cuda.enable_cudnn_sdp(False)
     elif args.model in ("sdxl", "flux"):
         print(f"note: {args.model} at full size on a CPU takes minutes per forward; the tiny-* models are for CPUs")
-    dtype, autocast = precision(device, args.dtype)  # as the training scripts decide it
     jobs = [(args.what, args.batch or 1, args.grad_checkpointing)]
     if args.what == "all":
         jobs = plan(args.model, args.batch)
+    # a training bench once per --adapters regime, each decided as the training scripts decide it
+    jobs = [(what, batch, ckpt, adapters) for what, batch, ckpt in jobs
+            for adapters in (args.adapters if what in ("step1", "step2") else args.adapters[:1])]
+    dtype = precision(device, args.dtype)[0]
     name = torch.cuda.get_device_name() if cuda else "cpu"
     out = {"model": args.model, "device": name, "dtype": str(dtype), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "rows": []}
     rows = out["rows"]
-    for what, batch, ckpt in jobs:
-        rows += measure(what, args.model, batch, args.repeats, device, dtype, autocast, ckpt, args.lambda2,
-                        args.profile)
+    for what, batch, ckpt, adapters in jobs:
+        _, autocast, adapter_dtype = precision(device, args.dtype, adapters)
+        rows += measure(what, args.model, batch, args.repeats, device, dtype, autocast, adapter_dtype, ckpt,
+                        args.lambda2, args.profile)
         if args.save:
             with lora.atomic(args.save) as tmp, open(tmp, "w") as f:
                 json.dump(out, f, indent=1)
     if args.what == "all" and args.model.endswith("sdxl"):
         it = {r["what"]: r["seconds"] for r in rows}
         b = args.batch or 4
-        s1, s2 = it.get(f"stage-1 iteration, batch {b}"), next(
-            (v for k, v in it.items() if k.startswith(f"stage-2 iteration, batch {b},") and v == v), None)
-        if s1 and s2:
-            rows.append(projection(s1, s2))
+        for adapters in args.adapters:  # one projection per regime, from its rows (stage 2 without checkpointing if
+            tag = regime(False, precision(device, args.dtype, adapters)[2])  # it fits)
+            s1, s2 = it.get(f"stage-1 iteration, batch {b}{tag}"), next(
+                (v for k, v in it.items() if k.startswith(f"stage-2 iteration, batch {b},") and v == v
+                 and ("adapters in" in k) == bool(tag)), None)
+            if s1 and s2:
+                rows.append(projection(s1, s2, tag))
     if args.save:
         with lora.atomic(args.save) as tmp, open(tmp, "w") as f:
             json.dump(out, f, indent=1)

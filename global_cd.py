@@ -22,7 +22,7 @@ from runs import (GradientSync, MetricsLog, Parser, check_fresh_out, count, expl
                   explain_out_of_memory, fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id,
                   number, optimizer_tensors, positive, prompts_meta, rank_difference, read_state, resumed_late,
                   run_prompts, state_path, take_run_batch, take_run_values, weight)
-from teachers import (DTYPE_HELP, DTYPES, T, FluxTeacher, cond_cat, cond_index, load_student, open_prompt_stream,
+from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, cond_cat, cond_index, load_student, open_prompt_stream,
                       precision, prompts_seen, read_prompts, save_checkpoint)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
@@ -299,6 +299,7 @@ def parse_args(argv=None):
     a("--overwrite", action="store_true", help="replace an existing --out (a fresh run refuses to, by default)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
+    a("--adapters", choices=ADAPTERS, default="autocast", help=ADAPTERS_HELP)
     a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
     a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
@@ -320,9 +321,9 @@ def main(argv=None):
     master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
     # precision: the frozen base in `dtype` (bf16 on CUDA); student, fake score and heads fp32 with their AdamW; every
-    # forward of an iteration (rollout, teacher solver, student, GAN, DMD) under autocast(), the backwards outside it;
-    # the distance d in fp32 (local_cd.distance)
-    dtype, autocast = precision(device, args.dtype)
+    # forward of an iteration (rollout, teacher solver, student, GAN, DMD) under autocast(), the backwards outside it
+    # (or the adapters from bf16 copies, --adapters base); the distance d in fp32 (local_cd.distance)
+    dtype, autocast, adapter_dtype = precision(device, args.dtype, args.adapters)
 
     check_fresh_out(args)
     run = lora.metadata(args.out) if args.resume else {}
@@ -371,7 +372,6 @@ def main(argv=None):
         trainable["fake"] = (fake, args.lr_aux, (0.9, 0.999))
     opts = {k: torch.optim.AdamW(ps, lr=lr, betas=b, weight_decay=0.0, fused=cuda or None)
             for k, (ps, lr, b) in trainable.items()}
-    syncs = {k: GradientSync(ps, world) for k, (ps, _, _) in trainable.items()}
     if args.grad_checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
@@ -411,6 +411,9 @@ def main(argv=None):
         for ps, _, _ in trainable.values():
             for p in ps:
                 dist.broadcast(p.data, 0)
+    # what the forwards use: the adapters' parameters, or bf16 copies of them (--adapters base); the heads are fp32
+    work = {k: lora.Working(teacher.denoiser, k, adapter_dtype) for k in trainable if k != "disc"}
+    syncs = {k: GradientSync(work[k].params if k in work else ps, world) for k, (ps, _, _) in trainable.items()}
     metrics = MetricsLog(args.out, step, master)  # <out>.log.jsonl, continued on --resume
     validate = None
     if master and args.val_every:  # rank 0 draws the grids; the others go on to the next all-reduce and wait there
@@ -445,12 +448,16 @@ def main(argv=None):
         if not torch.isfinite(loss):
             raise SystemExit(f"error: the {name} loss is {loss.item()} at step {step}; stopped. {args.out} keeps the "
                              "last good checkpoint (try a lower --lr / --lr-aux)")
-        opts[name].step()
+        if name in work:
+            work[name].step(opts[name])  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
+        else:
+            opts[name].step()
         return loss.item()
 
     log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} d={args.d} "
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
-        f"batch={args.batch}x{world} iters={args.iters} base {dtype}")
+        f"batch={args.batch}x{world} iters={args.iters} base {dtype}, adapters "
+        f"{'in ' + str(adapter_dtype) if adapter_dtype else args.adapters}")
     planned = (args.iters - step) * args.batch
     log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch} per iteration), "
         f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all")

@@ -23,7 +23,7 @@ from runs import (GradientSync, MetricsLog, Parser, check_fresh_out, count, expl
                   explain_out_of_memory, fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id,
                   number, optimizer_tensors, positive, prompts_meta, rank_difference, read_state, resumed_late,
                   run_prompts, state_path, take_run_batch, take_run_values, weight)
-from teachers import (DTYPE_HELP, DTYPES, HERE, T, add_student, cond_index, cond_cat, load_teacher, open_prompt_stream,
+from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, HERE, T, add_student, cond_index, cond_cat, load_teacher, open_prompt_stream,
                       precision, prompts_seen, read_checkpoint, read_prompts, save_checkpoint)
 
 
@@ -356,6 +356,7 @@ def parse_args(argv=None):
     a("--overwrite", action="store_true", help="replace an existing --out (a fresh run refuses to, by default)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
+    a("--adapters", choices=ADAPTERS, default="autocast", help=ADAPTERS_HELP)
     a("--resolution", type=count, default=1024, help="SDXL / FLUX image size")
     a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
     a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
@@ -396,8 +397,8 @@ def main(argv=None):
     master = rank == 0  # only rank 0 logs and saves
     log = print if master else (lambda *a, **k: None)
     # precision: the frozen base in `dtype` (bf16 on CUDA), LoRA and AdamW fp32; the student's forward under
-    # autocast(), d in fp32; the teacher's trajectories (no adapter) plainly in `dtype`
-    dtype, autocast = precision(device, args.dtype)
+    # autocast() or from bf16 copies (--adapters), d in fp32; the teacher's trajectories (no adapter) plainly in `dtype`
+    dtype, autocast, adapter_dtype = precision(device, args.dtype, args.adapters)
 
     check_fresh_out(args)
     run = lora.metadata(args.out) if args.resume else {}
@@ -421,7 +422,6 @@ def main(argv=None):
     if args.grad_checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda or None)
-    sync = GradientSync(params, world)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own trajectories and pairs
     stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
     buffer = TrajectoryBuffer(teacher, stream, args.M, args.skip, args.w, args.trajectories, args.buffer,
@@ -452,6 +452,8 @@ def main(argv=None):
     if ddp:  # identical LoRA on every rank
         for p in params:
             dist.broadcast(p.data, 0)
+    work = lora.Working(teacher.denoiser, "student", adapter_dtype)  # what the forwards use: params, or bf16 copies
+    sync = GradientSync(work.params, world)
     metrics = MetricsLog(args.out, step, master)  # <out>.log.jsonl, continued on --resume
     validate = None
     if master and args.val_every:  # rank 0 draws the grids; the others go on to the next all-reduce and wait there
@@ -473,7 +475,7 @@ def main(argv=None):
 
     log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
         f"lr={args.lr:g} batch={args.batch}x{world} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
-        f"LoRA parameters, base {dtype})")
+        f"LoRA parameters, base {dtype}, adapters {'in ' + str(adapter_dtype) if adapter_dtype else args.adapters})")
     planned = buffer.planned_refills(args.iters - step, args.batch) * args.trajectories
     log(f"prompts: {len(prompts)}; each rank draws about {planned} more ({args.trajectories} per pool refill), "
         f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all; more per run: "
@@ -493,7 +495,7 @@ def main(argv=None):
             bar.close()
             raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. {args.out} keeps the last good "
                              "checkpoint (try a lower --lr)")
-        opt.step()
+        work.step(opt)  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
         step += 1
         bar.update(1)
         metrics.add({"loss": loss})

@@ -41,6 +41,7 @@ class LoRALayer(nn.Module):
         self.scale = {}
         self.active = None  # adapter name, or None = the base model
         self.merged = None  # adapter whose delta W is currently added into base.weight
+        self.copies = {}  # adapter name -> its (A, B) in the base's dtype, when a `Working` computes it there
 
     def add(self, name, rank, alpha):
         b = self.base
@@ -55,9 +56,13 @@ class LoRALayer(nn.Module):
         self.lora_B[name] = B.to(b.weight.device)
         self.scale[name] = alpha / rank
 
-    def delta_weight(self, name):
-        """alpha/r * B A, shaped like base.weight."""
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+    def weights(self, name):
+        """(A, B) as the forward computes with them: the fp32 parameters, or their copies in the base's dtype."""
+        return self.copies.get(name) or (self.lora_A[name].weight, self.lora_B[name].weight)
+
+    def delta_weight(self, name, A=None, B=None):
+        """alpha/r * B A, shaped like base.weight (of the parameters, unless A, B are given)."""
+        A, B = (self.lora_A[name].weight, self.lora_B[name].weight) if A is None else (A, B)
         dw = B.flatten(1) @ A.flatten(1)
         return (self.scale[name] * dw).view_as(self.base.weight)
 
@@ -67,7 +72,7 @@ class LoRALayer(nn.Module):
             return self.base(x)
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into the base; unmerge before using {name!r}")
-        A, B, b = self.lora_A[name].weight, self.lora_B[name].weight, self.base
+        (A, B), b = self.weights(name), self.base
         if b.weight.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):
             # fp32 adapters on a bf16 base meet only under autocast (teachers.precision): outside it this layer
             # would feed fp32 into the next bf16 one. Said here, at the first layer, instead of a dtype error deeper in.
@@ -77,7 +82,7 @@ class LoRALayer(nn.Module):
         if self.folded(name):
             # y = (W + alpha/r B A) x: one layer whose weight carries the adapter (the gradient reaches A and B
             # through the product B A)
-            W = b.weight.to(A.dtype) + self.delta_weight(name)
+            W = b.weight.to(A.dtype) + self.delta_weight(name, A, B)
             return F.conv2d(x, W, b.bias, b.stride, b.padding, b.dilation, b.groups) if conv else F.linear(x, W, b.bias)
         # y = W x + alpha/r B A x as plain matmuls (convs), scale and sum in one add: a training step is launch-bound
         # at SDXL size, so each wrapped layer should cost as few ops (and Python calls) as it can
@@ -134,6 +139,41 @@ def inject(model, targets, name, rank=64, alpha=None):
 
 def parameters(model, name):
     return [p for _, l in layers(model) for m in (l.lora_A[name], l.lora_B[name]) for p in m.parameters()]
+
+
+class Working:
+    """Adapter `name` as the training forwards compute it, and its optimizer step (teachers.precision decides which):
+
+    - dtype None: the fp32 parameters themselves (an fp32 run, or a bf16 one under autocast, which casts A and B to
+      bf16 in every layer and forward); step(opt) is opt.step().
+    - dtype bf16 (--adapters base): a copy of each fp32 parameter in the base's dtype, which the forwards and the
+      backward use: no cast per layer and forward, and no autocast. The fp32 parameters stay the masters, which AdamW
+      steps and files hold:
+          masters.grad <- copies.grad, in fp32          (one multi-tensor copy)
+          AdamW step on the masters
+          copies <- masters, rounded to bf16           (one multi-tensor copy)
+    `params` are the tensors backward reaches: what GradientSync averages (bf16 copies: half the bytes). Make it
+    after the masters are final (loaded, broadcast): the copies are taken then and after each step."""
+
+    def __init__(self, model, name, dtype=None):
+        self.masters = self.params = parameters(model, name)
+        if dtype is None or dtype == self.masters[0].dtype:
+            return
+        self.params = [p.detach().to(dtype).requires_grad_() for p in self.masters]
+        self.grads = [torch.empty_like(p) for p in self.masters]  # the masters' fp32 gradients, allocated once
+        pairs = iter(self.params)  # parameters() gives each layer's A, then its B
+        for _, l in layers(model):
+            l.copies[name] = (next(pairs), next(pairs))
+
+    def step(self, opt):
+        if self.params is self.masters:
+            return opt.step()
+        torch._foreach_copy_(self.grads, [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        for master, grad, p in zip(self.masters, self.grads, self.params):
+            master.grad, p.grad = grad, None
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.masters)
 
 
 @contextlib.contextmanager

@@ -147,7 +147,7 @@ def main(argv=None):
         check_output(args.save_tensors, {".safetensors": None}, "--save-tensors")
     # precision: the student's LoRA is merged into the base, so every forward runs plainly in `dtype`, no autocast:
     # exactly how a diffusers pipeline in that dtype runs it
-    dtype, _ = precision(args.device or default_device(), args.dtype)
+    dtype = precision(args.device or default_device(), args.dtype)[0]
     try:
         if args.ckpt:
             teacher, _, meta = load_student(args.ckpt, args.device, dtype=dtype)

@@ -380,27 +380,35 @@ def default_device():
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype; fp16 would need loss scaling: not offered
 DTYPE_HELP = "dtype of the frozen base weights: bfloat16 (default on CUDA) or float32 (default on a CPU)"
+ADAPTERS = ("autocast", "base")  # --adapters
+ADAPTERS_HELP = ("how the fp32 LoRA meets a bf16 base in training: autocast (default) casts the adapters to bf16 in "
+                 "every layer and forward under torch.autocast, which also runs norms in fp32; base keeps bf16 copies "
+                 "of them that the forwards use, the fp32 masters in AdamW (refreshed after each step), and no "
+                 "autocast: fewer kernels per step (issue 19); the same LoRA files. No effect on an fp32 base")
 
 
-def precision(device, name=None):
-    """(dtype, autocast) of a run on `device`: the one precision decision of every script.
+def precision(device, name=None, adapters="autocast"):
+    """(dtype, autocast, adapter_dtype) of a run on `device`: the one precision decision of every script.
     - The frozen base weights are `dtype`: --dtype, else bf16 on CUDA and fp32 on a CPU.
     - The LoRA adapters, their AdamW state and the discriminator heads stay fp32; so does the consistency distance d,
       L-LPIPS included (local_cd.distance runs it outside autocast).
-    - A forward with an adapter active (not merged) runs inside `autocast()`: matmuls and convs in the base dtype,
-      the fp32 adapter weights cast on the fly (CUDA's autocast also lifts norms and softmax to fp32; a CPU's does
-      not). lora.LoRALayer refuses a bf16 base outside it: the mistake that crashed stage 2 on GPUs.
+    - A forward with an adapter active (not merged), on a bf16 base, computes the adapter in bf16 one of two ways
+      (--adapters): inside `autocast()`, which casts the fp32 adapter weights on the fly (CUDA's autocast also lifts
+      norms and softmax to fp32; a CPU's does not); or from bf16 copies of them (adapter_dtype = dtype: lora.Working
+      keeps the copies and steps the fp32 masters), with autocast() doing nothing. lora.LoRALayer refuses fp32
+      adapters on a bf16 base outside autocast: the mistake that crashed stage 2 on GPUs.
     - A forward with no adapter (the teacher) needs no autocast: stage 1's trajectories and sampling run it plainly
       in the base dtype, stage 2 inside the autocast() of its iteration. A merged adapter (sampling) runs plainly,
       as a diffusers pipeline runs it.
-    A CPU runs the bf16 regime too (--dtype bfloat16, torch.autocast("cpu")): that is how the tests see what a GPU
-    runs. In fp32, autocast() does nothing."""
+    A CPU runs the bf16 regimes too (--dtype bfloat16, torch.autocast("cpu")): that is how the tests see what a GPU
+    runs. In fp32, autocast() does nothing and adapter_dtype is None (the fp32 parameters themselves)."""
     cuda = str(device).startswith("cuda")
     dtype = DTYPES[name] if name else torch.bfloat16 if cuda else torch.float32
+    copies = adapters == "base" and dtype != torch.float32
 
     def autocast():
-        return torch.autocast("cuda" if cuda else "cpu", dtype, enabled=dtype != torch.float32)
-    return dtype, autocast
+        return torch.autocast("cuda" if cuda else "cpu", dtype, enabled=dtype != torch.float32 and not copies)
+    return dtype, autocast, dtype if copies else None
 
 
 # ---- prompts: files of any length, encoded a chunk at a time -------------------------------------------------------
