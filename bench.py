@@ -34,8 +34,8 @@ import torch
 import lora
 from lora import count_forwards  # the model calls bench.py reports are counted, not computed
 from local_cd import cfg, distance, solve, student_times, teacher_times
-from runs import memory_needed
-from teachers import ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, precision
+from runs import compile_blocks, memory_needed
+from teachers import DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, precision
 
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -288,15 +288,24 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     return rows
 
 
-def regime(checkpointing, adapter_dtype):
-    """The end of a training row's label: how the step ran (training's --grad-checkpointing and --adapters)."""
-    return ", grad checkpointing" * checkpointing + f", adapters in {str(adapter_dtype).removeprefix('torch.')}" * bool(adapter_dtype)
+REGIMES = ("autocast", "base", "autocast+compile", "base+compile")  # --regime
 
 
-def bench_step1(teacher, cond, batch, repeats, device, autocast, adapter_dtype=None, M=8, skip=20,
-                checkpointing=False, profile=False):
-    """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA, computed as
-    training's --adapters says: adapter_dtype) and the teacher's share (one TrajectoryBuffer refill at the family's
+def regime(name, device, dtype_name):
+    """A training regime as --regime names it: training's --adapters (autocast / base), + compile for its --compile.
+    Returns what the benches need: autocast, adapter_dtype (teachers.precision), compile, and the end of a row's
+    label."""
+    adapters, _, compiled = name.partition("+")
+    _, autocast, adapter_dtype = precision(device, dtype_name, adapters)
+    label = f", adapters in {str(adapter_dtype).removeprefix('torch.')}" * bool(adapter_dtype) + ", compiled" * bool(
+        compiled)
+    return types.SimpleNamespace(name=name, autocast=autocast, adapter_dtype=adapter_dtype, compile=bool(compiled),
+                                 label=label)
+
+
+def bench_step1(teacher, cond, batch, repeats, device, r, M=8, skip=20, checkpointing=False, profile=False):
+    """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA, in regime r:
+    training's --adapters and --compile) and the teacher's share (one TrajectoryBuffer refill at the family's
     preset, timed once, divided by the iterations it feeds), against one plain forward at the same batch. Target
     (issue 6): the update at batch 4 <= 3.5x one forward."""
     from local_cd import PRESETS, TrajectoryBuffer, local_loss, milestones, segment
@@ -310,12 +319,14 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, adapter_dtype=N
     params = add_student(teacher, rank=64)
     if checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
+    if r.compile:
+        compile_blocks(teacher.denoiser)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=str(device).startswith("cuda") or None)
-    work = lora.Working(teacher.denoiser, "student", adapter_dtype)
+    work = lora.Working(teacher.denoiser, "student", r.adapter_dtype)
     mse = distance("mse")
 
     def update():
-        with lora.adapter(teacher.denoiser, "student"), autocast():
+        with lora.adapter(teacher.denoiser, "student"), r.autocast():
             loss, _, _ = local_loss(teacher, mse, z_m, t_m, z_n, t_n, t_s, c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,7 +334,7 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, adapter_dtype=N
 
     floor = forward_floor(teacher.denoiser, update, batch)
     sec, mem = timed(update, repeats, device)
-    ckpt = regime(checkpointing, adapter_dtype)
+    ckpt = ", grad checkpointing" * checkpointing + r.label
     rows.append(row(f"stage-1 update, batch {batch}{ckpt}", sec, one, None, mem,
                     lora_params=sum(p.numel() for p in params), floor=floor, x_floor=sec / (floor * one)))
     if profile:
@@ -333,16 +344,18 @@ def bench_step1(teacher, cond, batch, repeats, device, autocast, adapter_dtype=N
     prompts = types.SimpleNamespace(take=lambda n: (cond(n), torch.zeros(n, dtype=torch.long)), drawn=0)  # random
     buf = TrajectoryBuffer(teacher, prompts, M, skip, teacher.default_w,
                            pre["trajectories"], pre["buffer"], pre["reuse"], g)
-    refill, _ = timed(buf.refill, 1, device, warmup=0)  # as in training: bf16 weights, no autocast
+    # as in training: bf16 weights, no autocast (compiled: a first refill compiles the teacher's variant)
+    refill, _ = timed(buf.refill, 1, device, warmup=int(r.compile))
     iters_fed = buf.made * pre["reuse"] / batch
     rows.append(row(f"teacher share per iteration (refill of {pre['trajectories']} trajectories / {iters_fed:.0f} "
                     "iterations)", refill / iters_fed, one, None, None))
-    rows.append(row(f"stage-1 iteration, batch {batch}{ckpt}", sec + refill / iters_fed, one, None, mem))
+    rows.append(row(f"stage-1 iteration, batch {batch}{ckpt}", sec + refill / iters_fed, one, None, mem,
+                    regime=r.name))
     return rows
 
 
-def bench_step2(teacher, cond, batch, repeats, device, autocast, adapter_dtype=None, checkpointing=False,
-                lambda1=0.1, lambda2=1.0, profile=False):
+def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, lambda1=0.1, lambda2=1.0,
+                profile=False):
     """A stage-2 iteration exactly as global_cd.py runs it (global_cd.iteration: q = 4 student steps for the
     image-free inputs, p = 3 teacher CFG steps, student forward + backward, GAN generator and discriminator steps,
     DMD with the real and fake scores, 2 fake-score updates), with the student, the fake score (rank 64 each) and the
@@ -358,13 +371,15 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, adapter_dtype=N
     fake = lora.inject(teacher.denoiser, teacher.student_lora["lora_targets"], "fake", 64) if lambda2 > 0 else None
     if checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
+    if r.compile:
+        compile_blocks(teacher.denoiser)
     fused = str(device).startswith("cuda") or None
     opts = {"student": torch.optim.AdamW(params, lr=a.lr, fused=fused)}
     if disc:
         opts["disc"] = torch.optim.AdamW(disc.parameters(), lr=a.lr_aux, betas=(0.0, 0.99), fused=fused)
     if fake:
         opts["fake"] = torch.optim.AdamW(fake, lr=a.lr_aux, fused=fused)
-    work = {k: lora.Working(teacher.denoiser, k, adapter_dtype) for k in opts if k != "disc"}
+    work = {k: lora.Working(teacher.denoiser, k, r.adapter_dtype) for k in opts if k != "disc"}
 
     def update(loss, name):
         opts[name].zero_grad(set_to_none=True)
@@ -378,20 +393,20 @@ def bench_step2(teacher, cond, batch, repeats, device, autocast, adapter_dtype=N
     gen, c = torch.Generator().manual_seed(0), cond(batch)
     d = distance("mse")  # L-LPIPS on latents costs ~1% of this (the llpips row)
     def iteration():
-        global_cd.iteration(teacher, c, d, disc, fake is not None, update, a, 8, gen, autocast)
+        global_cd.iteration(teacher, c, d, disc, fake is not None, update, a, 8, gen, r.autocast)
     floor = forward_floor(teacher.denoiser, iteration, batch)
     sec, mem = timed(iteration, repeats, device)
     parts = f"lambda1={lambda1:g} lambda2={lambda2:g}, {a.fake_updates} fake updates"
-    ckpt = regime(checkpointing, adapter_dtype)
+    ckpt = ", grad checkpointing" * checkpointing + r.label
     one = rows[0]["seconds"]
     rows.append(row(f"stage-2 iteration, batch {batch}, {parts}{ckpt}", sec, one, None, mem, floor=floor,
-                    x_floor=sec / (floor * one)))
+                    x_floor=sec / (floor * one), regime=r.name))
     if profile:
         rows.append(profiled(f"stage-2 iteration, batch {batch}{ckpt}", iteration, device))
     return rows
 
 
-def bench_val(teacher, cond, repeats, device, autocast, adapter_dtype, model, prompts=4, M=8):
+def bench_val(teacher, cond, repeats, device, r, model, prompts=4, M=8):
     """A validation grid as the training scripts draw one: the student (rank-64 adapter, under autocast) at 2, 4 and
     M steps from fixed noise on 4 prompts (local_cd.validation_latents), then the decodes, by a VAE of SDXL's size
     built here (FLUX's: 16 latent channels; the bench teachers' own VAEs are stand-ins). Its share of training: the
@@ -400,11 +415,11 @@ def bench_val(teacher, cond, repeats, device, autocast, adapter_dtype, model, pr
 
     from local_cd import PRESETS, validation_latents
     add_student(teacher, rank=64)
-    lora.Working(teacher.denoiser, "student", adapter_dtype)  # as training computes it
+    lora.Working(teacher.denoiser, "student", r.adapter_dtype)  # as training computes it
     one = one_forward(teacher, cond, prompts, repeats, device)
     steps, c, z_T = (2, 4, M), cond(prompts), teacher.noise(prompts)
     sec, mem, calls = timed_calls(teacher.denoiser, prompts,
-                                  lambda: validation_latents(teacher, c, z_T, steps, M, autocast), repeats, device)
+                                  lambda: validation_latents(teacher, c, z_T, steps, M, r.autocast), repeats, device)
     tiny = model.startswith("tiny")
     config = {**SDXL_VAE, "latent_channels": 16 if teacher.family == "flux" else 4}
     if tiny:
@@ -493,8 +508,7 @@ def projection(step1, step2, tag="", recipe=RECIPE):
             "paper_gpu_hours": recipe["paper_gpu_hours"], "fraction_of_paper": hours / recipe["paper_gpu_hours"]}
 
 
-def measure(what, model, batch, repeats, device, dtype, autocast, adapter_dtype=None, checkpointing=False,
-            lambda2=1.0, profile=False):
+def measure(what, model, batch, repeats, device, dtype, r, checkpointing=False, lambda2=1.0, profile=False):
     """One bench on a freshly built model. A CUDA out-of-memory error becomes a row that says so."""
     teacher = None
     try:
@@ -508,17 +522,16 @@ def measure(what, model, batch, repeats, device, dtype, autocast, adapter_dtype=
         if what == "sample":
             return bench_sample(teacher, cond, batch, repeats, device)
         if what == "val":
-            return bench_val(teacher, cond, repeats, device, autocast, adapter_dtype, model)
+            return bench_val(teacher, cond, repeats, device, r, model)
         if what == "step1":
-            return bench_step1(teacher, cond, batch, repeats, device, autocast, adapter_dtype,
-                               checkpointing=checkpointing, profile=profile)
-        return bench_step2(teacher, cond, batch, repeats, device, autocast, adapter_dtype, checkpointing=checkpointing,
+            return bench_step1(teacher, cond, batch, repeats, device, r, checkpointing=checkpointing, profile=profile)
+        return bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=checkpointing,
                            lambda2=lambda2, profile=profile)
     except torch.OutOfMemoryError as e:
         need = memory_needed(e)
         hint = "--grad-checkpointing helps" if what != "llpips" and not checkpointing else "a smaller --batch helps"
         first = str(e).splitlines()[0][:90]
-        return [row(f"{what}, batch {batch}{regime(checkpointing, adapter_dtype)}: DOES NOT FIT, needs more "
+        return [row(f"{what}, batch {batch}{', grad checkpointing' * checkpointing}{r.label}: DOES NOT FIT, needs more "
                     f"than {need:.1f} GiB ({first}); {hint}", float("nan"), peak=need)]
     finally:
         del teacher
@@ -551,8 +564,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="images per model call (a CFG pass doubles it); default 1, "
                    "with --what all the presets' (SDXL 4, FLUX 2 for stage 1 and 1 for stage 2)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
-    p.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=["autocast"], help="step1 / step2: each "
-                   "regime named, side by side (training's --adapters): " + ADAPTERS_HELP)
+    p.add_argument("--regime", nargs="+", choices=REGIMES, default=["autocast"], help="step1 / step2: each training "
+                   "regime named, side by side: training's --adapters (autocast / base), + compile for its --compile")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="step1 / step2: also one run under torch.profiler: operators "
                    "by kind (dtype casts, matmuls, norms), GPU kernels and their busy time against the wall time")
@@ -569,17 +582,16 @@ def main(argv=None):
     jobs = [(args.what, args.batch or 1, args.grad_checkpointing)]
     if args.what == "all":
         jobs = plan(args.model, args.batch)
-    # a training bench once per --adapters regime, each decided as the training scripts decide it
-    jobs = [(what, batch, ckpt, adapters) for what, batch, ckpt in jobs
-            for adapters in (args.adapters if what in ("step1", "step2") else args.adapters[:1])]
+    # a training bench once per --regime, each decided as the training scripts decide it
+    jobs = [(what, batch, ckpt, name) for what, batch, ckpt in jobs
+            for name in (args.regime if what in ("step1", "step2") else args.regime[:1])]
     dtype = precision(device, args.dtype)[0]
     name = torch.cuda.get_device_name() if cuda else "cpu"
     out = {"model": args.model, "device": name, "dtype": str(dtype), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "rows": []}
     rows = out["rows"]
-    for what, batch, ckpt, adapters in jobs:
-        _, autocast, adapter_dtype = precision(device, args.dtype, adapters)
-        rows += measure(what, args.model, batch, args.repeats, device, dtype, autocast, adapter_dtype, ckpt,
+    for what, batch, ckpt, name in jobs:
+        rows += measure(what, args.model, batch, args.repeats, device, dtype, regime(name, device, args.dtype), ckpt,
                         args.lambda2, args.profile)
         if args.save:
             with lora.atomic(args.save) as tmp, open(tmp, "w") as f:
@@ -587,11 +599,11 @@ def main(argv=None):
     if args.what == "all" and args.model.endswith("sdxl"):
         it = {r["what"]: r["seconds"] for r in rows}
         b = args.batch or 4
-        for adapters in args.adapters:  # one projection per regime, from its rows (stage 2 without checkpointing if
-            tag = regime(False, precision(device, args.dtype, adapters)[2])  # it fits)
+        for name in args.regime:  # one projection per regime, from its rows (stage 2 without checkpointing if it fits)
+            tag = regime(name, device, args.dtype).label
             s1, s2 = it.get(f"stage-1 iteration, batch {b}{tag}"), next(
-                (v for k, v in it.items() if k.startswith(f"stage-2 iteration, batch {b},") and v == v
-                 and ("adapters in" in k) == bool(tag)), None)
+                (r["seconds"] for r in rows if r["what"].startswith(f"stage-2 iteration, batch {b},")
+                 and r.get("regime") == name and r["seconds"] == r["seconds"]), None)
             if s1 and s2:
                 rows.append(projection(s1, s2, tag))
     if args.save:

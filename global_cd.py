@@ -18,12 +18,12 @@ import torch.nn.functional as F
 import lora
 from local_cd import (DISTANCE_HELP, PRESETS, cfg, distance, milestones, solve, student_sample, val_prompts,
                       validation)
-from runs import (GradientSync, MetricsLog, Parser, check_fresh_out, count, explain_interrupt,
-                  explain_out_of_memory, fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id,
-                  number, optimizer_tensors, positive, prompts_meta, rank_difference, read_state, resumed_late,
-                  run_prompts, state_path, take_run_batch, take_run_values, weight)
-from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, cond_cat, cond_index, load_student, open_prompt_stream,
-                      precision, prompts_seen, read_prompts, save_checkpoint)
+from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, compile_blocks, count,
+                  explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
+                  mean_over_ranks, new_run_id, number, optimizer_tensors, positive, prompts_meta, rank_difference,
+                  read_state, resumed_late, run_prompts, state_path, take_run_batch, take_run_values, weight)
+from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, cond_cat, cond_index, load_student,
+                      open_prompt_stream, precision, prompts_seen, read_prompts, save_checkpoint)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -300,6 +300,7 @@ def parse_args(argv=None):
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     a("--adapters", choices=ADAPTERS, default="autocast", help=ADAPTERS_HELP)
+    a("--compile", action="store_true", help=COMPILE_HELP)
     a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
     a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
@@ -374,6 +375,8 @@ def main(argv=None):
             for k, (ps, lr, b) in trainable.items()}
     if args.grad_checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
+    if args.compile:  # after the adapters are in (and checkpointing is set): they are compiled with their blocks
+        compile_blocks(teacher.denoiser)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
     stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
     hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d,

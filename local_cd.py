@@ -19,12 +19,13 @@ import time
 import torch
 
 import lora
-from runs import (GradientSync, MetricsLog, Parser, check_fresh_out, count, explain_interrupt,
-                  explain_out_of_memory, fill_presets, init_distributed, load_optimizer, mean_over_ranks, new_run_id,
-                  number, optimizer_tensors, positive, prompts_meta, rank_difference, read_state, resumed_late,
-                  run_prompts, state_path, take_run_batch, take_run_values, weight)
-from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, HERE, T, add_student, cond_index, cond_cat, load_teacher, open_prompt_stream,
-                      precision, prompts_seen, read_checkpoint, read_prompts, save_checkpoint)
+from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, compile_blocks, count,
+                  explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
+                  mean_over_ranks, new_run_id, number, optimizer_tensors, positive, prompts_meta, rank_difference,
+                  read_state, resumed_late, run_prompts, state_path, take_run_batch, take_run_values, weight)
+from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, HERE, T, add_student, cond_index, cond_cat,
+                      load_teacher, open_prompt_stream, precision, prompts_seen, read_checkpoint, read_prompts,
+                      save_checkpoint)
 
 
 # ---- time: milestones and step grids ------------------------------------------------------------------------------
@@ -357,6 +358,7 @@ def parse_args(argv=None):
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
     a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     a("--adapters", choices=ADAPTERS, default="autocast", help=ADAPTERS_HELP)
+    a("--compile", action="store_true", help=COMPILE_HELP)
     a("--resolution", type=count, default=1024, help="SDXL / FLUX image size")
     a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
     a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
@@ -421,6 +423,8 @@ def main(argv=None):
     params = add_student(teacher, args.rank)
     if args.grad_checkpointing:
         lora.gradient_checkpointing(teacher.denoiser)
+    if args.compile:  # after the adapters are in (and checkpointing is set): they are compiled with their blocks
+        compile_blocks(teacher.denoiser)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda or None)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own trajectories and pairs
     stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn

@@ -270,6 +270,24 @@ class GradientSync:
                 p.grad = g.view_as(p)
 
 
+COMPILE_HELP = ("torch.compile the denoiser by region: each repeated block (SDXL's transformer blocks, FLUX.1's double "
+                "and single blocks; the embedded teacher: the whole net) compiled with its adapters inside, one graph "
+                "shared by the blocks alike; the first iterations wait for the compiler (issue 19)")
+
+
+def compile_blocks(model, backend="inductor"):
+    """Regional torch.compile (diffusers' compile_repeated_blocks): every block of a kind the model lists as
+    repeated is compiled with the LoRA layers inside it, where eager PyTorch launches each small op of an adapter and
+    a norm on its own. One compiled graph per variant -- which adapter is active (a guard on LoRALayer.active), with
+    or without gradients, each block width -- so the recompile limit goes from 8 to 64. A model with no repeated
+    blocks (the embedded teacher's) is compiled whole. Eager and compiled agree up to float rounding (tested)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if getattr(model, "_repeated_blocks", None):
+        model.compile_repeated_blocks(backend=backend)
+    else:
+        model.compile(backend=backend)
+
+
 def mean_over_ranks(x, world):
     import torch.distributed as dist
     x = x.detach().clone()

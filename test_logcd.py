@@ -1892,7 +1892,7 @@ def test_bench_profile_counts_the_casts_the_bf16_regimes_add():
     runs = {}
     for dtype, adapters in (("float32", "autocast"), ("bfloat16", "autocast"), ("bfloat16", "base")):
         rows = bench.main(["--model", "tiny-sdxl", "--what", "step1", "--repeats", "1", "--dtype", dtype, "--profile",
-                           "--adapters", adapters])
+                           "--regime", adapters])
         runs[dtype, adapters] = next(r for r in rows if "profiled once" in r["what"])
     teacher, _ = bench.build("tiny-sdxl", "cpu", torch.float32)
     add_student(teacher, rank=64)
@@ -2091,6 +2091,65 @@ def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_s
             out[dtype] = _load(tmp_path / f"{dtype}.safetensors")["latents"]
         err = (out["bfloat16"] - out["float32"]).abs().max() / out["float32"].abs().max()
         assert out["bfloat16"].isfinite().all() and 0 < err < 0.05, (k, err)  # bf16 ran, and rounds only
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_compiled_blocks_give_eager_loss_and_gradients_on_tiny_sdxl_and_flux(family):
+    """--compile (runs.compile_blocks: torch.compile's inductor, by region): a stage-1 loss of tiny SDXL / FLUX in bf16
+    with the adapters from bf16 copies, and its LoRA gradients, are eager's up to bf16 rounding, the blocks running
+    as compiled graphs (no graph break) -- for the adapter with gradients and for the teacher's target without."""
+    import bench
+    from torch._dynamo.utils import counters
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for compiled in (False, True):
+        teacher, cond = bench.build(f"tiny-{family}", "cpu", torch.bfloat16)
+        torch.manual_seed(0)
+        add_student(teacher, rank=8)
+        _randomize(teacher.denoiser, "student", std=0.02)  # B != 0: A gets a gradient too
+        work = lora.Working(teacher.denoiser, "student", torch.bfloat16)
+        if compiled:
+            runs.compile_blocks(teacher.denoiser)
+            counters.clear()
+        g.manual_seed(0)
+        z_m, z_n, c = teacher.noise(2, g), teacher.noise(2, g), cond(2)
+        t_m = torch.tensor([500.0, 900.0])
+        t_s = local_cd.milestones(8)[local_cd.segment(t_m, 8)].float()
+        with lora.adapter(teacher.denoiser, "student"):
+            loss, _, _ = local_cd.local_loss(teacher, local_cd.distance("mse"), z_m, t_m, z_n, t_m - 20, t_s, c)
+        loss.backward()
+        out[compiled] = loss.item(), torch.cat([p.grad.float().flatten() for p in work.params])
+    assert counters["frames"]["ok"] >= 2 and not counters["graph_break"], dict(counters)
+    (l0, g0), (l1, g1) = out[False], out[True]
+    assert abs(l1 - l0) < 1e-2 * l0 and torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99, (l0, l1)
+    assert (g1 - g0).norm() < 0.1 * g0.norm() and g0.norm() > 0
+
+
+def test_compile_flag_trains_through_both_stages(tiny_sdxl, tmp_path, monkeypatch):
+    """--compile through local_cd.py and global_cd.py (GAN, DMD, validation, resume), with torch.compile's aot_eager
+    backend (the graphs without inductor's code generation, which the test above covers): the same LoRAs as eager."""
+    import functools
+
+    from torch._dynamo.utils import counters
+    for script in (local_cd, global_cd):
+        monkeypatch.setattr(script, "compile_blocks", functools.partial(runs.compile_blocks, backend="aot_eager"))
+    (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
+    common = ["--teacher", tiny_sdxl, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", "16", "--dtype",
+              "bfloat16", "--adapters", "base", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50",
+              "--rank", "4", "--lr", "1e-2", "--iters", "2"]
+    eager = _run(tmp_path, *common)
+    counters.clear()
+    compiled = _run(tmp_path, *common, "--compile", out="c.safetensors")
+    assert counters["aot_autograd"]["ok"] >= 2 and not counters["graph_break"]  # with and without gradients
+    assert all(torch.equal(eager[k], compiled[k]) for k in eager)
+    common2 = ["--prompts", str(tmp_path / "prompts.txt"), "--dtype", "bfloat16", "--adapters", "base", "--batch",
+               "2", "--distance", "mse", "--fake-rank", "4", "--lr", "1e-3", "--iters", "2"]
+    eager2 = _run2(tmp_path, *common2, out="g.safetensors")
+    counters.clear()
+    _run2(tmp_path, *common2, "--compile", "--iters", "1", out="gc.safetensors")
+    compiled2 = _run2(tmp_path, *common2, "--compile", "--resume", out="gc.safetensors")
+    assert counters["aot_autograd"]["ok"] >= 2 and not counters["graph_break"]
+    assert all(torch.equal(eager2[k], compiled2[k]) for k in eager2)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
