@@ -9,13 +9,15 @@ does not depend on weight values, so nothing is downloaded). Runs unchanged on C
     python bench.py --model sdxl --what load --dtype bfloat16  # host memory of loading the UNet (a CPU will do)
     python bench.py --model flux --what encode --batch 32      # prompts per second, bytes stored per prompt
     python bench.py --model sdxl --what all --json       # every row of the README's GPU table, and the projection
+    python bench.py --model sdxl --what step1 --batch 4 --regime autocast base base+compile --profile  # issue 19
     python bench.py --model tiny-sdxl --what all         # what CI runs (tiny shapes, CPU)
 
-Timings are the best of --repeats runs after one warm-up; peak memory is CUDA's allocator peak (not measured on CPU).
-Prompts are random embeddings of the right shape: the text encoders are timed apart (--what encode; training
-encodes a chunk of prompts every few hundred draws). Precision as in training (teachers.precision): base weights
-bf16 on CUDA, fp32 on a CPU unless --dtype says otherwise; LoRA and optimizer state fp32; adapter forwards under
-autocast.
+Timings are the best of --repeats runs after one warm-up (which, compiled, is when the compiler runs); peak memory is
+CUDA's allocator peak (not measured on CPU). Prompts are random embeddings of the right shape: the text encoders are
+timed apart (--what encode; training encodes a chunk of prompts every few hundred draws). Precision as in training
+(teachers.precision): base weights bf16 on CUDA, fp32 on a CPU unless --dtype says otherwise; LoRA and optimizer
+state fp32; adapter forwards under autocast, or from bf16 copies (--regime base), compiled by region or not
+(--regime ...+compile): training's --adapters and --compile, each regime named run side by side.
 A row that does not fit on the GPU is reported as such, with the memory it needed at least.
 """
 import argparse
@@ -493,7 +495,8 @@ def bench_load(model, dtype):
             out = subprocess.run([sys.executable, "-c", LOAD_PROBE, cls, d, name], capture_output=True, text=True,
                                  check=True).stdout.split()
         seconds, peak, private, mapped = map(float, out[-4:])
-        rows.append(row(f"load the {cls} ({n / 1e9:.2f}B parameters) as {dtype} from a {file_dtype} file", seconds, host_peak_GiB=peak, host_private_GiB=private,
+        rows.append(row(f"load the {cls} ({n / 1e9:.2f}B parameters) as {dtype} from a {file_dtype} file", seconds,
+                        host_peak_GiB=peak, host_private_GiB=private,
                         host_mapped_GiB=mapped, bytes_per_parameter=peak * 2 ** 30 / n))
     return rows
 
