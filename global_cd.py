@@ -23,7 +23,7 @@ from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_ou
                   mean_over_ranks, new_run_id, number, optimizer_tensors, positive, prompts_meta, rank_difference,
                   read_state, resumed_late, run_prompts, state_path, take_run_batch, take_run_values, weight)
 from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, cond_cat, cond_index, load_student,
-                      open_prompt_stream, precision, prompts_seen, read_prompts, save_checkpoint)
+                      open_prompt_stream, precision, precision_said, prompts_seen, read_prompts, save_checkpoint)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -459,8 +459,7 @@ def main(argv=None):
 
     log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} d={args.d} "
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
-        f"batch={args.batch}x{world} iters={args.iters} base {dtype}, adapters "
-        f"{'in ' + str(adapter_dtype) if adapter_dtype else args.adapters}")
+        f"batch={args.batch}x{world} iters={args.iters}; {precision_said(dtype, adapter_dtype)}")
     planned = (args.iters - step) * args.batch
     log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch} per iteration), "
         f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all")

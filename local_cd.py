@@ -24,8 +24,8 @@ from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_ou
                   mean_over_ranks, new_run_id, number, optimizer_tensors, positive, prompts_meta, rank_difference,
                   read_state, resumed_late, run_prompts, state_path, take_run_batch, take_run_values, weight)
 from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, HERE, T, add_student, cond_index, cond_cat,
-                      load_teacher, open_prompt_stream, precision, prompts_seen, read_checkpoint, read_prompts,
-                      save_checkpoint)
+                      load_teacher, open_prompt_stream, precision, precision_said, prompts_seen, read_checkpoint,
+                      read_prompts, save_checkpoint)
 
 
 # ---- time: milestones and step grids ------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def main(argv=None):
 
     log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
         f"lr={args.lr:g} batch={args.batch}x{world} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
-        f"LoRA parameters, base {dtype}, adapters {'in ' + str(adapter_dtype) if adapter_dtype else args.adapters})")
+        f"LoRA parameters; {precision_said(dtype, adapter_dtype)})")
     planned = buffer.planned_refills(args.iters - step, args.batch) * args.trajectories
     log(f"prompts: {len(prompts)}; each rank draws about {planned} more ({args.trajectories} per pool refill), "
         f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all; more per run: "

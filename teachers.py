@@ -411,6 +411,15 @@ def precision(device, name=None, adapters="autocast"):
     return dtype, autocast, dtype if copies else None
 
 
+def precision_said(dtype, adapter_dtype):
+    """The precision decision in a run's first log line."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.float32:
+        return "base float32, LoRA float32"
+    how = "from bf16 copies (--adapters base)" if adapter_dtype else "under autocast"
+    return f"base {name}, LoRA float32 computed {how}"
+
+
 # ---- prompts: files of any length, encoded a chunk at a time -------------------------------------------------------
 
 def sha1(text):
