@@ -7,6 +7,7 @@ paper's tables at toy scale, and the paper's Table 1 metrics (CLIP score, FID) f
     python eval.py --table main --jobs 2   # Table 1 (45 min on 2 cores): teacher, LCM-style, stage 1 only, LogCD
     python eval.py --table ablation     # Table 3: local MSE -> local L-LPIPS -> + global -> + GAN -> + DMD
     python eval.py --table M            # Tables 4-6: M in {4, 8, 16}; --table p: p in 1..4; --table q: q in 1..4
+    python eval.py --table terms --jobs 2  # issue 20: each stage-2 term's alignment and FD, at 1 to 4 steps
     python eval.py --table main --quick # the same code on tiny trainings and 40 samples per row (CI: the table's shape)
     python eval.py --clip-score openai/clip-vit-large-patch14 --samples s.safetensors   # real teachers (below)
     python eval.py --prepare-coco captions_val2017.json val2017/ --out coco5k      # MSCOCO-2017 5K (below)
@@ -147,10 +148,12 @@ SEEDS = (0, 1, 2)
 # stage-1 recipes (local_cd.py flags) and stage-2 recipes (global_cd.py flags, on top of a stage-1 recipe)
 STAGE1 = {"mse": [], "llpips": ["--d", "llpips"], "M1": ["--M", "1"], "M4": ["--M", "4"], "M16": ["--M", "16"]}
 STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--lambda2", "0"],
+          "dmd": ["--lambda1", "0"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
 STEPS = (4, 3, 2)
+STEPS1 = (4, 3, 2, 1)  # issue 20: the same LoRA at 1 step too
 SHARE = 1.0  # the share of the machine a training here has: 1 / --jobs
 
 # table -> rows: (label, stage-1 recipe or None for the teacher, stage-2 recipe or None, sampler, step counts)
@@ -164,6 +167,13 @@ TABLES = {
                  ("+ global CD (consistency only)", "llpips", "cons", "psi", STEPS),
                  ("+ GAN (lambda1 = 0.1)", "llpips", "gan", "psi", STEPS),
                  ("+ DMD (lambda2 = 1): LogCD with L-LPIPS in both stages", "llpips", "full", "psi", STEPS)],
+    # issue 20: what each stage-2 term does to alignment and FD, from the README's stage 1 (MSE), at 1 to 4 steps
+    "terms": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
+              ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS1),
+              ("+ global consistency only", "mse", "cons", "psi", STEPS1),
+              ("+ GAN (lambda1 = 0.1), no DMD", "mse", "gan", "psi", STEPS1),
+              ("+ DMD (lambda2 = 1), no GAN", "mse", "dmd", "psi", STEPS1),
+              ("+ GAN + DMD = LogCD (the README's recipe)", "mse", "full", "psi", STEPS1)],
     "M": [(f"LogCD, M = {m}", f"M{m}" if m != 8 else "mse", "full", "psi", STEPS) for m in (4, 8, 16)],
     "p": [(f"LogCD, p = {p}", "mse", f"p{p}" if p != 3 else "full", "psi", STEPS) for p in (1, 2, 3, 4)],
     "q": [(f"LogCD, q = {q}", "mse", f"q{q}" if q != 4 else "full", "psi", STEPS) for q in (1, 2, 3, 4)],
