@@ -201,10 +201,17 @@ def fake_score_loss(teacher, x0, cond, gen):
     return F.mse_loss(eps_hat.float(), eps)
 
 
+def one_step(teacher, cond, gen):
+    """x0_theta(z_T, T) from fresh noise, with gradient: the student's 1-step sample (--dmd-input one_step)."""
+    z_T = teacher.noise(len(next(iter(cond.values()))), gen)
+    with lora.adapter(teacher.denoiser, "student"):
+        return teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
+
+
 def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
     a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
-    w, lambda1, lambda2, fake_updates; every forward runs inside autocast() (teachers.precision), every backward
+    w, lambda1, lambda2, fake_updates, dmd_input; every forward runs inside autocast() (teachers.precision), every backward
     outside it. Returns the losses to log (tensors: no GPU sync here)."""
     B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
     # image-free inputs: the student's q-step samples, re-noised with fresh noise to a random milestone t_m
@@ -226,7 +233,8 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
                                                  cond)
             loss = loss + a.lambda1 * l_gan
         if fake:
-            l_dmd = logs["dmd"] = dmd_loss(teacher, x0_m, cond, a.w, gen)
+            x0_dmd = x0_m if a.dmd_input == "x0_m" else one_step(teacher, cond, gen)
+            l_dmd = logs["dmd"] = dmd_loss(teacher, x0_dmd, cond, a.w, gen)
             loss = loss + a.lambda2 * l_dmd
     logs["loss"] = update(loss, "student")
     x0_m = x0_m.detach()
@@ -235,9 +243,9 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
             t_g, eps = uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen)
             l_d = discriminator_loss(disc, x0_n, x0_m, t_g, eps, cond)
         logs["disc"] = update(l_d, "disc")
-    for _ in range(a.fake_updates if fake else 0):  # the fake score follows the student
+    for _ in range(a.fake_updates if fake else 0):  # the fake score follows the distribution DMD moves
         with autocast():
-            l_f = fake_score_loss(teacher, x0_m, cond, gen)
+            l_f = fake_score_loss(teacher, x0_dmd.detach(), cond, gen)
         logs["fake"] = update(l_f, "fake")
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}
 
@@ -245,7 +253,7 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
 # ---- the training script ------------------------------------------------------------------------------------------
 
 RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
-                  fake_rank=int, lr=float, lr_aux=float, seed=int)  # what --resume keeps of a run
+                  dmd_input=str, fake_rank=int, lr=float, lr_aux=float, seed=int)  # what --resume keeps of a run
 
 STAGE2 = """
 Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
@@ -259,6 +267,7 @@ sampler visits. Starting from a stage-1 student (--init), each iteration:
   GAN (lambda1):      hinge; D = frozen teacher encoder + trainable heads; real = sg[x0 at t_n], fake = x0 at t_m
   DMD (lambda2):      real score = teacher with CFG, fake score = LoRA adapter `fake` on the same base, trained
                       online (--fake-updates denoising steps per student step); DMD2's normalised gradient
+                      on x0 at t_m (or on the 1-step sample x0(z_T, T): --dmd-input one_step)
   total:              L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
 
 One copy of the base weights serves the teacher (no adapter), the student (adapter `student`), the fake score
@@ -287,6 +296,9 @@ def parse_args(argv=None):
     a("--lambda2", type=weight, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")
     a("--fake-rank", type=count, default=None, help="LoRA rank of the fake score (default: the "
       "student's; embedded preset: 16)")
+    a("--dmd-input", choices=["x0_m", "one_step"], default="x0_m", help="what DMD moves: x0_m, the student's x0 at "
+      "the iteration's milestone t_m (the paper's), or one_step, its 1-step sample x0_theta(z_T, T) from fresh noise "
+      "(one more student forward and backward; issue 20: a 1-step student); the fake score learns the same samples")
     a("--fake-updates", type=lambda x: number(x, int, 0), default=None,
       help="fake-score updates per student update (DMD2's two time-scales)")
     a("--lr", type=positive, default=None, help="AdamW learning rate of the student (paper: 1e-5)")
@@ -382,6 +394,7 @@ def main(argv=None):
     hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d,
                "llpips": args.llpips if args.d == "llpips" else "",
                "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
+               "dmd_input": args.dmd_input,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
                "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed, **prompts_meta(prompts),
                "run": meta.get("run", new_run_id()) if args.resume else new_run_id(),

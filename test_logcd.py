@@ -1566,14 +1566,17 @@ def test_global_loss_targets_are_the_teacher_solver_and_the_student(digits):
     assert x0_m.requires_grad and not target.requires_grad
 
 
-def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch):
+@pytest.mark.parametrize("dmd_input", ["x0_m", "one_step"])
+def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch, dmd_input):
     """Inside global_cd.iteration: the discriminator's real side is the consistency target (x0 at t_n) and its fake
-    side the student's x0 at t_m; the generator's term and DMD act on the student's x0 at t_m (the tensor that
-    carries the student's gradient); the fake score learns from that x0, detached."""
+    side the student's x0 at t_m; the generator's term acts on the student's x0 at t_m (the tensor that carries the
+    student's gradient); DMD on that x0 too, or (--dmd-input one_step) on the student's 1-step sample: a call of the
+    student with gradients at t = T for every sample, on noise no other term saw; the fake score learns from what DMD
+    moved, detached."""
     t = load_teacher("digits", "cpu")
     add_student(t, rank=4)
     lora.inject(t.denoiser, t.lora_targets, "fake", 4)
-    seen = {}
+    seen, calls = {}, []
 
     def spy(name, f):
         def wrapped(*a, **k):
@@ -1581,21 +1584,32 @@ def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch):
             seen.setdefault(name, (a, out))
             return out
         monkeypatch.setattr(global_cd, name, wrapped)
-    for name in ("global_loss", "discriminator_loss", "generator_loss", "dmd_loss", "fake_score_loss"):
+    for name in ("global_loss", "discriminator_loss", "generator_loss", "dmd_loss", "fake_score_loss", "one_step"):
         spy(name, getattr(global_cd, name))
-    a = global_cd.parse_args(["--p", "2", "--q", "2"])
+    a = global_cd.parse_args(["--p", "2", "--q", "2", "--dmd-input", dmd_input])
     a.w, a.fake_updates = 1.5, 1
 
     def update(loss, name):  # no optimizer step: the weights stay, only the sides fed to each term matter
         loss.backward()
         return loss.item()
+
+    def x0(z, times, cond, x0=t.x0):  # (t, with gradients) of every call of the student
+        if lora.layers(t.denoiser)[0][1].active == "student":
+            calls.append((times.tolist(), torch.is_grad_enabled()))
+        return x0(z, times, cond)
+    monkeypatch.setattr(t, "x0", x0)
     global_cd.iteration(t, t.encode(["1", "2", "3"]), local_cd.distance("mse"), global_cd.Discriminator(t), True,
                         update, a, 8, torch.Generator().manual_seed(0), contextlib.nullcontext)
     _, x0_m, x0_n = seen["global_loss"][1]
     real, fake = seen["discriminator_loss"][0][1:3]
     assert torch.equal(real, x0_n) and torch.equal(fake, x0_m) and not fake.requires_grad
-    assert seen["generator_loss"][0][1] is x0_m and seen["dmd_loss"][0][1] is x0_m and x0_m.requires_grad
-    assert torch.equal(seen["fake_score_loss"][0][1], x0_m) and not seen["fake_score_loss"][0][1].requires_grad
+    assert seen["generator_loss"][0][1] is x0_m and x0_m.requires_grad
+    x0_dmd = x0_m if dmd_input == "x0_m" else seen["one_step"][1]
+    assert seen["dmd_loss"][0][1] is x0_dmd and x0_dmd.requires_grad
+    assert torch.equal(seen["fake_score_loss"][0][1], x0_dmd) and not seen["fake_score_loss"][0][1].requires_grad
+    at_T = [ts for ts, grad in calls if grad and ts == [float(T)] * 3]
+    assert len(at_T) == (dmd_input == "one_step") + (seen["global_loss"][0][4].tolist() == [float(T)] * 3)
+    assert ("one_step" in seen) == (dmd_input == "one_step")
 
 
 def test_dmd_gradient_is_the_normalised_score_difference(digits):
