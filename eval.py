@@ -8,6 +8,7 @@ paper's tables at toy scale, and the paper's Table 1 metrics (CLIP score, FID) f
     python eval.py --table ablation     # Table 3: local MSE -> local L-LPIPS -> + global -> + GAN -> + DMD
     python eval.py --table M            # Tables 4-6: M in {4, 8, 16}; --table p: p in 1..4; --table q: q in 1..4
     python eval.py --table terms --jobs 2  # issue 20: each stage-2 term's alignment and FD, at 1 to 4 steps
+    python eval.py --table onestep --jobs 2 --teacher toy/teacher_w24   # issue 20's 1-step options, another teacher
     python eval.py --table main --quick # the same code on tiny trainings and 40 samples per row (CI: the table's shape)
     python eval.py --clip-score openai/clip-vit-large-patch14 --samples s.safetensors   # real teachers (below)
     python eval.py --prepare-coco captions_val2017.json val2017/ --out coco5k      # MSCOCO-2017 5K (below)
@@ -148,13 +149,14 @@ SEEDS = (0, 1, 2)
 # stage-1 recipes (local_cd.py flags) and stage-2 recipes (global_cd.py flags, on top of a stage-1 recipe)
 STAGE1 = {"mse": [], "llpips": ["--d", "llpips"], "M1": ["--M", "1"], "M4": ["--M", "4"], "M16": ["--M", "16"]}
 STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--lambda2", "0"],
-          "dmd": ["--lambda1", "0"],
+          "dmd": ["--lambda1", "0"], "dmd1": ["--dmd-input", "one_step"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
 STEPS = (4, 3, 2)
 STEPS1 = (4, 3, 2, 1)  # issue 20: the same LoRA at 1 step too
 SHARE = 1.0  # the share of the machine a training here has: 1 / --jobs
+TEACHER = "digits"  # the tables' teacher (--teacher): the embedded one, or another of its layout (issue 20)
 
 # table -> rows: (label, stage-1 recipe or None for the teacher, stage-2 recipe or None, sampler, step counts)
 TABLES = {
@@ -174,6 +176,10 @@ TABLES = {
               ("+ GAN (lambda1 = 0.1), no DMD", "mse", "gan", "psi", STEPS1),
               ("+ DMD (lambda2 = 1), no GAN", "mse", "dmd", "psi", STEPS1),
               ("+ GAN + DMD = LogCD (the README's recipe)", "mse", "full", "psi", STEPS1)],
+    # issue 20: the options for a 1-step student, beside the paper's recipe
+    "onestep": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
+                ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS1),
+                ("LogCD, DMD on the 1-step sample (--dmd-input one_step)", "mse", "dmd1", "psi", STEPS1)],
     "M": [(f"LogCD, M = {m}", f"M{m}" if m != 8 else "mse", "full", "psi", STEPS) for m in (4, 8, 16)],
     "p": [(f"LogCD, p = {p}", "mse", f"p{p}" if p != 3 else "full", "psi", STEPS) for p in (1, 2, 3, 4)],
     "q": [(f"LogCD, q = {q}", "mse", f"q{q}" if q != 4 else "full", "psi", STEPS) for q in (1, 2, 3, 4)],
@@ -232,7 +238,8 @@ def train(stage, argv, seed, folder):
 
 def student(s1, s2, seed, runs, quick):
     """The checkpoint of stage-1 recipe s1 (then stage-2 recipe s2) for one seed, and its training seconds."""
-    ckpt, sec = train("local", STAGE1[s1] + (QUICK1 if quick else []), seed, os.path.join(runs, f"local-{s1}"))
+    ckpt, sec = train("local", ["--teacher", TEACHER, *STAGE1[s1], *(QUICK1 if quick else [])], seed,
+                      os.path.join(runs, f"local-{s1}"))
     if s2 is None:
         return ckpt, sec
     ckpt2, sec2 = train("global", ["--init", ckpt, *STAGE2[s2], *(QUICK2 if quick else [])], seed,
@@ -244,7 +251,7 @@ def source(s1, s2, sampler, seed, runs, quick):
     """A table row's sample.py flags for one seed (the teacher, or the student trained for it) and its training
     seconds (0 for the teacher)."""
     if s1 is None:
-        return ["--teacher", "digits"], [], 0.0
+        return ["--teacher", TEACHER], [], 0.0
     ckpt, sec = student(s1, s2, seed, runs, quick)
     return ["--ckpt", ckpt], ["--sampler", sampler], sec
 
@@ -268,14 +275,15 @@ def run_table(name, runs, quick, seeds, jobs):
               [("score", (*sc, runs, quick, per_prompt)) for sc in scores if sc[0] is not None and sc[1] is None],
               [("score", (*sc, runs, quick, per_prompt)) for sc in scores if sc[1] is not None]]
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_worker,
-                             initargs=(max(1, torch.get_num_threads() // jobs), 1 / jobs)) as pool:
+                             initargs=(max(1, torch.get_num_threads() // jobs), 1 / jobs, TEACHER)) as pool:
         for tasks in rounds:
             for scored in pool.map(_task, tasks):
                 remember(runs, scored)  # here, in one process: workers finishing together cannot lose an entry
 
 
-def _worker(threads, share):
-    global SHARE
+def _worker(threads, share, teacher):
+    global SHARE, TEACHER
+    TEACHER = teacher
     torch.set_num_threads(threads)
     SHARE = share
 
@@ -825,7 +833,9 @@ def main(argv=None):
     p.add_argument("--ckpt", default="local.safetensors", help="the student checkpoint of --table student")
     p.add_argument("--steps", type=count, nargs="+", default=None, help="step counts of --table student (default 8 4 "
                    "3 2) and of --score (default: 4 3 2 for a student, 25 for a teacher)")
-    p.add_argument("--teacher", default="digits", help="an embedded-layout teacher (name or folder)")
+    p.add_argument("--teacher", default="digits", help="an embedded-layout teacher (name or folder): of --table "
+                   "teacher / cfg, and of the paper's tables (another teacher's trainings go to <--runs>/<its folder "
+                   "name>/)")
     p.add_argument("--cfg", type=weight, default=None, help="w for --table teacher and --score TEACHER (default: the "
                    "teacher's)")
     p.add_argument("--seed", type=int, default=0)
@@ -912,6 +922,10 @@ def main(argv=None):
     if not args.table:
         return
     if args.table in TABLES:
+        global TEACHER
+        TEACHER = args.teacher
+        if args.teacher != "digits":  # its own trainings, beside the embedded teacher's
+            args.runs = os.path.join(args.runs, os.path.basename(os.path.normpath(args.teacher)))
         t0 = time.perf_counter()
         with contextlib.ExitStack() as stack:
             runs = stack.enter_context(tempfile.TemporaryDirectory()) if args.quick else args.runs

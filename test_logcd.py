@@ -768,6 +768,33 @@ def test_classifier_reads_real_digits():
     assert s["alignment"] > 0.95 and s["FD"] < score(torch.rand_like(x[te]) * 2 - 1, y[te], net)["FD"] / 10
 
 
+def test_paper_tables_train_and_sample_the_teacher_given(tmp_path, monkeypatch):
+    """eval.py --table X --teacher FOLDER (issue 20: a second teacher of the embedded layout): every stage-1 training
+    and every teacher row uses that teacher, its trainings go to <--runs>/<folder name>/, and stage 2 starts from
+    them (its teacher comes with the stage-1 checkpoint). Trainings and scores stubbed: the plumbing only."""
+    import eval as ev
+    trained, scored = [], []
+
+    def train(stage, argv, seed, folder):
+        trained.append((stage, argv, folder))
+        return os.path.join(folder, f"seed{seed}", f"{stage}.safetensors"), 60.0
+
+    def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
+        scored.append(source)
+        return {"alignment": 1.0, "FD": 1.0 + seed}
+    monkeypatch.setattr(ev, "train", train)
+    monkeypatch.setattr(ev, "cached_score", cached_score)
+    second = str(tmp_path / "teacher_w24")
+    rows = ev.main(["--table", "onestep", "--teacher", second, "--runs", str(tmp_path / "runs")])
+    assert [r["steps"] for r in rows] == [25, 4] + [4, 3, 2, 1] * 2
+    runs = str(tmp_path / "runs" / "teacher_w24")
+    locals_ = [(argv, folder) for stage, argv, folder in trained if stage == "local"]
+    assert locals_ and all(argv[:2] == ["--teacher", second] and folder.startswith(runs) for argv, folder in locals_)
+    assert all(argv[:2] == ["--init", os.path.join(runs, "local-mse", f"seed{s}", "local.safetensors")]
+               for s, (stage, argv, _) in zip([0, 1, 2] * 2, [t for t in trained if t[0] == "global"]))
+    assert [s for s in scored if "--teacher" in s] == [["--teacher", second]] * 6  # 3 seeds x 25 and 4 steps
+
+
 def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     """eval.py --table main --quick (trainings and scoring 2 at a time): every row of Table 1 at its step counts, mean +/- std
     cells, model calls per sample (CFG: 2 per step), training minutes for the students, and the figure. Shape only,
@@ -794,8 +821,8 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     assert all(r["_FD_std"] > 0 for r in fig["rows"])  # error bars: the 2 seeds differ
     ev.main(["--replot", str(tmp_path / "f.json"), "--figure", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "f.png").read_bytes()
-    assert set(ev.TABLES) == {"main", "ablation", "M", "p", "q"}
-    assert [len(ev.TABLES[t]) for t in ("ablation", "M", "p", "q")] == [5, 3, 4, 4]
+    assert set(ev.TABLES) == {"main", "ablation", "terms", "onestep", "M", "p", "q"}
+    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "M", "p", "q")] == [5, 6, 3, 3, 4, 4]
     with pytest.raises(SystemExit, match="--jobs must be 1 or more"):
         ev.main(["--table", "q", "--jobs", "0"])
 
@@ -2425,6 +2452,11 @@ def test_retraining_the_teacher_replaces_it_whole_or_not_at_all(tmp_path, monkey
     after = _files(tmp_path)
     assert set(after) == set(before) and after != before
     assert load_teacher(str(folder), "cpu").prompts == load_teacher("digits", "cpu").prompts
+    with pytest.raises(SystemExit, match="--width 12 is not a multiple of 8"):  # a second teacher (issue 20): before
+        train("--overwrite", "--width", "12")                                    # any training
+    assert _files(tmp_path) == after
+    train("--overwrite", "--width", "16")
+    assert list(load_teacher(str(folder), "cpu").denoiser.config.block_out_channels) == [16, 32, 32]
 
 
 @pytest.mark.parametrize("stage", ["local", "global"])

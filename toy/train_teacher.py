@@ -32,8 +32,12 @@ p.add_argument("--p-uncond", type=weight, default=0.15, help="label dropout: sha
 p.add_argument("--ema", type=weight, default=0.999, help="EMA decay of the saved weights")
 p.add_argument("--tokens", type=count, default=4, help="L: tokens per prompt embedding")
 p.add_argument("--dim", type=count, default=32, help="D: prompt embedding width (the UNet's cross_attention_dim)")
+p.add_argument("--width", type=count, default=32, help="the UNet's channels at full resolution (x2 below it; a multiple "
+               "of 8): 32 is the embedded teacher, another width a second teacher of the same layout (issue 20)")
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
+if args.width % 8:  # norm_num_groups = 8
+    raise SystemExit(f"error: --width {args.width} is not a multiple of 8 (the UNet's 8 norm groups)")
 if os.path.exists(args.out) and not args.overwrite:  # before the training: the teacher in --out is not lost
     raise SystemExit(f"error: {args.out} exists; replace it with --overwrite, or give another --out")
 if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
@@ -42,7 +46,7 @@ if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
 torch.manual_seed(args.seed)
 x_data, y_data = load_digits()
 unet = UNet2DConditionModel(
-    sample_size=RES, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64, 64),
+    sample_size=RES, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(args.width, 2 * args.width, 2 * args.width),
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     cross_attention_dim=args.dim, attention_head_dim=8, norm_num_groups=8)
