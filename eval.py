@@ -149,7 +149,7 @@ SEEDS = (0, 1, 2)
 # stage-1 recipes (local_cd.py flags) and stage-2 recipes (global_cd.py flags, on top of a stage-1 recipe)
 STAGE1 = {"mse": [], "llpips": ["--d", "llpips"], "M1": ["--M", "1"], "M4": ["--M", "4"], "M16": ["--M", "16"]}
 STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--lambda2", "0"],
-          "dmd": ["--lambda1", "0"], "dmd1": ["--dmd-input", "one_step"],
+          "dmd": ["--lambda1", "0"], "dmd1": ["--dmd-input", "one_step"], "any": ["--jump", "any"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
@@ -179,7 +179,8 @@ TABLES = {
     # issue 20: the options for a 1-step student, beside the paper's recipe
     "onestep": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
                 ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS1),
-                ("LogCD, DMD on the 1-step sample (--dmd-input one_step)", "mse", "dmd1", "psi", STEPS1)],
+                ("LogCD, DMD on the 1-step sample (--dmd-input one_step)", "mse", "dmd1", "psi", STEPS1),
+                ("LogCD, t_n any lower milestone (--jump any)", "mse", "any", "psi", STEPS1)],
     "M": [(f"LogCD, M = {m}", f"M{m}" if m != 8 else "mse", "full", "psi", STEPS) for m in (4, 8, 16)],
     "p": [(f"LogCD, p = {p}", "mse", f"p{p}" if p != 3 else "full", "psi", STEPS) for p in (1, 2, 3, 4)],
     "q": [(f"LogCD, q = {q}", "mse", f"q{q}" if q != 4 else "full", "psi", STEPS) for q in (1, 2, 3, 4)],

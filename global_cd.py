@@ -52,9 +52,10 @@ def student_samples(teacher, cond, q, M, gen):
 
 
 def global_loss(teacher, d, z_m, t_m, t_n, cond, w, p):
-    """d(x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)]) between adjacent milestones t_n = t_m - T/M, where
-    hat z_{t_n} comes from z_{t_m} by p teacher solver steps with CFG. Returns (loss per sample, x0_m with grad,
-    x0_n = the target). At t_n = 0 the target is hat z_0 itself (the boundary condition; no student forward)."""
+    """d(x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)]) between milestones t_m > t_n (adjacent, t_n = t_m -
+    T/M, unless --jump any), where hat z_{t_n} comes from z_{t_m} by p teacher solver steps with CFG. Returns (loss
+    per sample, x0_m with grad, x0_n = the target). At t_n = 0 the target is hat z_0 itself (the boundary condition;
+    no student forward)."""
     with torch.no_grad(), lora.adapter(teacher.denoiser, None):
         # hat z_{t_n} = Psi o ... o Psi (z_{t_m}): p steps of the teacher with CFG, t_m -> t_n in equal parts
         ts = [t_m + (t_n - t_m) * i / p for i in range(p + 1)]
@@ -201,6 +202,16 @@ def fake_score_loss(teacher, x0, cond, gen):
     return F.mse_loss(eps_hat.float(), eps)
 
 
+def milestone_pairs(B, M, jump, gen):
+    """(t_m, t_n, k) of an iteration: t_m = s T/M with s uniform in 1..M per sample, and t_n = max(t_m - k T/M, 0),
+    k segments below. jump "adjacent" (the paper's): k = 1, adjacent milestones. jump "any" (issue 20): k uniform in
+    1..M, drawn once per iteration (one solver length for the batch), so the jumps a 1-step (k = M, t_m = T) or
+    2-step sampler makes are trained directly too."""
+    s = torch.randint(1, M + 1, (B,), generator=gen)
+    k = 1 if jump == "adjacent" else int(torch.randint(1, M + 1, (1,), generator=gen))
+    return milestones(M)[s].float(), milestones(M)[(s - k).clamp(min=0)].float(), k
+
+
 def one_step(teacher, cond, gen):
     """x0_theta(z_T, T) from fresh noise, with gradient: the student's 1-step sample (--dmd-input one_step)."""
     z_T = teacher.noise(len(next(iter(cond.values()))), gen)
@@ -211,14 +222,14 @@ def one_step(teacher, cond, gen):
 def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
     a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
-    w, lambda1, lambda2, fake_updates, dmd_input; every forward runs inside autocast() (teachers.precision), every backward
-    outside it. Returns the losses to log (tensors: no GPU sync here)."""
+    w, lambda1, lambda2, fake_updates, jump, dmd_input; every forward runs inside autocast() (teachers.precision),
+    every backward outside it. Returns the losses to log (tensors: no GPU sync here)."""
     B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
     # image-free inputs: the student's q-step samples, re-noised with fresh noise to a random milestone t_m
     with autocast():
         x0_q = student_samples(teacher, cond, a.q, M, gen)
-    s = torch.randint(1, M + 1, (B,), generator=gen).to(device)
-    t_m, t_n = (milestones(M).to(device)[i].float() for i in (s, s - 1))  # adjacent milestones
+    t_m, t_n, k = milestone_pairs(B, M, a.jump, gen)
+    t_m, t_n = t_m.to(device), t_n.to(device)
     eps = randn_like(x0_q, gen)
     # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
     # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
@@ -226,7 +237,7 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
 
     # the student step: L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
     with autocast():
-        l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w, a.p)
+        l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w, a.p * k)  # p steps per segment
         loss = logs["cons"] = l_cons.mean()
         if disc:
             l_gan = logs["gan"] = generator_loss(disc, x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen),
@@ -253,7 +264,7 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
 # ---- the training script ------------------------------------------------------------------------------------------
 
 RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
-                  dmd_input=str, fake_rank=int, lr=float, lr_aux=float, seed=int)  # what --resume keeps of a run
+                  jump=str, dmd_input=str, fake_rank=int, lr=float, lr_aux=float, seed=int)  # what --resume keeps
 
 STAGE2 = """
 Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
@@ -261,7 +272,7 @@ sampler visits. Starting from a stage-1 student (--init), each iteration:
 
   image-free inputs:  hat z_0 = the current student's q-step samples (no grad), re-noised with fresh noise
                       z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps at a random milestone t_m (pure noise at
-                      t_m = T, as the sampler starts), t_n = t_m - T/M
+                      t_m = T, as the sampler starts), t_n = t_m - T/M (--jump any: k T/M below, k in 1..M)
   teacher target:     hat z_{t_n} = p teacher solver steps with CFG from z_{t_m} (Psi, DDIM / Euler)
   consistency:        L_GoCD  = d( x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)] )   (hat z_0 at t_n = 0)
   GAN (lambda1):      hinge; D = frozen teacher encoder + trainable heads; real = sg[x0 at t_n], fake = x0 at t_m
@@ -296,6 +307,10 @@ def parse_args(argv=None):
     a("--lambda2", type=weight, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")
     a("--fake-rank", type=count, default=None, help="LoRA rank of the fake score (default: the "
       "student's; embedded preset: 16)")
+    a("--jump", choices=["adjacent", "any"], default="adjacent", help="t_n: adjacent, the milestone below t_m (the "
+      "paper's), or any, k segments below (k uniform in 1..M per iteration, t_n >= 0) with p teacher steps per "
+      "segment: the 1-step sampler's T -> 0 jump trained directly (issue 20; about (M + 1) / 2 times the teacher's "
+      "solver steps)")
     a("--dmd-input", choices=["x0_m", "one_step"], default="x0_m", help="what DMD moves: x0_m, the student's x0 at "
       "the iteration's milestone t_m (the paper's), or one_step, its 1-step sample x0_theta(z_T, T) from fresh noise "
       "(one more student forward and backward; issue 20: a 1-step student); the fake score learns the same samples")
@@ -394,7 +409,7 @@ def main(argv=None):
     hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d,
                "llpips": args.llpips if args.d == "llpips" else "",
                "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
-               "dmd_input": args.dmd_input,
+               "jump": args.jump, "dmd_input": args.dmd_input,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
                "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed, **prompts_meta(prompts),
                "run": meta.get("run", new_run_id()) if args.resume else new_run_id(),

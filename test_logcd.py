@@ -786,12 +786,12 @@ def test_paper_tables_train_and_sample_the_teacher_given(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "cached_score", cached_score)
     second = str(tmp_path / "teacher_w24")
     rows = ev.main(["--table", "onestep", "--teacher", second, "--runs", str(tmp_path / "runs")])
-    assert [r["steps"] for r in rows] == [25, 4] + [4, 3, 2, 1] * 2
+    assert [r["steps"] for r in rows] == [25, 4] + [4, 3, 2, 1] * 3
     runs = str(tmp_path / "runs" / "teacher_w24")
     locals_ = [(argv, folder) for stage, argv, folder in trained if stage == "local"]
     assert locals_ and all(argv[:2] == ["--teacher", second] and folder.startswith(runs) for argv, folder in locals_)
     assert all(argv[:2] == ["--init", os.path.join(runs, "local-mse", f"seed{s}", "local.safetensors")]
-               for s, (stage, argv, _) in zip([0, 1, 2] * 2, [t for t in trained if t[0] == "global"]))
+               for s, (stage, argv, _) in zip([0, 1, 2] * 3, [t for t in trained if t[0] == "global"]))
     assert [s for s in scored if "--teacher" in s] == [["--teacher", second]] * 6  # 3 seeds x 25 and 4 steps
 
 
@@ -822,7 +822,7 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     ev.main(["--replot", str(tmp_path / "f.json"), "--figure", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "f.png").read_bytes()
     assert set(ev.TABLES) == {"main", "ablation", "terms", "onestep", "M", "p", "q"}
-    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "M", "p", "q")] == [5, 6, 3, 3, 4, 4]
+    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "M", "p", "q")] == [5, 6, 4, 3, 4, 4]
     with pytest.raises(SystemExit, match="--jobs must be 1 or more"):
         ev.main(["--table", "q", "--jobs", "0"])
 
@@ -1591,6 +1591,38 @@ def test_global_loss_targets_are_the_teacher_solver_and_the_student(digits):
                 assert torch.allclose(x0_m[i], t.x0(z_m[i:i + 1], t_m[i:i + 1], ci)[0], atol=1e-5)
             assert torch.allclose(target[i], want[0], atol=1e-5)
     assert x0_m.requires_grad and not target.requires_grad
+
+
+def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
+    """global_cd.milestone_pairs: --jump adjacent (the paper's) pairs each t_m = s T/M (s uniform in 1..M) with the
+    milestone below it; --jump any with the milestone k segments below, clamped at 0, k uniform in 1..M and one k for
+    the batch, so that T -> 0, the 1-step sampler's jump, is drawn too. The iteration gives the teacher solver p
+    steps per segment: p k."""
+    import collections
+    g, M = torch.Generator().manual_seed(0), 8
+    for _ in range(50):
+        t_m, t_n, k = global_cd.milestone_pairs(16, M, "adjacent", g)
+        assert k == 1 and torch.equal(t_m - t_n, torch.full_like(t_m, T / M))
+    ks, pairs = collections.Counter(), set()
+    for _ in range(400):
+        t_m, t_n, k = global_cd.milestone_pairs(16, M, "any", g)
+        ks[k] += 1
+        assert torch.equal(t_n, (t_m - k * T / M).clamp(min=0))
+        pairs |= set(zip(t_m.tolist(), t_n.tolist()))
+    assert set(ks) == set(range(1, M + 1)) and min(ks.values()) > 400 / M / 2, ks
+    assert {t for t, _ in pairs} == {T * s / M for s in range(1, M + 1)} and (float(T), 0.0) in pairs
+    t = load_teacher("digits", "cpu")
+    add_student(t, rank=4)
+    seen = []
+    monkeypatch.setattr(global_cd, "milestone_pairs", lambda B, M, jump, gen: (torch.full((B,), 750.0),
+                                                                               torch.full((B,), 375.0), 3))
+    monkeypatch.setattr(global_cd, "global_loss", lambda *a: seen.append(a[-1]) or (torch.zeros(3, requires_grad=True),
+                                                                                  torch.zeros(1), torch.zeros(1)))
+    a = global_cd.parse_args(["--p", "2", "--q", "1", "--jump", "any", "--lambda1", "0", "--lambda2", "0"])
+    a.w = 1.5
+    global_cd.iteration(t, t.encode(["1", "2", "3"]), None, None, False, lambda loss, name: 0.0, a, 8,
+                        torch.Generator().manual_seed(0), contextlib.nullcontext)
+    assert seen == [2 * 3]
 
 
 @pytest.mark.parametrize("dmd_input", ["x0_m", "one_step"])
