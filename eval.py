@@ -150,6 +150,7 @@ SEEDS = (0, 1, 2)
 STAGE1 = {"mse": [], "llpips": ["--d", "llpips"], "M1": ["--M", "1"], "M4": ["--M", "4"], "M16": ["--M", "16"]}
 STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--lambda2", "0"],
           "dmd": ["--lambda1", "0"], "dmd1": ["--dmd-input", "one_step"], "any": ["--jump", "any"],
+          "cons_mse": ["--lambda1", "0", "--lambda2", "0", "--d", "mse"], "full_mse": ["--d", "mse"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
@@ -175,7 +176,9 @@ TABLES = {
               ("+ global consistency only", "mse", "cons", "psi", STEPS1),
               ("+ GAN (lambda1 = 0.1), no DMD", "mse", "gan", "psi", STEPS1),
               ("+ DMD (lambda2 = 1), no GAN", "mse", "dmd", "psi", STEPS1),
-              ("+ GAN + DMD = LogCD (the README's recipe)", "mse", "full", "psi", STEPS1)],
+              ("+ GAN + DMD = LogCD (the README's recipe)", "mse", "full", "psi", STEPS1),
+              ("global consistency only, d = MSE (not L-LPIPS)", "mse", "cons_mse", "psi", STEPS1),
+              ("LogCD, d = MSE in stage 2", "mse", "full_mse", "psi", STEPS1)],
     # issue 20: the options for a 1-step student, beside the paper's recipe
     "onestep": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
                 ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS1),

@@ -823,7 +823,7 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     ev.main(["--replot", str(tmp_path / "f.json"), "--figure", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "f.png").read_bytes()
     assert set(ev.TABLES) == {"main", "ablation", "terms", "onestep", "M", "p", "q"}
-    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "M", "p", "q")] == [5, 6, 4, 3, 4, 4]
+    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "M", "p", "q")] == [5, 8, 4, 3, 4, 4]
     with pytest.raises(SystemExit, match="--jobs must be 1 or more"):
         ev.main(["--table", "q", "--jobs", "0"])
 
@@ -2121,7 +2121,8 @@ def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_s
     steps, all through the scripts' own main() with --dtype bfloat16, in both --adapters regimes. A resumed run equals
     an uninterrupted one, each stage moves the LoRA, and the bf16 samples are the fp32 samples of the same checkpoint
     up to bf16 rounding. The adapters' bf16 copies (--adapters base) train stage 1's LoRA bit for bit as autocast does
-    on a CPU (whose autocast keeps norms in bf16 too), and stage 2's up to its heads running fp32 instead of bf16."""
+    on a CPU (whose autocast keeps norms in bf16 too), and stage 2's up to its heads running fp32 instead of bf16
+    (there with --jump any --dmd-input one_step too)."""
     path, res = _tiny(family, tiny_sdxl, tiny_flux)
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
     common = ["--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res), "--dtype",
@@ -2146,7 +2147,8 @@ def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_s
     g = _run2(tmp_path, *common2, "--iters", "2", "--resume")
     assert "rank 0 encoded 0 and read 2 back from the cache" in capsys.readouterr().out  # no prompt encoded again
     assert all(torch.equal(two[k], g[k]) for k in two) and any(not torch.equal(g[k], local[k]) for k in g)
-    two_base = _run2(tmp_path, *common2, "--iters", "2", "--adapters", "base", out="two_base.safetensors")
+    two_base = _run2(tmp_path, *common2, "--iters", "2", "--adapters", "base", "--jump", "any", "--dmd-input",
+                     "one_step", out="two_base.safetensors")  # issue 20's options on the GPU path too
     assert any(not torch.equal(two_base[k], local[k]) for k in two_base)  # (its GAN heads ran fp32, not bf16)
     nogan = _run2(tmp_path, *common2, "--iters", "2", "--lambda1", "0", out="nogan.safetensors")
     _run2(tmp_path, *common2, "--iters", "1", "--lambda1", "0", "--adapters", "base", out="nogan_base.safetensors")
