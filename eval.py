@@ -151,6 +151,7 @@ STAGE1 = {"mse": [], "llpips": ["--d", "llpips"], "M1": ["--M", "1"], "M4": ["--
 STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--lambda2", "0"],
           "dmd": ["--lambda1", "0"], "dmd1": ["--dmd-input", "one_step"], "any": ["--jump", "any"],
           "cons_mse": ["--lambda1", "0", "--lambda2", "0", "--d", "mse"], "full_mse": ["--d", "mse"],
+          "cons_w3": ["--lambda1", "0", "--lambda2", "0", "--w", "3"], "full_w3": ["--w", "3"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
@@ -178,7 +179,9 @@ TABLES = {
               ("+ DMD (lambda2 = 1), no GAN", "mse", "dmd", "psi", STEPS1),
               ("+ GAN + DMD = LogCD (the README's recipe)", "mse", "full", "psi", STEPS1),
               ("global consistency only, d = MSE (not L-LPIPS)", "mse", "cons_mse", "psi", STEPS1),
-              ("LogCD, d = MSE in stage 2", "mse", "full_mse", "psi", STEPS1)],
+              ("LogCD, d = MSE in stage 2", "mse", "full_mse", "psi", STEPS1),
+              ("global consistency only, w = 3 in stage 2 (stage 1: 1.5)", "mse", "cons_w3", "psi", STEPS1),
+              ("LogCD, w = 3 in stage 2 (target and DMD real score)", "mse", "full_w3", "psi", STEPS1)],
     # issue 20: the options for a 1-step student, beside the paper's recipe
     "onestep": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
                 ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS1),

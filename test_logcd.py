@@ -823,7 +823,7 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     ev.main(["--replot", str(tmp_path / "f.json"), "--figure", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "f.png").read_bytes()
     assert set(ev.TABLES) == {"main", "ablation", "terms", "onestep", "M", "p", "q"}
-    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "M", "p", "q")] == [5, 8, 4, 3, 4, 4]
+    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "M", "p", "q")] == [5, 10, 4, 3, 4, 4]
     with pytest.raises(SystemExit, match="--jobs must be 1 or more"):
         ev.main(["--table", "q", "--jobs", "0"])
 
