@@ -258,7 +258,7 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
         with autocast():
             l_f = fake_score_loss(teacher, x0_dmd.detach(), cond, gen)
         logs["fake"] = update(l_f, "fake")
-    return {k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items()}
+    return {name: v.detach() if torch.is_tensor(v) else v for name, v in logs.items()}
 
 
 # ---- the training script ------------------------------------------------------------------------------------------
