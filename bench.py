@@ -381,15 +381,13 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
         opts["disc"] = torch.optim.AdamW(disc.parameters(), lr=a.lr_aux, betas=(0.0, 0.99), fused=fused)
     if fake:
         opts["fake"] = torch.optim.AdamW(fake, lr=a.lr_aux, fused=fused)
-    work = {k: lora.Working(teacher.denoiser, k, r.adapter_dtype) for k in opts if k != "disc"}
+    work = {k: lora.Plain(disc.parameters()) if k == "disc" else lora.Working(teacher.denoiser, k, r.adapter_dtype)
+            for k in opts}
 
     def update(loss, name):
         opts[name].zero_grad(set_to_none=True)
         loss.backward()
-        if name in work:
-            work[name].step(opts[name])
-        else:
-            opts[name].step()
+        work[name].step(opts[name])
         return loss.detach()
 
     gen, c = torch.Generator().manual_seed(0), cond(batch)
@@ -600,15 +598,15 @@ def main(argv=None):
             with lora.atomic(args.save) as tmp, open(tmp, "w") as f:
                 json.dump(out, f, indent=1)
     if args.what == "all" and args.model.endswith("sdxl"):
-        it = {r["what"]: r["seconds"] for r in rows}
         b = args.batch or 4
-        for name in args.regime:  # one projection per regime, from its rows (stage 2 without checkpointing if it fits)
-            tag = regime(name, device, args.dtype).label
-            s1, s2 = it.get(f"stage-1 iteration, batch {b}{tag}"), next(
-                (r["seconds"] for r in rows if r["what"].startswith(f"stage-2 iteration, batch {b},")
-                 and r.get("regime") == name and r["seconds"] == r["seconds"]), None)
+
+        def seconds(stage, name):  # the regime's first row that fit: without checkpointing where it fits
+            return next((r["seconds"] for r in rows if r["what"].startswith(f"{stage} iteration, batch {b}")
+                         and r.get("regime") == name and r["seconds"] == r["seconds"]), None)
+        for name in args.regime:  # one projection per regime
+            s1, s2 = seconds("stage-1", name), seconds("stage-2", name)
             if s1 and s2:
-                rows.append(projection(s1, s2, tag))
+                rows.append(projection(s1, s2, regime(name, device, args.dtype).label))
     if args.save:
         with lora.atomic(args.save) as tmp, open(tmp, "w") as f:
             json.dump(out, f, indent=1)

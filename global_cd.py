@@ -442,9 +442,10 @@ def main(argv=None):
         for ps, _, _ in trainable.values():
             for p in ps:
                 dist.broadcast(p.data, 0)
-    # what the forwards use: the adapters' parameters, or bf16 copies of them (--adapters base); the heads are fp32
-    work = {k: lora.Working(teacher.denoiser, k, adapter_dtype) for k in trainable if k != "disc"}
-    syncs = {k: GradientSync(work[k].params if k in work else ps, world) for k, (ps, _, _) in trainable.items()}
+    # what the forwards use: the adapters' parameters, or bf16 copies of them (--adapters base); the heads as they are
+    work = {k: lora.Plain(ps) if k == "disc" else lora.Working(teacher.denoiser, k, adapter_dtype)
+            for k, (ps, _, _) in trainable.items()}
+    syncs = {k: GradientSync(w.params, world) for k, w in work.items()}
     metrics = MetricsLog(args.out, step, master)  # <out>.log.jsonl, continued on --resume
     validate = None
     if master and args.val_every:  # rank 0 draws the grids; the others go on to the next all-reduce and wait there
@@ -479,10 +480,7 @@ def main(argv=None):
         if not torch.isfinite(loss):
             raise SystemExit(f"error: the {name} loss is {loss.item()} at step {step}; stopped. {args.out} keeps the "
                              "last good checkpoint (try a lower --lr / --lr-aux)")
-        if name in work:
-            work[name].step(opts[name])  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
-        else:
-            opts[name].step()
+        work[name].step(opts[name])  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
         return loss.item()
 
     log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} d={args.d} "

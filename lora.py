@@ -176,6 +176,17 @@ class Working:
             torch._foreach_copy_(self.params, self.masters)
 
 
+class Plain:
+    """Trainable parameters that are not an adapter (stage 2's discriminator heads), with Working's interface: the
+    forwards use them as they are, `params` is what backward reaches, step(opt) is opt.step()."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def step(self, opt):
+        opt.step()
+
+
 @contextlib.contextmanager
 def adapter(model, name):
     """Within the block, adapter `name` is active in every layer (None: the plain base model = the teacher)."""

@@ -2041,6 +2041,30 @@ def test_bench_llpips_and_projection():
     assert p["gpu_hours"] == pytest.approx(20.0) and p["fraction_of_paper"] == pytest.approx(20 / 70)
 
 
+def test_bench_projects_the_recipe_once_per_regime(monkeypatch):
+    """--what all --regime autocast base: one recipe projection per regime, each from its own stage-1 and stage-2
+    rows (the first that fit: stage 2 without checkpointing, here too big, falls back to the checkpointed row).
+    measure() is stubbed with known seconds."""
+    import bench
+
+    def measure(what, model, batch, repeats, device, dtype, r, checkpointing=False, *rest):
+        s = {"autocast": 1.0, "base": 0.5}[r.name] * (2 if checkpointing else 1)
+        ckpt = ", grad checkpointing" * checkpointing + r.label
+        if what == "step1":
+            return [bench.row(f"stage-1 iteration, batch {batch}{ckpt}", s, regime=r.name)]
+        if what == "step2":
+            return [bench.row(f"stage-2 iteration, batch {batch}, parts{ckpt}",
+                              float("nan") if not checkpointing else 2 * s, regime=r.name)]
+        return []
+    monkeypatch.setattr(bench, "measure", measure)
+    rows = bench.main(["--model", "tiny-sdxl", "--what", "all", "--dtype", "bfloat16", "--regime", "autocast", "base",
+                       "--json"])
+    p = [r for r in rows if "gpu_hours" in r]
+    # 4 GPUs x (12K x s1 + 3K x s2) / 3600: autocast s1 = 1, s2 = 4 (checkpointed); base half of each
+    assert [r["gpu_hours"] for r in p] == pytest.approx([4 * (12000 + 3000 * 4) / 3600, 2 * (12000 + 3000 * 4) / 3600])
+    assert p[1]["what"].endswith(", adapters in bfloat16") and not p[0]["what"].endswith("bfloat16")
+
+
 def test_bench_stage2_runs_and_reports_out_of_memory(monkeypatch):
     """A stage-2 iteration (global_cd.iteration itself) runs at tiny SDXL size; a CUDA out-of-memory error becomes a
     row that says the bench does not fit and how much it needed, not a trace."""

@@ -46,7 +46,8 @@ if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
 torch.manual_seed(args.seed)
 x_data, y_data = load_digits()
 unet = UNet2DConditionModel(
-    sample_size=RES, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(args.width, 2 * args.width, 2 * args.width),
+    sample_size=RES, in_channels=1, out_channels=1, layers_per_block=1,
+    block_out_channels=(args.width, 2 * args.width, 2 * args.width),
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     cross_attention_dim=args.dim, attention_head_dim=8, norm_num_groups=8)
