@@ -152,6 +152,8 @@ STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--l
           "dmd": ["--lambda1", "0"], "dmd1": ["--dmd-input", "one_step"], "any": ["--jump", "any"],
           "cons_mse": ["--lambda1", "0", "--lambda2", "0", "--d", "mse"], "full_mse": ["--d", "mse"],
           "cons_w3": ["--lambda1", "0", "--lambda2", "0", "--w", "3"], "full_w3": ["--w", "3"],
+          "full_wt2": ["--w-target", "2"], "full_wt3": ["--w-target", "3"],
+          "sampler": ["--inputs", "sampler"], "lr1e4": ["--lr", "1e-4"], "lr1e4_dmd1": ["--lr", "1e-4", "--dmd-input", "one_step"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
@@ -181,12 +183,19 @@ TABLES = {
               ("global consistency only, d = MSE (not L-LPIPS)", "mse", "cons_mse", "psi", STEPS1),
               ("LogCD, d = MSE in stage 2", "mse", "full_mse", "psi", STEPS1),
               ("global consistency only, w = 3 in stage 2 (stage 1: 1.5)", "mse", "cons_w3", "psi", STEPS1),
-              ("LogCD, w = 3 in stage 2 (target and DMD real score)", "mse", "full_w3", "psi", STEPS1)],
+              ("LogCD, w = 3 in stage 2 (target and DMD real score)", "mse", "full_w3", "psi", STEPS1),
+              ("LogCD, target at w = 2, DMD real score at 1.5 (--w-target 2)", "mse", "full_wt2", "psi", STEPS1),
+              ("LogCD, target at w = 3, DMD real score at 1.5 (--w-target 3)", "mse", "full_wt3", "psi", STEPS1),
+              ("LogCD, sampled with fresh noise at each step (sample.py --sampler lcm)", "mse", "full", "lcm", STEPS1),
+              ("LogCD, inputs = the student samplers' own states (--inputs sampler)", "mse", "sampler", "psi",
+               STEPS1)],
     # issue 20: the options for a 1-step student, beside the paper's recipe
     "onestep": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
                 ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS1),
                 ("LogCD, DMD on the 1-step sample (--dmd-input one_step)", "mse", "dmd1", "psi", STEPS1),
-                ("LogCD, t_n any lower milestone (--jump any)", "mse", "any", "psi", STEPS1)],
+                ("LogCD, t_n any lower milestone (--jump any)", "mse", "any", "psi", STEPS1),
+                ("LogCD, lr 1e-4 (preset: 3e-5)", "mse", "lr1e4", "psi", STEPS1),
+                ("LogCD, lr 1e-4, DMD on the 1-step sample", "mse", "lr1e4_dmd1", "psi", STEPS1)],
     "M": [(f"LogCD, M = {m}", f"M{m}" if m != 8 else "mse", "full", "psi", STEPS) for m in (4, 8, 16)],
     "p": [(f"LogCD, p = {p}", "mse", f"p{p}" if p != 3 else "full", "psi", STEPS) for p in (1, 2, 3, 4)],
     "q": [(f"LogCD, q = {q}", "mse", f"q{q}" if q != 4 else "full", "psi", STEPS) for q in (1, 2, 3, 4)],

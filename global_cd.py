@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (DISTANCE_HELP, PRESETS, cfg, distance, milestones, solve, student_sample, val_prompts,
-                      validation)
+from local_cd import (DISTANCE_HELP, PRESETS, cfg, distance, milestones, solve, student_sample, student_times,
+                      val_prompts, validation)
 from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, compile_blocks, count,
                   explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
                   mean_over_ranks, new_run_id, number, optimizer_tensors, positive, prompts_meta, rank_difference,
@@ -49,6 +49,25 @@ def renoise(teacher, x0, t, eps):
 def student_samples(teacher, cond, q, M, gen):
     """hat z_0: the current student's own q-step samples from pure noise (Psi sampler on the milestone grid)."""
     return student_sample(teacher, cond, teacher.noise(len(next(iter(cond.values()))), gen), q, M)
+
+
+@torch.no_grad()
+def sampler_states(teacher, cond, q, M, gen):
+    """(z_{t_m}, s) for --inputs sampler (issue 20; DMD2's backward simulation): the states the student's own k-step
+    sampler is in when it calls the student, k uniform in 1..q (one k per iteration), one of its k calls per sample,
+    uniform; t_m = s T / M is that call's time. A sampler's later states carry its own earlier predictions (Psi
+    re-uses their eps_hat), which fresh noise does not."""
+    B = len(next(iter(cond.values())))
+    k = int(torch.randint(1, q + 1, (1,), generator=gen))
+    ts = student_times(k, M)  # the milestones the k-step sampler visits, T first
+    i = torch.randint(0, k, (B,), generator=gen)  # which of its calls each sample stops at
+    z, states = teacher.noise(B, gen), []
+    with lora.adapter(teacher.denoiser, "student"):
+        for j in range(int(i.max()) + 1):  # the sampler's steps, up to the latest state any sample needs
+            states.append(z)
+            z = solve(lambda z_, t_: teacher.x0(z_, t_, cond), z, ts[j:j + 2], teacher.alpha_sigma)
+    z_m = torch.stack(states)[i, torch.arange(B)]
+    return z_m, torch.tensor([round(ts[j] * M / T) for j in i.tolist()])
 
 
 def global_loss(teacher, d, z_m, t_m, t_n, cond, w, p):
@@ -202,12 +221,11 @@ def fake_score_loss(teacher, x0, cond, gen):
     return F.mse_loss(eps_hat.float(), eps)
 
 
-def milestone_pairs(B, M, jump, gen):
-    """(t_m, t_n, k) of an iteration: t_m = s T/M with s uniform in 1..M per sample, and t_n = max(t_m - k T/M, 0),
-    k segments below. jump "adjacent" (the paper's): k = 1, adjacent milestones. jump "any" (issue 20): k uniform in
-    1..M, drawn once per iteration (one solver length for the batch), so the jumps a 1-step (k = M, t_m = T) or
-    2-step sampler makes are trained directly too."""
-    s = torch.randint(1, M + 1, (B,), generator=gen)
+def milestone_pairs(s, M, jump, gen):
+    """(t_m, t_n, k) of an iteration: t_m = s T/M for milestone indices s (B of them, in 1..M), and t_n = max(t_m -
+    k T/M, 0), k segments below. jump "adjacent" (the paper's): k = 1, adjacent milestones. jump "any" (issue 20): k
+    uniform in 1..M, drawn once per iteration (one solver length for the batch), so the jumps a 1-step (k = M, t_m =
+    T) or 2-step sampler makes are trained directly too."""
     k = 1 if jump == "adjacent" else int(torch.randint(1, M + 1, (1,), generator=gen))
     return milestones(M)[s].float(), milestones(M)[(s - k).clamp(min=0)].float(), k
 
@@ -222,22 +240,27 @@ def one_step(teacher, cond, gen):
 def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
     a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
-    w, lambda1, lambda2, fake_updates, jump, dmd_input; every forward runs inside autocast() (teachers.precision),
+    w, w_target, lambda1, lambda2, fake_updates, jump, inputs, dmd_input; every forward runs inside autocast() (teachers.precision),
     every backward outside it. Returns the losses to log (tensors: no GPU sync here)."""
     B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
-    # image-free inputs: the student's q-step samples, re-noised with fresh noise to a random milestone t_m
-    with autocast():
-        x0_q = student_samples(teacher, cond, a.q, M, gen)
-    t_m, t_n, k = milestone_pairs(B, M, a.jump, gen)
-    t_m, t_n = t_m.to(device), t_n.to(device)
-    eps = randn_like(x0_q, gen)
-    # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
-    # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
-    z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
+    if a.inputs == "renoise":  # image-free inputs: the student's q-step samples, re-noised to a random milestone t_m
+        with autocast():
+            x0_q = student_samples(teacher, cond, a.q, M, gen)
+        t_m, t_n, k = milestone_pairs(torch.randint(1, M + 1, (B,), generator=gen), M, a.jump, gen)
+        t_m, t_n = t_m.to(device), t_n.to(device)
+        eps = randn_like(x0_q, gen)
+        # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
+        # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
+        z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
+    else:  # --inputs sampler: the states the student's own samplers call it at
+        with autocast():
+            z_m, s = sampler_states(teacher, cond, a.q, M, gen)
+        t_m, t_n, k = milestone_pairs(s, M, a.jump, gen)
+        t_m, t_n = t_m.to(device), t_n.to(device)
 
     # the student step: L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
     with autocast():
-        l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w, a.p * k)  # p steps per segment
+        l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w_target, a.p * k)  # p steps a segment
         loss = logs["cons"] = l_cons.mean()
         if disc:
             l_gan = logs["gan"] = generator_loss(disc, x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen),
@@ -263,8 +286,9 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
 
 # ---- the training script ------------------------------------------------------------------------------------------
 
-RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
-                  jump=str, dmd_input=str, fake_rank=int, lr=float, lr_aux=float, seed=int)  # what --resume keeps
+RUN_VALUES = dict(w=float, w_target=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float,
+                  fake_updates=int, jump=str, inputs=str, dmd_input=str, fake_rank=int, lr=float, lr_aux=float,
+                  seed=int)  # what --resume keeps
 
 STAGE2 = """
 Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
@@ -272,8 +296,10 @@ sampler visits. Starting from a stage-1 student (--init), each iteration:
 
   image-free inputs:  hat z_0 = the current student's q-step samples (no grad), re-noised with fresh noise
                       z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps at a random milestone t_m (pure noise at
-                      t_m = T, as the sampler starts), t_n = t_m - T/M (--jump any: k T/M below, k in 1..M)
-  teacher target:     hat z_{t_n} = p teacher solver steps with CFG from z_{t_m} (Psi, DDIM / Euler)
+                      t_m = T, as the sampler starts), t_n = t_m - T/M (--jump any: k T/M below, k in 1..M);
+                      --inputs sampler: z_{t_m} = the state a k-step student sampler calls it at (k in 1..q)
+  teacher target:     hat z_{t_n} = p teacher solver steps with CFG from z_{t_m} (Psi, DDIM / Euler; CFG at
+                      --w-target if given)
   consistency:        L_GoCD  = d( x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)] )   (hat z_0 at t_n = 0)
   GAN (lambda1):      hinge; D = frozen teacher encoder + trainable heads; real = sg[x0 at t_n], fake = x0 at t_m
   DMD (lambda2):      real score = teacher with CFG, fake score = LoRA adapter `fake` on the same base, trained
@@ -301,6 +327,8 @@ def parse_args(argv=None):
     a("--q", type=count, default=4, help="q: student steps that make the image-free inputs")
     a("--w", type=weight, default=None, help="w: CFG scale of the teacher target and the DMD real score "
       "(default: the stage-1 checkpoint's)")
+    a("--w-target", type=weight, default=None, help="the teacher target's CFG scale alone, the DMD real score keeping "
+      "--w (default: --w, the paper's one w; issue 20: a stronger guided target keeps the teacher's alignment)")
     a("--d", "--distance", choices=["mse", "llpips"], default="llpips", help=DISTANCE_HELP)
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
     a("--lambda1", type=weight, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
@@ -311,6 +339,10 @@ def parse_args(argv=None):
       "paper's), or any, k segments below (k uniform in 1..M per iteration, t_n >= 0) with p teacher steps per "
       "segment: the 1-step sampler's T -> 0 jump trained directly (issue 20; about (M + 1) / 2 times the teacher's "
       "solver steps)")
+    a("--inputs", choices=["renoise", "sampler"], default="renoise", help="the image-free inputs z_{t_m}: renoise, "
+      "the student's q-step samples re-noised with fresh noise to a random milestone (the paper's), or sampler, the "
+      "states the student's own k-step sampler calls it at (k uniform in 1..q; issue 20: trains the inputs sampling "
+      "meets, DMD2's backward simulation)")
     a("--dmd-input", choices=["x0_m", "one_step"], default="x0_m", help="what DMD moves: x0_m, the student's x0 at "
       "the iteration's milestone t_m (the paper's), or one_step, its 1-step sample x0_theta(z_T, T) from fresh noise "
       "(one more student forward and backward; issue 20: a 1-step student); the fake score learns the same samples")
@@ -376,6 +408,7 @@ def main(argv=None):
     fill_presets(args, PRESETS[teacher.family]["global"])
     M = int(meta["M"])
     args.w = float(meta["w"]) if args.w is None else args.w
+    args.w_target = args.w if args.w_target is None else args.w_target
     try:
         if not 1 <= args.q <= M:
             raise ValueError(f"--q: the student samples in 1..{M} steps, not {args.q}")
@@ -406,10 +439,10 @@ def main(argv=None):
         compile_blocks(teacher.denoiser)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
     stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
-    hparams = {"M": M, "w": args.w, "p": args.p, "q": args.q, "d": args.d,
+    hparams = {"M": M, "w": args.w, "w_target": args.w_target, "p": args.p, "q": args.q, "d": args.d,
                "llpips": args.llpips if args.d == "llpips" else "",
                "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
-               "jump": args.jump, "dmd_input": args.dmd_input,
+               "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
                "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed, **prompts_meta(prompts),
                "run": meta.get("run", new_run_id()) if args.resume else new_run_id(),
@@ -483,7 +516,8 @@ def main(argv=None):
         work[name].step(opts[name])  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
         return loss.item()
 
-    log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} d={args.d} "
+    log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} "
+        f"w_target={args.w_target:g} d={args.d} "
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
         f"batch={args.batch}x{world} iters={args.iters}; {precision_said(dtype, adapter_dtype)}")
     planned = (args.iters - step) * args.batch

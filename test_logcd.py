@@ -3,6 +3,7 @@
 SDXL and FLUX code paths run on tiny pipelines built from configs (random weights, a tokenizer from a
 hand-written vocabulary), the method on the embedded digits teacher.
 """
+import collections
 import contextlib
 import json
 import os
@@ -1599,14 +1600,13 @@ def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
     milestone below it; --jump any with the milestone k segments below, clamped at 0, k uniform in 1..M and one k for
     the batch, so that T -> 0, the 1-step sampler's jump, is drawn too. The iteration gives the teacher solver p
     steps per segment: p k."""
-    import collections
     g, M = torch.Generator().manual_seed(0), 8
     for _ in range(50):
-        t_m, t_n, k = global_cd.milestone_pairs(16, M, "adjacent", g)
+        t_m, t_n, k = global_cd.milestone_pairs(torch.randint(1, M + 1, (16,), generator=g), M, "adjacent", g)
         assert k == 1 and torch.equal(t_m - t_n, torch.full_like(t_m, T / M))
     ks, pairs = collections.Counter(), set()
     for _ in range(400):
-        t_m, t_n, k = global_cd.milestone_pairs(16, M, "any", g)
+        t_m, t_n, k = global_cd.milestone_pairs(torch.randint(1, M + 1, (16,), generator=g), M, "any", g)
         ks[k] += 1
         assert torch.equal(t_n, (t_m - k * T / M).clamp(min=0))
         pairs |= set(zip(t_m.tolist(), t_n.tolist()))
@@ -1615,15 +1615,43 @@ def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
     t = load_teacher("digits", "cpu")
     add_student(t, rank=4)
     seen = []
-    monkeypatch.setattr(global_cd, "milestone_pairs", lambda B, M, jump, gen: (torch.full((B,), 750.0),
-                                                                               torch.full((B,), 375.0), 3))
+    monkeypatch.setattr(global_cd, "milestone_pairs", lambda s, M, jump, gen: (torch.full((len(s),), 750.0),
+                                                                               torch.full((len(s),), 375.0), 3))
     monkeypatch.setattr(global_cd, "global_loss", lambda *a: seen.append(a[-1]) or (torch.zeros(3, requires_grad=True),
                                                                                   torch.zeros(1), torch.zeros(1)))
     a = global_cd.parse_args(["--p", "2", "--q", "1", "--jump", "any", "--lambda1", "0", "--lambda2", "0"])
-    a.w = 1.5
+    a.w = a.w_target = 1.5
     global_cd.iteration(t, t.encode(["1", "2", "3"]), None, None, False, lambda loss, name: 0.0, a, 8,
                         torch.Generator().manual_seed(0), contextlib.nullcontext)
     assert seen == [2 * 3]
+
+
+def test_sampler_inputs_are_the_states_the_student_samplers_visit():
+    """--inputs sampler: each z_{t_m} is, bit for bit, a state the student's own k-step Psi sampler (sample.py's
+    update, from the same noise) calls it at, with k in 1..q, t_m its time; every call of the 1..q-step samplers is
+    drawn. The known answer: the sampler run step by step here, its states listed."""
+    t = load_teacher("digits", "cpu")
+    add_student(t, rank=4)
+    torch.manual_seed(0)
+    _randomize(t.denoiser, "student", std=0.05)
+    B, M, q, cond = 6, 8, 3, t.encode(["1", "2", "3", "4", "5", "6"])
+    seen = set()
+    for seed in range(12):
+        z_m, s = global_cd.sampler_states(t, cond, q, M, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)  # the same draws: k, which call, then the noise
+        k = int(torch.randint(1, q + 1, (1,), generator=g))
+        torch.randint(0, k, (B,), generator=g)
+        z, states = t.noise(B, g), {}
+        with torch.no_grad(), lora.adapter(t.denoiser, "student"):
+            for a, b in zip(local_cd.student_times(k, M)[:-1], local_cd.student_times(k, M)[1:]):
+                states[a] = z
+                x0 = t.x0(z, torch.full((B,), a), cond)
+                z = local_cd.Psi(z, x0, torch.full((B,), a), torch.full((B,), b), t.alpha_sigma)
+        for j in range(B):
+            time = float(s[j]) * T / M
+            assert time in states and torch.equal(z_m[j], states[time][j]), (seed, j, time)
+            seen.add((k, time))
+    assert seen == {(k, a) for k in range(1, q + 1) for a in local_cd.student_times(k, M)[:-1]}, seen
 
 
 @pytest.mark.parametrize("dmd_input", ["x0_m", "one_step"])
@@ -1632,7 +1660,8 @@ def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch, dmd_input):
     side the student's x0 at t_m; the generator's term acts on the student's x0 at t_m (the tensor that carries the
     student's gradient); DMD on that x0 too, or (--dmd-input one_step) on the student's 1-step sample: a call of the
     student with gradients at t = T for every sample, on noise no other term saw; the fake score learns from what DMD
-    moved, detached."""
+    moved, detached. The teacher's CFG runs at --w-target in the consistency target's solver and at --w in DMD's
+    real score: counted by the w of every CFG call, per term."""
     t = load_teacher("digits", "cpu")
     add_student(t, rank=4)
     lora.inject(t.denoiser, t.lora_targets, "fake", 4)
@@ -1646,8 +1675,15 @@ def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch, dmd_input):
         monkeypatch.setattr(global_cd, name, wrapped)
     for name in ("global_loss", "discriminator_loss", "generator_loss", "dmd_loss", "fake_score_loss", "one_step"):
         spy(name, getattr(global_cd, name))
-    a = global_cd.parse_args(["--p", "2", "--q", "2", "--dmd-input", dmd_input])
+    a = global_cd.parse_args(["--p", "2", "--q", "2", "--dmd-input", dmd_input, "--w-target", "3"])
     a.w, a.fake_updates = 1.5, 1
+    ws, term = collections.Counter(), ["rollout"]
+    cfg = global_cd.cfg
+    monkeypatch.setattr(global_cd, "cfg", lambda teacher, z, t_, cond, w: ws.update([(term[0], w)]) or
+                        cfg(teacher, z, t_, cond, w))
+    for name in ("global_loss", "dmd_loss"):  # which term the CFG calls come from
+        monkeypatch.setattr(global_cd, name, lambda *a, f=getattr(global_cd, name), n=name: term.__setitem__(0, n) or
+                            f(*a))
 
     def update(loss, name):  # no optimizer step: the weights stay, only the sides fed to each term matter
         loss.backward()
@@ -1670,6 +1706,7 @@ def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch, dmd_input):
     at_T = [ts for ts, grad in calls if grad and ts == [float(T)] * 3]
     assert len(at_T) == (dmd_input == "one_step") + (seen["global_loss"][0][4].tolist() == [float(T)] * 3)
     assert ("one_step" in seen) == (dmd_input == "one_step")
+    assert ws == {("global_loss", 3.0): 2, ("dmd_loss", 1.5): 1}, ws  # p = 2 solver steps at w_target, 1 real score
 
 
 def test_dmd_gradient_is_the_normalised_score_difference(digits):
