@@ -187,7 +187,7 @@ TABLES = {
               ("LogCD, target at w = 2, DMD real score at 1.5 (--w-target 2)", "mse", "full_wt2", "psi", STEPS1),
               ("LogCD, target at w = 3, DMD real score at 1.5 (--w-target 3)", "mse", "full_wt3", "psi", STEPS1),
               ("LogCD, sampled with fresh noise at each step (sample.py --sampler lcm)", "mse", "full", "lcm", STEPS1),
-              ("LogCD, inputs = the student samplers' own states (--inputs sampler)", "mse", "sampler", "psi",
+              ("LogCD, trained on the student samplers' own steps (--inputs sampler)", "mse", "sampler", "psi",
                STEPS1)],
     # issue 20: the options for a 1-step student, beside the paper's recipe
     "onestep": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),

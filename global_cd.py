@@ -52,22 +52,22 @@ def student_samples(teacher, cond, q, M, gen):
 
 
 @torch.no_grad()
-def sampler_states(teacher, cond, q, M, gen):
-    """(z_{t_m}, s) for --inputs sampler (issue 20; DMD2's backward simulation): the states the student's own k-step
-    sampler is in when it calls the student, k uniform in 1..q (one k per iteration), one of its k calls per sample,
-    uniform; t_m = s T / M is that call's time. A sampler's later states carry its own earlier predictions (Psi
-    re-uses their eps_hat), which fresh noise does not."""
+def sampler_steps(teacher, cond, q, M, gen):
+    """(z_{t_m}, t_m, t_n) for --inputs sampler (issue 20; DMD2's backward simulation): the steps the student's own
+    k-step sampler takes, k uniform in 1..q (one k per iteration), one of its k steps per sample, uniform: the state
+    z_{t_m} it calls the student at and the time t_n it jumps to. A sampler's later states carry its own earlier
+    predictions (Psi re-uses their eps_hat), which fresh noise does not."""
     B = len(next(iter(cond.values())))
     k = int(torch.randint(1, q + 1, (1,), generator=gen))
-    ts = student_times(k, M)  # the milestones the k-step sampler visits, T first
-    i = torch.randint(0, k, (B,), generator=gen)  # which of its calls each sample stops at
+    ts = student_times(k, M)  # the milestones the k-step sampler visits, T first, 0 last
+    i = torch.randint(0, k, (B,), generator=gen)  # which of its steps each sample takes
     z, states = teacher.noise(B, gen), []
     with lora.adapter(teacher.denoiser, "student"):
         for j in range(int(i.max()) + 1):  # the sampler's steps, up to the latest state any sample needs
             states.append(z)
             z = solve(lambda z_, t_: teacher.x0(z_, t_, cond), z, ts[j:j + 2], teacher.alpha_sigma)
-    z_m = torch.stack(states)[i, torch.arange(B)]
-    return z_m, torch.tensor([round(ts[j] * M / T) for j in i.tolist()])
+    ts = torch.tensor(ts, dtype=torch.float32)
+    return torch.stack(states)[i, torch.arange(B)], ts[i], ts[i + 1]
 
 
 def global_loss(teacher, d, z_m, t_m, t_n, cond, w, p):
@@ -252,10 +252,10 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
         # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
         # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
         z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
-    else:  # --inputs sampler: the states the student's own samplers call it at
+    else:  # --inputs sampler: the steps the student's own samplers take, from the states they are in
         with autocast():
-            z_m, s = sampler_states(teacher, cond, a.q, M, gen)
-        t_m, t_n, k = milestone_pairs(s, M, a.jump, gen)
+            z_m, t_m, t_n = sampler_steps(teacher, cond, a.q, M, gen)
+        k = round(float((t_m - t_n).max()) * M / T)  # segments in the longest jump: p steps per segment
         t_m, t_n = t_m.to(device), t_n.to(device)
 
     # the student step: L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
@@ -297,7 +297,8 @@ sampler visits. Starting from a stage-1 student (--init), each iteration:
   image-free inputs:  hat z_0 = the current student's q-step samples (no grad), re-noised with fresh noise
                       z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps at a random milestone t_m (pure noise at
                       t_m = T, as the sampler starts), t_n = t_m - T/M (--jump any: k T/M below, k in 1..M);
-                      --inputs sampler: z_{t_m} = the state a k-step student sampler calls it at (k in 1..q)
+                      --inputs sampler: z_{t_m} = a state a k-step student sampler calls it at (k in 1..q),
+                      t_n = the milestone that sampler jumps to
   teacher target:     hat z_{t_n} = p teacher solver steps with CFG from z_{t_m} (Psi, DDIM / Euler; CFG at
                       --w-target if given)
   consistency:        L_GoCD  = d( x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)] )   (hat z_0 at t_n = 0)
@@ -340,9 +341,9 @@ def parse_args(argv=None):
       "segment: the 1-step sampler's T -> 0 jump trained directly (issue 20; about (M + 1) / 2 times the teacher's "
       "solver steps)")
     a("--inputs", choices=["renoise", "sampler"], default="renoise", help="the image-free inputs z_{t_m}: renoise, "
-      "the student's q-step samples re-noised with fresh noise to a random milestone (the paper's), or sampler, the "
-      "states the student's own k-step sampler calls it at (k uniform in 1..q; issue 20: trains the inputs sampling "
-      "meets, DMD2's backward simulation)")
+      "the student's q-step samples re-noised with fresh noise to a random milestone (the paper's), or sampler, a "
+      "state the student's own k-step sampler calls it at, t_n the milestone it jumps to (k uniform in 1..q; --jump "
+      "does not apply; issue 20: trains the very steps sampling takes, DMD2's backward simulation)")
     a("--dmd-input", choices=["x0_m", "one_step"], default="x0_m", help="what DMD moves: x0_m, the student's x0 at "
       "the iteration's milestone t_m (the paper's), or one_step, its 1-step sample x0_theta(z_T, T) from fresh noise "
       "(one more student forward and backward; issue 20: a 1-step student); the fake score learns the same samples")
@@ -390,6 +391,9 @@ def main(argv=None):
     if args.resume:  # the run's own p, q, w, lambdas, ...: flags left out are taken from it, flags given must agree
         take_run_values(args, run, RUN_VALUES)
         take_run_batch(args, run, world)
+    if args.inputs == "sampler" and args.jump != "adjacent":
+        raise SystemExit("error: --jump any: with --inputs sampler, t_n is the milestone the sampler jumps to; leave "
+                         "--jump out")
     try:  # a prompts file is checked whole before any model loads
         prompts = run_prompts(args, run)
     except ValueError as e:

@@ -1626,10 +1626,11 @@ def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
     assert seen == [2 * 3]
 
 
-def test_sampler_inputs_are_the_states_the_student_samplers_visit():
-    """--inputs sampler: each z_{t_m} is, bit for bit, a state the student's own k-step Psi sampler (sample.py's
-    update, from the same noise) calls it at, with k in 1..q, t_m its time; every call of the 1..q-step samplers is
-    drawn. The known answer: the sampler run step by step here, its states listed."""
+def test_sampler_inputs_are_the_steps_the_student_samplers_take():
+    """--inputs sampler: each (z_{t_m}, t_m, t_n) is, bit for bit, a step the student's own k-step Psi sampler
+    (sample.py's update, from the same noise) takes: the state it calls the student at, its time, the time it jumps
+    to; k in 1..q, and every step of the 1..q-step samplers is drawn. The known answer: the sampler run step by step
+    here, its steps listed. The iteration gives the teacher solver p steps per segment of the longest jump."""
     t = load_teacher("digits", "cpu")
     add_student(t, rank=4)
     torch.manual_seed(0)
@@ -1637,21 +1638,35 @@ def test_sampler_inputs_are_the_states_the_student_samplers_visit():
     B, M, q, cond = 6, 8, 3, t.encode(["1", "2", "3", "4", "5", "6"])
     seen = set()
     for seed in range(12):
-        z_m, s = global_cd.sampler_states(t, cond, q, M, torch.Generator().manual_seed(seed))
-        g = torch.Generator().manual_seed(seed)  # the same draws: k, which call, then the noise
+        z_m, t_m, t_n = global_cd.sampler_steps(t, cond, q, M, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)  # the same draws: k, which step, then the noise
         k = int(torch.randint(1, q + 1, (1,), generator=g))
         torch.randint(0, k, (B,), generator=g)
-        z, states = t.noise(B, g), {}
+        z, steps, ts = t.noise(B, g), {}, local_cd.student_times(k, M)
         with torch.no_grad(), lora.adapter(t.denoiser, "student"):
-            for a, b in zip(local_cd.student_times(k, M)[:-1], local_cd.student_times(k, M)[1:]):
-                states[a] = z
+            for a, b in zip(ts[:-1], ts[1:]):
+                steps[a] = (z, b)
                 x0 = t.x0(z, torch.full((B,), a), cond)
                 z = local_cd.Psi(z, x0, torch.full((B,), a), torch.full((B,), b), t.alpha_sigma)
         for j in range(B):
-            time = float(s[j]) * T / M
-            assert time in states and torch.equal(z_m[j], states[time][j]), (seed, j, time)
-            seen.add((k, time))
+            a = float(t_m[j])
+            assert a in steps and torch.equal(z_m[j], steps[a][0][j]) and float(t_n[j]) == steps[a][1], (seed, j)
+            seen.add((k, a))
     assert seen == {(k, a) for k in range(1, q + 1) for a in local_cd.student_times(k, M)[:-1]}, seen
+    solver = []
+    a = global_cd.parse_args(["--p", "2", "--q", "3", "--inputs", "sampler", "--lambda1", "0", "--lambda2", "0"])
+    a.w = a.w_target = 1.5
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(global_cd, "sampler_steps", lambda *_: (torch.zeros(2, 1, 16, 16), torch.tensor([1000., 625.]),
+                                                                 torch.tensor([625., 375.])))
+    monkeypatch.setattr(global_cd, "global_loss", lambda *a: solver.append(a[-1]) or (
+        torch.zeros(2, requires_grad=True), torch.zeros(1), torch.zeros(1)))
+    try:
+        global_cd.iteration(t, t.encode(["1", "2"]), None, None, False, lambda loss, name: 0.0, a, M,
+                            torch.Generator().manual_seed(0), contextlib.nullcontext)
+    finally:
+        monkeypatch.undo()
+    assert solver == [2 * 3]  # 1000 -> 625: 3 segments of 125
 
 
 @pytest.mark.parametrize("dmd_input", ["x0_m", "one_step"])
