@@ -153,7 +153,8 @@ STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--l
           "cons_mse": ["--lambda1", "0", "--lambda2", "0", "--d", "mse"], "full_mse": ["--d", "mse"],
           "cons_w3": ["--lambda1", "0", "--lambda2", "0", "--w", "3"], "full_w3": ["--w", "3"],
           "full_wt2": ["--w-target", "2"], "full_wt3": ["--w-target", "3"],
-          "sampler": ["--inputs", "sampler"], "lr1e4": ["--lr", "1e-4"], "lr1e4_dmd1": ["--lr", "1e-4", "--dmd-input", "one_step"],
+          "sampler": ["--inputs", "sampler"], "sampler_wt2": ["--inputs", "sampler", "--w-target", "2"],
+          "sampler_dmd1": ["--inputs", "sampler", "--dmd-input", "one_step"], "lr1e4": ["--lr", "1e-4"], "lr1e4_dmd1": ["--lr", "1e-4", "--dmd-input", "one_step"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
@@ -196,6 +197,18 @@ TABLES = {
                 ("LogCD, t_n any lower milestone (--jump any)", "mse", "any", "psi", STEPS1),
                 ("LogCD, lr 1e-4 (preset: 3e-5)", "mse", "lr1e4", "psi", STEPS1),
                 ("LogCD, lr 1e-4, DMD on the 1-step sample", "mse", "lr1e4_dmd1", "psi", STEPS1)],
+    # issue 20: its targets, on the embedded teacher and on a second one (--teacher toy/teacher_w24)
+    "targets": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
+                ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS1),
+                ("LogCD (the paper's recipe, the README's)", "mse", "full", "psi", STEPS1),
+                ("LogCD, --inputs sampler", "mse", "sampler", "psi", STEPS1),
+                ("LogCD, --inputs sampler --w-target 2", "mse", "sampler_wt2", "psi", STEPS1),
+                ("LogCD, --inputs sampler --dmd-input one_step", "mse", "sampler_dmd1", "psi", STEPS1)],
+    # issue 20: the paper's recipe and the option best at 1 and 4 steps on the embedded teacher, for a second teacher
+    "second": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
+               ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS1),
+               ("LogCD (the paper's recipe, the README's)", "mse", "full", "psi", STEPS1),
+               ("LogCD, --inputs sampler --dmd-input one_step", "mse", "sampler_dmd1", "psi", STEPS1)],
     "M": [(f"LogCD, M = {m}", f"M{m}" if m != 8 else "mse", "full", "psi", STEPS) for m in (4, 8, 16)],
     "p": [(f"LogCD, p = {p}", "mse", f"p{p}" if p != 3 else "full", "psi", STEPS) for p in (1, 2, 3, 4)],
     "q": [(f"LogCD, q = {q}", "mse", f"q{q}" if q != 4 else "full", "psi", STEPS) for q in (1, 2, 3, 4)],

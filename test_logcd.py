@@ -1816,6 +1816,8 @@ def test_stage2_bad_inputs(tmp_path, monkeypatch):
         _run2(tmp_path, "--iters", "1", "--teacher", "sdxl")
     with pytest.raises(SystemExit, match="--q: .* in 1..8 steps, not 9"):
         _run2(tmp_path, "--iters", "1", "--q", "9")
+    with pytest.raises(SystemExit, match="--jump any: with --inputs sampler"):
+        _run2(tmp_path, "--iters", "1", "--inputs", "sampler", "--jump", "any")
     with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
         _run2(tmp_path, "--iters", "1", "--resume")
     monkeypatch.setattr(global_cd, "distance", _nan_after(2))
