@@ -8,7 +8,8 @@ paper's tables at toy scale, and the paper's Table 1 metrics (CLIP score, FID) f
     python eval.py --table ablation     # Table 3: local MSE -> local L-LPIPS -> + global -> + GAN -> + DMD
     python eval.py --table M            # Tables 4-6: M in {4, 8, 16}; --table p: p in 1..4; --table q: q in 1..4
     python eval.py --table terms --jobs 2  # issue 20: each stage-2 term's alignment and FD, at 1 to 4 steps
-    python eval.py --table onestep --jobs 2 --teacher toy/teacher_w24   # issue 20's 1-step options, another teacher
+    python eval.py --table onestep --jobs 2   # issue 20's 1-step options;  --table targets: its targets, the options
+    python eval.py --table second --jobs 2 --teacher toy/teacher_w24   # issue 20: recipe and best option, 2nd teacher
     python eval.py --table main --quick # the same code on tiny trainings and 40 samples per row (CI: the table's shape)
     python eval.py --clip-score openai/clip-vit-large-patch14 --samples s.safetensors   # real teachers (below)
     python eval.py --prepare-coco captions_val2017.json val2017/ --out coco5k      # MSCOCO-2017 5K (below)
@@ -154,7 +155,8 @@ STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--l
           "cons_w3": ["--lambda1", "0", "--lambda2", "0", "--w", "3"], "full_w3": ["--w", "3"],
           "full_wt2": ["--w-target", "2"], "full_wt3": ["--w-target", "3"],
           "sampler": ["--inputs", "sampler"], "sampler_wt2": ["--inputs", "sampler", "--w-target", "2"],
-          "sampler_dmd1": ["--inputs", "sampler", "--dmd-input", "one_step"], "lr1e4": ["--lr", "1e-4"], "lr1e4_dmd1": ["--lr", "1e-4", "--dmd-input", "one_step"],
+          "sampler_dmd1": ["--inputs", "sampler", "--dmd-input", "one_step"], "lr1e4": ["--lr", "1e-4"],
+          "lr1e4_dmd1": ["--lr", "1e-4", "--dmd-input", "one_step"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
@@ -163,6 +165,11 @@ STEPS1 = (4, 3, 2, 1)  # issue 20: the same LoRA at 1 step too
 SHARE = 1.0  # the share of the machine a training here has: 1 / --jobs
 TEACHER = "digits"  # the tables' teacher (--teacher): the embedded one, or another of its layout (issue 20)
 
+# rows the issue-20 tables share
+TEACHER4 = ("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4))
+STAGE1_ONLY = ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS1)
+RECIPE = ("LogCD (the paper's recipe, the README's)", "mse", "full", "psi", STEPS1)
+SAMPLER_DMD1 = ("LogCD, --inputs sampler --dmd-input one_step", "mse", "sampler_dmd1", "psi", STEPS1)
 # table -> rows: (label, stage-1 recipe or None for the teacher, stage-2 recipe or None, sampler, step counts)
 TABLES = {
     "main": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25,) + STEPS),
@@ -175,8 +182,7 @@ TABLES = {
                  ("+ GAN (lambda1 = 0.1)", "llpips", "gan", "psi", STEPS),
                  ("+ DMD (lambda2 = 1): LogCD with L-LPIPS in both stages", "llpips", "full", "psi", STEPS)],
     # issue 20: what each stage-2 term does to alignment and FD, from the README's stage 1 (MSE), at 1 to 4 steps
-    "terms": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
-              ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS1),
+    "terms": [TEACHER4, STAGE1_ONLY,
               ("+ global consistency only", "mse", "cons", "psi", STEPS1),
               ("+ GAN (lambda1 = 0.1), no DMD", "mse", "gan", "psi", STEPS1),
               ("+ DMD (lambda2 = 1), no GAN", "mse", "dmd", "psi", STEPS1),
@@ -191,24 +197,19 @@ TABLES = {
               ("LogCD, trained on the student samplers' own steps (--inputs sampler)", "mse", "sampler", "psi",
                STEPS1)],
     # issue 20: the options for a 1-step student, beside the paper's recipe
-    "onestep": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
+    "onestep": [TEACHER4,
                 ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS1),
                 ("LogCD, DMD on the 1-step sample (--dmd-input one_step)", "mse", "dmd1", "psi", STEPS1),
                 ("LogCD, t_n any lower milestone (--jump any)", "mse", "any", "psi", STEPS1),
                 ("LogCD, lr 1e-4 (preset: 3e-5)", "mse", "lr1e4", "psi", STEPS1),
                 ("LogCD, lr 1e-4, DMD on the 1-step sample", "mse", "lr1e4_dmd1", "psi", STEPS1)],
-    # issue 20: its targets, on the embedded teacher and on a second one (--teacher toy/teacher_w24)
-    "targets": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
-                ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS1),
-                ("LogCD (the paper's recipe, the README's)", "mse", "full", "psi", STEPS1),
+    # issue 20: its targets, on the embedded teacher; and on a second one (--teacher toy/teacher_w24) the paper's
+    # recipe and the option best at 1 and 4 steps on the embedded one
+    "targets": [TEACHER4, STAGE1_ONLY, RECIPE,
                 ("LogCD, --inputs sampler", "mse", "sampler", "psi", STEPS1),
                 ("LogCD, --inputs sampler --w-target 2", "mse", "sampler_wt2", "psi", STEPS1),
-                ("LogCD, --inputs sampler --dmd-input one_step", "mse", "sampler_dmd1", "psi", STEPS1)],
-    # issue 20: the paper's recipe and the option best at 1 and 4 steps on the embedded teacher, for a second teacher
-    "second": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4)),
-               ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS1),
-               ("LogCD (the paper's recipe, the README's)", "mse", "full", "psi", STEPS1),
-               ("LogCD, --inputs sampler --dmd-input one_step", "mse", "sampler_dmd1", "psi", STEPS1)],
+                SAMPLER_DMD1],
+    "second": [TEACHER4, STAGE1_ONLY, RECIPE, SAMPLER_DMD1],
     "M": [(f"LogCD, M = {m}", f"M{m}" if m != 8 else "mse", "full", "psi", STEPS) for m in (4, 8, 16)],
     "p": [(f"LogCD, p = {p}", "mse", f"p{p}" if p != 3 else "full", "psi", STEPS) for p in (1, 2, 3, 4)],
     "q": [(f"LogCD, q = {q}", "mse", f"q{q}" if q != 4 else "full", "psi", STEPS) for q in (1, 2, 3, 4)],

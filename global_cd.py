@@ -72,9 +72,9 @@ def sampler_steps(teacher, cond, q, M, gen):
 
 def global_loss(teacher, d, z_m, t_m, t_n, cond, w, p):
     """d(x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)]) between milestones t_m > t_n (adjacent, t_n = t_m -
-    T/M, unless --jump any), where hat z_{t_n} comes from z_{t_m} by p teacher solver steps with CFG. Returns (loss
-    per sample, x0_m with grad, x0_n = the target). At t_n = 0 the target is hat z_0 itself (the boundary condition;
-    no student forward)."""
+    T/M, unless --jump any or --inputs sampler), where hat z_{t_n} comes from z_{t_m} by p teacher solver steps with
+    CFG. Returns (loss per sample, x0_m with grad, x0_n = the target). At t_n = 0 the target is hat z_0 itself (the
+    boundary condition; no student forward)."""
     with torch.no_grad(), lora.adapter(teacher.denoiser, None):
         # hat z_{t_n} = Psi o ... o Psi (z_{t_m}): p steps of the teacher with CFG, t_m -> t_n in equal parts
         ts = [t_m + (t_n - t_m) * i / p for i in range(p + 1)]
@@ -240,8 +240,8 @@ def one_step(teacher, cond, gen):
 def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
     a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
-    w, w_target, lambda1, lambda2, fake_updates, jump, inputs, dmd_input; every forward runs inside autocast() (teachers.precision),
-    every backward outside it. Returns the losses to log (tensors: no GPU sync here)."""
+    w, w_target, lambda1, lambda2, fake_updates, jump, inputs, dmd_input; every forward runs inside autocast()
+    (teachers.precision), every backward outside it. Returns the losses to log (tensors: no GPU sync here)."""
     B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
     if a.inputs == "renoise":  # image-free inputs: the student's q-step samples, re-noised to a random milestone t_m
         with autocast():
@@ -329,7 +329,7 @@ def parse_args(argv=None):
     a("--w", type=weight, default=None, help="w: CFG scale of the teacher target and the DMD real score "
       "(default: the stage-1 checkpoint's)")
     a("--w-target", type=weight, default=None, help="the teacher target's CFG scale alone, the DMD real score keeping "
-      "--w (default: --w, the paper's one w; issue 20: a stronger guided target keeps the teacher's alignment)")
+      "--w (default: --w, the paper's one w; issue 20: more guidance in the target buys alignment at FD's cost)")
     a("--d", "--distance", choices=["mse", "llpips"], default="llpips", help=DISTANCE_HELP)
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
     a("--lambda1", type=weight, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")

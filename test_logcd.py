@@ -2200,7 +2200,7 @@ def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_s
     an uninterrupted one, each stage moves the LoRA, and the bf16 samples are the fp32 samples of the same checkpoint
     up to bf16 rounding. The adapters' bf16 copies (--adapters base) train stage 1's LoRA bit for bit as autocast does
     on a CPU (whose autocast keeps norms in bf16 too), and stage 2's up to its heads running fp32 instead of bf16
-    (there with --jump any --dmd-input one_step too)."""
+    (there with --jump any --dmd-input one_step too; and --inputs sampler --w-target under autocast)."""
     path, res = _tiny(family, tiny_sdxl, tiny_flux)
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
     common = ["--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res), "--dtype",
@@ -2228,6 +2228,9 @@ def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_s
     two_base = _run2(tmp_path, *common2, "--iters", "2", "--adapters", "base", "--jump", "any", "--dmd-input",
                      "one_step", out="two_base.safetensors")  # issue 20's options on the GPU path too
     assert any(not torch.equal(two_base[k], local[k]) for k in two_base)  # (its GAN heads ran fp32, not bf16)
+    two_sampler = _run2(tmp_path, *common2, "--iters", "2", "--inputs", "sampler", "--w-target", "2",
+                        out="two_sampler.safetensors")  # and the other two, under autocast
+    assert any(not torch.equal(two_sampler[k], local[k]) for k in two_sampler)
     nogan = _run2(tmp_path, *common2, "--iters", "2", "--lambda1", "0", out="nogan.safetensors")
     _run2(tmp_path, *common2, "--iters", "1", "--lambda1", "0", "--adapters", "base", out="nogan_base.safetensors")
     nogan_base = _run2(tmp_path, *common2, "--iters", "2", "--lambda1", "0", "--adapters", "base", "--resume",
