@@ -787,7 +787,7 @@ def test_paper_tables_train_and_sample_the_teacher_given(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "train", train)
     monkeypatch.setattr(ev, "cached_score", cached_score)
     second = str(tmp_path / "teacher_w24")
-    rows = ev.main(["--table", "onestep", "--teacher", second, "--runs", str(tmp_path / "runs")])
+    rows = ev.main(["--table", "second", "--teacher", second, "--runs", str(tmp_path / "runs")])
     assert [r["steps"] for r in rows] == [25, 4] + [4, 3, 2, 1] * 3
     runs = str(tmp_path / "runs" / "teacher_w24")
     locals_ = [(argv, folder) for stage, argv, folder in trained if stage == "local"]
@@ -823,8 +823,9 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     assert all(r["_FD_std"] > 0 for r in fig["rows"])  # error bars: the 2 seeds differ
     ev.main(["--replot", str(tmp_path / "f.json"), "--figure", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "f.png").read_bytes()
-    assert set(ev.TABLES) == {"main", "ablation", "terms", "onestep", "M", "p", "q"}
-    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "M", "p", "q")] == [5, 10, 4, 3, 4, 4]
+    assert set(ev.TABLES) == {"main", "ablation", "terms", "onestep", "targets", "second", "M", "p", "q"}
+    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "targets", "second", "M", "p", "q")] == [
+        5, 14, 6, 6, 4, 3, 4, 4]
     with pytest.raises(SystemExit, match="--jobs must be 1 or more"):
         ev.main(["--table", "q", "--jobs", "0"])
 
