@@ -521,7 +521,7 @@ def main(argv=None):
         return loss.item()
 
     log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} "
-        f"w_target={args.w_target:g} d={args.d} "
+        f"w_target={args.w_target:g} inputs={args.inputs} jump={args.jump} dmd_input={args.dmd_input} d={args.d} "
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
         f"batch={args.batch}x{world} iters={args.iters}; {precision_said(dtype, adapter_dtype)}")
     planned = (args.iters - step) * args.batch
