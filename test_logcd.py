@@ -1627,7 +1627,7 @@ def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
     assert seen == [2 * 3]
 
 
-def test_sampler_inputs_are_the_steps_the_student_samplers_take():
+def test_sampler_inputs_are_the_steps_the_student_samplers_take(monkeypatch):
     """--inputs sampler: each (z_{t_m}, t_m, t_n) is, bit for bit, a step the student's own k-step Psi sampler
     (sample.py's update, from the same noise) takes: the state it calls the student at, its time, the time it jumps
     to; k in 1..q, and every step of the 1..q-step samplers is drawn. The known answer: the sampler run step by step
@@ -1657,16 +1657,12 @@ def test_sampler_inputs_are_the_steps_the_student_samplers_take():
     solver = []
     a = global_cd.parse_args(["--p", "2", "--q", "3", "--inputs", "sampler", "--lambda1", "0", "--lambda2", "0"])
     a.w = a.w_target = 1.5
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(global_cd, "sampler_steps", lambda *_: (torch.zeros(2, 1, 16, 16), torch.tensor([1000., 625.]),
                                                                  torch.tensor([625., 375.])))
     monkeypatch.setattr(global_cd, "global_loss", lambda *a: solver.append(a[-1]) or (
         torch.zeros(2, requires_grad=True), torch.zeros(1), torch.zeros(1)))
-    try:
-        global_cd.iteration(t, t.encode(["1", "2"]), None, None, False, lambda loss, name: 0.0, a, M,
-                            torch.Generator().manual_seed(0), contextlib.nullcontext)
-    finally:
-        monkeypatch.undo()
+    global_cd.iteration(t, t.encode(["1", "2"]), None, None, False, lambda loss, name: 0.0, a, M,
+                        torch.Generator().manual_seed(0), contextlib.nullcontext)
     assert solver == [2 * 3]  # 1000 -> 625: 3 segments of 125
 
 
