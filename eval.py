@@ -4,7 +4,8 @@ paper's tables at toy scale, and the paper's Table 1 metrics (CLIP score, FID) f
     python eval.py --table teacher      # teacher DDIM at 25 / 8 / 4 / 3 / 2 steps (the yardstick for every stage)
     python eval.py --table cfg          # the teacher across CFG scales w (how its default w was chosen)
     python eval.py --table student --ckpt local.safetensors --steps 8 4 3 2
-    python eval.py --table main --jobs 2   # Table 1 (45 min on 2 cores): teacher, LCM-style, stage 1 only, LogCD
+    python eval.py --table main --jobs 2   # Table 1: the teacher (DDIM, best diffusers solver), the baselines
+                                           # (LCM-, PCM-, DMD2-style, each tuned on seed 3), stage 1 only, LogCD
     python eval.py --table ablation     # Table 3: local MSE -> local L-LPIPS -> + global -> + GAN -> + DMD
     python eval.py --table M            # Tables 4-6: M in {4, 8, 16}; --table p: p in 1..4; --table q: q in 1..4
     python eval.py --table terms --jobs 2  # issue 20: each stage-2 term's alignment and FD, at 1 to 4 steps
@@ -24,7 +25,9 @@ A small CNN trained deterministically on the digits is the judge:
 Samples come from sample.py (the stable command line every script uses): 1000 per row, 100 per digit, fixed seed.
 The paper's tables (--table main | ablation | M | p | q) train what they need with local_cd.py / global_cd.py at the
 embedded presets, once per seed (seeds 0, 1, 2), into runs/eval/<recipe>/seed<s>/, and reuse a finished run; each
-cell is mean +/- std over the 3 seeds (teacher rows: 3 sampling seeds).
+cell is mean +/- std over the 3 seeds (teacher rows: 3 sampling seeds), every student at 4, 3, 2 and 1 steps. Table
+1's baselines get LogCD's training budget in model forwards and a grid of learning rates and iterations, judged on
+seed 3 (never reported): the grid and its picks print below the table.
 For SDXL / FLUX students, `--clip-score MODEL --samples FILE` scores `sample.py --save-tensors FILE` output (e.g.
 from MSCOCO / MJHQ prompt files) with transformers' CLIPModel: 100 x cosine(image, prompt), averaged.
 `--score MODEL` (a student checkpoint, or a teacher with its CFG) is the paper's Table 1 on a GPU: per step count k,
@@ -38,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -48,6 +52,7 @@ from tqdm import tqdm
 
 import lora
 from runs import plot_log
+from sample import SOLVERS
 from teachers import load_student, load_teacher
 from toy.digits import load_digits, split
 
@@ -147,6 +152,7 @@ def table(rows):
 
 RUNS = os.path.join(HERE, "runs", "eval")
 SEEDS = (0, 1, 2)
+TUNE_SEED = 3  # the baselines' grids are trained and judged on this seed, which no table reports
 # stage-1 recipes (local_cd.py flags) and stage-2 recipes (global_cd.py flags, on top of a stage-1 recipe)
 STAGE1 = {"mse": [], "llpips": ["--d", "llpips"], "M1": ["--M", "1"], "M4": ["--M", "4"], "M16": ["--M", "16"]}
 STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--lambda2", "0"],
@@ -160,21 +166,61 @@ STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--l
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
 QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
 QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
-STEPS = (4, 3, 2)
-STEPS1 = (4, 3, 2, 1)  # issue 20: the same LoRA at 1 step too
+STEPS = (4, 3, 2, 1)  # every student row: its model(s) at 4, 3, 2 and 1 steps
+TEACHER_STEPS = (25, 4, 3, 2, 1)
 SHARE = 1.0  # the share of the machine a training here has: 1 / --jobs
 TEACHER = "digits"  # the tables' teacher (--teacher): the embedded one, or another of its layout (issue 20)
 
-# rows the issue-20 tables share
+# ---- the baselines of Table 1, each tuned on TUNE_SEED (issue 21) ----
+# Each gets LogCD's training budget in model forwards (a CFG step counts 2): about 138K per seed at the embedded
+# presets (stage 1 + stage 2; the tables' forwards column has each run's count). Stage 1 with M <= 4 spends about
+# 164 forwards an iteration (64 pairs, 2.56 each), the DMD2-style stage 2 about 1256 (32 samples, 39 each: its
+# GAN's real side is the teacher's p steps per segment over the sampler's jump): 850 and 110 iterations.
+BUDGET_ITERS = {"local": 850, "global": 110}
+GRID_LR = {"local": (1e-4, 3e-4, 1e-3), "global": (3e-5, 1e-4, 3e-4)}  # around each stage's preset: 1e-3, 3e-5
+GRID_PARTS = (4, 2, 1)  # a grid's iterations: the budget / 4, / 2 and all of it (one training, resumed twice)
+CHAIN = {}  # a grid recipe -> the shorter one it continues (--resume is exact: the same as training it at once)
+DMD2 = ["--init", "teacher", "--lambda0", "0", "--inputs", "sampler"]  # distribution matching + GAN, no stage 1
+
+
+def grid(stage, name, flags, sampler):
+    """A baseline's grid: one recipe per (lr, iterations), registered in STAGE1 / STAGE2 as name_lr<lr>_it<n>.
+    Returns its points (s1, s2, sampler); a stage-2 recipe from the teacher itself has s1 = None."""
+    recipes, points = STAGE1 if stage == "local" else STAGE2, []
+    for lr in GRID_LR[stage]:
+        before = None
+        for part in GRID_PARTS:
+            key = f"{name}_lr{lr:g}_it{BUDGET_ITERS[stage] // part}"
+            recipes[key] = [*flags, "--lr", f"{lr:g}", "--iters", str(BUDGET_ITERS[stage] // part)]
+            if before:
+                CHAIN[key] = before
+            before = key
+            points.append((key, None, sampler) if stage == "local" else (None, key, sampler))
+    return points
+
+
+# baseline -> (its grid points, the step counts the judge reads); picked: the lowest geometric-mean FD over them
+BASELINES = {
+    "solver": ([(None, None, s) for s in SOLVERS], (4, 3, 2)),  # the teacher's best diffusers solver (1 step: DDIM)
+    "lcm": (grid("local", "M1", ["--M", "1"], "lcm"), STEPS),
+    **{f"pcm{k}": (grid("local", f"M{k}", ["--M", str(k)], "psi"), (k,)) for k in (1, 2, 3, 4)},
+    "dmd2": (grid("global", "dmd2", DMD2, "psi"), STEPS),
+}
+
+# rows the tables share
 TEACHER4 = ("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25, 4))
-STAGE1_ONLY = ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS1)
-RECIPE = ("LogCD (the paper's recipe, the README's)", "mse", "full", "psi", STEPS1)
-SAMPLER_DMD1 = ("LogCD, --inputs sampler --dmd-input one_step", "mse", "sampler_dmd1", "psi", STEPS1)
-# table -> rows: (label, stage-1 recipe or None for the teacher, stage-2 recipe or None, sampler, step counts)
+STAGE1_ONLY = ("stage 1 only (local CD, MSE)", "mse", None, "psi", STEPS)
+RECIPE = ("LogCD (the paper's recipe, the README's)", "mse", "full", "psi", STEPS)
+SAMPLER_DMD1 = ("LogCD, --inputs sampler --dmd-input one_step", "mse", "sampler_dmd1", "psi", STEPS)
+# table -> rows: (label, stage-1 recipe (None: the teacher, or stage 2 from it; "tuned": a baseline's pick),
+# stage-2 recipe or None (with "tuned": the baseline), sampler (teacher rows: the solver), step counts)
 TABLES = {
-    "main": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", (25,) + STEPS),
-             ("LCM-style: local CD with M = 1, LCM sampler", "M1", None, "lcm", STEPS),
-             ("stage 1 only (local CD, M = 8; PCM-style, 8 phases)", "mse", None, "psi", STEPS),
+    "main": [("teacher DDIM (CFG: 2 calls per step)", None, None, "psi", TEACHER_STEPS),
+             ("teacher, the best diffusers solver (tuned)", "tuned", "solver", None, STEPS),
+             ("LCM-style: M = 1, LCM sampler (tuned)", "tuned", "lcm", None, STEPS),
+             ("PCM-style: M = k phases for k steps, a model per k (tuned)", "tuned", "pcm", None, STEPS),
+             ("DMD2-style: DMD + GAN from the teacher, no consistency (tuned)", "tuned", "dmd2", None, STEPS),
+             ("stage 1 only (local CD, M = 8)", "mse", None, "psi", STEPS),
              ("LogCD (stage 1 + stage 2)", "mse", "full", "psi", STEPS)],
     "ablation": [("local CD, MSE", "mse", None, "psi", STEPS),
                  ("local CD, L-LPIPS", "llpips", None, "psi", STEPS),
@@ -183,31 +229,31 @@ TABLES = {
                  ("+ DMD (lambda2 = 1): LogCD with L-LPIPS in both stages", "llpips", "full", "psi", STEPS)],
     # issue 20: what each stage-2 term does to alignment and FD, from the README's stage 1 (MSE), at 1 to 4 steps
     "terms": [TEACHER4, STAGE1_ONLY,
-              ("+ global consistency only", "mse", "cons", "psi", STEPS1),
-              ("+ GAN (lambda1 = 0.1), no DMD", "mse", "gan", "psi", STEPS1),
-              ("+ DMD (lambda2 = 1), no GAN", "mse", "dmd", "psi", STEPS1),
-              ("+ GAN + DMD = LogCD (the README's recipe)", "mse", "full", "psi", STEPS1),
-              ("global consistency only, d = MSE (not L-LPIPS)", "mse", "cons_mse", "psi", STEPS1),
-              ("LogCD, d = MSE in stage 2", "mse", "full_mse", "psi", STEPS1),
-              ("global consistency only, w = 3 in stage 2 (stage 1: 1.5)", "mse", "cons_w3", "psi", STEPS1),
-              ("LogCD, w = 3 in stage 2 (target and DMD real score)", "mse", "full_w3", "psi", STEPS1),
-              ("LogCD, target at w = 2, DMD real score at 1.5 (--w-target 2)", "mse", "full_wt2", "psi", STEPS1),
-              ("LogCD, target at w = 3, DMD real score at 1.5 (--w-target 3)", "mse", "full_wt3", "psi", STEPS1),
-              ("LogCD, sampled with fresh noise at each step (sample.py --sampler lcm)", "mse", "full", "lcm", STEPS1),
+              ("+ global consistency only", "mse", "cons", "psi", STEPS),
+              ("+ GAN (lambda1 = 0.1), no DMD", "mse", "gan", "psi", STEPS),
+              ("+ DMD (lambda2 = 1), no GAN", "mse", "dmd", "psi", STEPS),
+              ("+ GAN + DMD = LogCD (the README's recipe)", "mse", "full", "psi", STEPS),
+              ("global consistency only, d = MSE (not L-LPIPS)", "mse", "cons_mse", "psi", STEPS),
+              ("LogCD, d = MSE in stage 2", "mse", "full_mse", "psi", STEPS),
+              ("global consistency only, w = 3 in stage 2 (stage 1: 1.5)", "mse", "cons_w3", "psi", STEPS),
+              ("LogCD, w = 3 in stage 2 (target and DMD real score)", "mse", "full_w3", "psi", STEPS),
+              ("LogCD, target at w = 2, DMD real score at 1.5 (--w-target 2)", "mse", "full_wt2", "psi", STEPS),
+              ("LogCD, target at w = 3, DMD real score at 1.5 (--w-target 3)", "mse", "full_wt3", "psi", STEPS),
+              ("LogCD, sampled with fresh noise at each step (sample.py --sampler lcm)", "mse", "full", "lcm", STEPS),
               ("LogCD, trained on the student samplers' own steps (--inputs sampler)", "mse", "sampler", "psi",
-               STEPS1)],
+               STEPS)],
     # issue 20: the options for a 1-step student, beside the paper's recipe
     "onestep": [TEACHER4,
-                ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS1),
-                ("LogCD, DMD on the 1-step sample (--dmd-input one_step)", "mse", "dmd1", "psi", STEPS1),
-                ("LogCD, t_n any lower milestone (--jump any)", "mse", "any", "psi", STEPS1),
-                ("LogCD, lr 1e-4 (preset: 3e-5)", "mse", "lr1e4", "psi", STEPS1),
-                ("LogCD, lr 1e-4, DMD on the 1-step sample", "mse", "lr1e4_dmd1", "psi", STEPS1)],
+                ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS),
+                ("LogCD, DMD on the 1-step sample (--dmd-input one_step)", "mse", "dmd1", "psi", STEPS),
+                ("LogCD, t_n any lower milestone (--jump any)", "mse", "any", "psi", STEPS),
+                ("LogCD, lr 1e-4 (preset: 3e-5)", "mse", "lr1e4", "psi", STEPS),
+                ("LogCD, lr 1e-4, DMD on the 1-step sample", "mse", "lr1e4_dmd1", "psi", STEPS)],
     # issue 20: its targets, on the embedded teacher; and on a second one (--teacher toy/teacher_w24) the paper's
     # recipe and the option best at 1 and 4 steps on the embedded one
     "targets": [TEACHER4, STAGE1_ONLY, RECIPE,
-                ("LogCD, --inputs sampler", "mse", "sampler", "psi", STEPS1),
-                ("LogCD, --inputs sampler --w-target 2", "mse", "sampler_wt2", "psi", STEPS1),
+                ("LogCD, --inputs sampler", "mse", "sampler", "psi", STEPS),
+                ("LogCD, --inputs sampler --w-target 2", "mse", "sampler_wt2", "psi", STEPS),
                 SAMPLER_DMD1],
     "second": [TEACHER4, STAGE1_ONLY, RECIPE, SAMPLER_DMD1],
     "M": [(f"LogCD, M = {m}", f"M{m}" if m != 8 else "mse", "full", "psi", STEPS) for m in (4, 8, 16)],
@@ -216,21 +262,33 @@ TABLES = {
 }
 
 
-def train(stage, argv, seed, folder):
+def train(stage, argv, seed, folder, start=None):
     """Trains one stage (local_cd / global_cd main, the command line a user would type plus --seed and --out) into
     folder/seed<s>/, or reuses the run if it finished before (its .done.json). An interrupted run (a checkpoint and
     its resume state, no .done.json) continues with --resume, which is exact: the result equals an uninterrupted
-    run. Returns (checkpoint, training seconds): wall time (a resumed run adds its earlier parts up to their last
-    save) times the share of the machine the run had (1 / --jobs), so that costs compare across --jobs."""
+    run. start: a finished shorter run of the same recipe (a grid's CHAIN) to continue, copied, with --resume.
+    Returns (checkpoint, training seconds, model forwards): wall time (a resumed run adds its earlier parts up to
+    their last save, a continued one its start's) times the share of the machine the run had (1 / --jobs), so that
+    costs compare across --jobs; the forwards as the training script counted them (checkpoint metadata)."""
     import global_cd
     import local_cd
     import runs
     out = os.path.join(folder, f"seed{seed}", f"{stage}.safetensors")
     done, part = out + ".done.json", out + ".part.json"
+
+    def result(seconds):
+        return out, seconds, int(float(lora.metadata(out).get("forwards", 0)))
     if os.path.exists(done) and os.path.exists(out):
         with open(done) as f:
-            return out, json.load(f)["seconds"]
+            return result(json.load(f)["seconds"])
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    if start and not os.path.exists(out):  # continue the shorter run: its checkpoint, state and metrics log
+        for src, dst in ((start, out), (runs.state_path(start), runs.state_path(out)),
+                         (os.path.splitext(start)[0] + ".log.jsonl", os.path.splitext(out)[0] + ".log.jsonl")):
+            if os.path.exists(src):
+                shutil.copy2(src, dst)
+        with open(start + ".done.json") as f, lora.atomic(part) as tmp, open(tmp, "w") as g:
+            json.dump({"start": os.path.getmtime(out), "share": SHARE, "before": json.load(f)["seconds"]}, g)
     argv = [*argv, "--seed", str(seed), "--out", out]
     fresh = [*argv, "--overwrite"]  # this folder is eval's own: a part that cannot resume starts over
     # part.json: when this part started, its share of the machine, and the seconds its earlier, interrupted parts
@@ -263,52 +321,111 @@ def train(stage, argv, seed, folder):
     with lora.atomic(done) as tmp, open(tmp, "w") as f:
         json.dump({"seconds": seconds, "share": SHARE, "argv": argv, "resumed": resume}, f)
     os.remove(part)
-    return out, seconds
+    return result(seconds)
 
 
 def student(s1, s2, seed, runs, quick):
-    """The checkpoint of stage-1 recipe s1 (then stage-2 recipe s2) for one seed, and its training seconds."""
-    ckpt, sec = train("local", ["--teacher", TEACHER, *STAGE1[s1], *(QUICK1 if quick else [])], seed,
-                      os.path.join(runs, f"local-{s1}"))
+    """The checkpoint of stage-1 recipe s1 (then stage-2 recipe s2; s1 None: stage 2 from the teacher itself) for
+    one seed, its training seconds and model forwards (both stages)."""
+    def start(key):  # a grid recipe continues its shorter run (not in --quick: every quick run is 2 iterations)
+        return student(*((CHAIN[key], None) if s2 is None else (None, CHAIN[key])), seed, runs, quick)[0] \
+            if key in CHAIN and not quick else None
+    if s1 is None:
+        return train("global", ["--teacher", TEACHER, *STAGE2[s2], *(QUICK2 if quick else [])], seed,
+                     os.path.join(runs, f"global-teacher-{s2}"), start(s2))
+    ckpt, sec, fwd = train("local", ["--teacher", TEACHER, *STAGE1[s1], *(QUICK1 if quick else [])], seed,
+                           os.path.join(runs, f"local-{s1}"), start(s1) if s2 is None else None)
     if s2 is None:
-        return ckpt, sec
-    ckpt2, sec2 = train("global", ["--init", ckpt, *STAGE2[s2], *(QUICK2 if quick else [])], seed,
-                        os.path.join(runs, f"global-{s1}-{s2}"))
-    return ckpt2, sec + sec2
+        return ckpt, sec, fwd
+    ckpt2, sec2, fwd2 = train("global", ["--init", ckpt, *STAGE2[s2], *(QUICK2 if quick else [])], seed,
+                              os.path.join(runs, f"global-{s1}-{s2}"))
+    return ckpt2, sec + sec2, fwd + fwd2
 
 
 def source(s1, s2, sampler, seed, runs, quick):
-    """A table row's sample.py flags for one seed (the teacher, or the student trained for it) and its training
-    seconds (0 for the teacher)."""
-    if s1 is None:
-        return ["--teacher", TEACHER], [], 0.0
-    ckpt, sec = student(s1, s2, seed, runs, quick)
-    return ["--ckpt", ckpt], ["--sampler", sampler], sec
+    """A table row's sample.py flags for one seed (the teacher with its solver, or the student trained for it),
+    and its training seconds and forwards (0 for the teacher)."""
+    if s1 is None and s2 is None:
+        return ["--teacher", TEACHER], ["--solver", sampler] if sampler != "psi" else [], 0.0, 0
+    ckpt, sec, fwd = student(s1, s2, seed, runs, quick)
+    return ["--ckpt", ckpt], ["--sampler", sampler], sec, fwd
+
+
+def grid_points(name, quick):
+    """A baseline's grid; in --quick, its last point (every quick training is 2 iterations: no chain to test)."""
+    points = BASELINES[name][0]
+    return points if not quick or name == "solver" else points[-1:]
+
+
+def judged(name, point, runs, quick, net=None):
+    """A grid point's scores on TUNE_SEED at the step counts its baseline `name` is judged at: {k: score}."""
+    src, extra, _, _ = source(*point, TUNE_SEED, runs, quick)
+    net = net or load_classifier()[0]
+    return {k: cached_score(src, k, TUNE_SEED, 4 if quick else 100, extra, None, net, runs)
+            for k in BASELINES[name][1]}
+
+
+def geo_fd(scores):
+    return math.exp(sum(math.log(s["FD"]) for s in scores.values()) / len(scores))
+
+
+def tuned(name, runs, quick):
+    """The grid point of baseline `name` the judge picks on TUNE_SEED: the lowest geometric mean of FD over the
+    step counts it is judged at (each step count weighs alike, whatever its FD's size)."""
+    net = load_classifier()[0]
+    return min(grid_points(name, quick), key=lambda point: geo_fd(judged(name, point, runs, quick, net)))
+
+
+def pick(s1, s2, sampler, k, runs, quick):
+    """(s1, s2, sampler) a table row samples at k steps: its own, or (s1 = "tuned") the pick of baseline s2's grid
+    (s2 = "pcm": of pcm<k>, a model of k phases for k steps)."""
+    if s1 != "tuned":
+        return s1, s2, sampler
+    return tuned(f"pcm{k}" if s2 == "pcm" else s2, runs, quick)
+
+
+def baselines_of(name):
+    """The baselines a table's tuned rows use."""
+    return [n for _, s1, s2, _, steps in TABLES[name] if s1 == "tuned"
+            for n in ([f"pcm{k}" for k in steps] if s2 == "pcm" else [s2])]
 
 
 def run_table(name, runs, quick, seeds, jobs):
-    """--jobs N: does the table's missing work N at a time, in N processes of cores / N threads each, in three rounds
-    (a round's tasks need only earlier rounds): the stage-1 trainings and the teacher's rows; the stage-2 trainings
-    and the stage-1-only rows; the stage-2 rows. A row is scored per (seed, steps): 1000 samples, then alignment and
-    FD, remembered in scores.json. paper_table then finds all of it done. On 2 CPU cores, 2 jobs of 1 thread get
-    1.35x the work of 1 job of 2 threads done; the results equal a --jobs 1 run up to float rounding (the thread
-    count changes the order of sums), not bit for bit."""
+    """--jobs N: does the table's missing work N at a time, in N processes of cores / N threads each, in rounds (a
+    round's tasks need only earlier rounds). First the baselines' grids on TUNE_SEED: their trainings (the budget /
+    4, then resumed to / 2 and to all of it), then their scores; then the table's stage-1 trainings and teacher rows;
+    its stage-2 trainings and stage-1-only rows; its stage-2 rows. A row is scored per (seed, steps): 1000 samples,
+    then alignment and FD, remembered in scores.json. paper_table then finds all of it done. On 2 CPU cores, 2 jobs of
+    1 thread get 1.35x the work of 1 job of 2 threads done; the results equal a --jobs 1 run up to float rounding
+    (the thread count changes the order of sums), not bit for bit."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    rows, per_prompt = TABLES[name], 4 if quick else 100
-    scores = [(s1, s2, sampler, k, seed) for _, s1, s2, sampler, steps in rows for seed in seeds for k in steps]
-    s1s = dict.fromkeys(s1 for _, s1, _, _, _ in rows if s1 is not None)
-    s2s = dict.fromkeys((s1, s2) for _, s1, s2, _, _ in rows if s2 is not None)
-    rounds = [[("train", (s1, None, seed, runs, quick)) for s1 in s1s for seed in seeds] +
-              [("score", (*sc, runs, quick, per_prompt)) for sc in scores if sc[0] is None],
-              [("train", (s1, s2, seed, runs, quick)) for s1, s2 in s2s for seed in seeds] +
-              [("score", (*sc, runs, quick, per_prompt)) for sc in scores if sc[0] is not None and sc[1] is None],
-              [("score", (*sc, runs, quick, per_prompt)) for sc in scores if sc[1] is not None]]
+    per_prompt = 4 if quick else 100
+    def depth(key):  # how many shorter runs a grid recipe continues
+        return 0 if quick or key not in CHAIN else 1 + depth(CHAIN[key])
+    judge = [(n, p) for n in dict.fromkeys(baselines_of(name)) for p in grid_points(n, quick)]
+    trained = list(dict.fromkeys(p[:2] for _, p in judge if p[:2] != (None, None)))
+    rounds = [[("train", (s1, s2, TUNE_SEED, runs, quick)) for s1, s2 in trained if depth(s1 or s2) == j]
+              for j in range(max((depth(s1 or s2) for s1, s2 in trained), default=-1) + 1)]
+    rounds.append([("score", (*p, k, TUNE_SEED, runs, quick, per_prompt)) for n, p in judge
+                   for k in BASELINES[n][1]])
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_worker,
                              initargs=(max(1, torch.get_num_threads() // jobs), 1 / jobs, TEACHER)) as pool:
-        for tasks in rounds:
-            for scored in pool.map(_task, tasks):
+        def do(tasks):
+            for scored in pool.map(_task, list(dict.fromkeys(tasks))):  # a run shared by two rows: trained once
                 remember(runs, scored)  # here, in one process: workers finishing together cannot lose an entry
+        for tasks in rounds:
+            do(tasks)
+        # the table's own work, with every tuned row resolved to its picks
+        cells = [(*pick(s1, s2, sampler, k, runs, quick), k, seed)
+                 for _, s1, s2, sampler, steps in TABLES[name] for seed in seeds for k in steps]
+        models = list(dict.fromkeys(c[:2] for c in cells if c[:2] != (None, None)))
+        score = [("score", (*c, runs, quick, per_prompt)) for c in cells]
+        do([("train", (s1, None, seed, runs, quick)) for s1, s2 in models if s1 for seed in seeds] +
+           [t for t in score if t[1][:2] == (None, None)])
+        do([("train", (s1, s2, seed, runs, quick)) for s1, s2 in models if s2 for seed in seeds] +
+           [t for t in score if t[1][0] is not None and t[1][1] is None])
+        do([t for t in score if t[1][1] is not None])
 
 
 def _worker(threads, share, teacher):
@@ -319,13 +436,14 @@ def _worker(threads, share, teacher):
 
 
 def _task(task):
-    """One unit of run_table's work in a worker: a training, or one row's score for one (seed, steps)."""
+    """One unit of run_table's work in a worker: a training, or one row's (or grid point's) score for one
+    (seed, steps)."""
     kind, args = task
     if kind == "train":
         student(*args)
         return {}
     s1, s2, sampler, k, seed, runs, quick, per_prompt = args
-    src, extra, _ = source(s1, s2, sampler, seed, runs, quick)
+    src, extra, _, _ = source(s1, s2, sampler, seed, runs, quick)
     key = score_key(src, k, seed, per_prompt, extra)
     if key in read_scores(runs):
         return {}
@@ -374,7 +492,7 @@ def teacher_reference(runs, quick, seeds):
     net, _ = load_classifier()
     scores = []
     for seed in seeds:
-        src, extra, _ = source(None, None, "psi", seed, runs, quick)
+        src, extra, _, _ = source(None, None, "psi", seed, runs, quick)
         scores.append(cached_score(src, 25, seed, 4 if quick else 100, extra, None, net, runs))
     (a, a_std), (fd, fd_std) = (mean_std([s[m] for s in scores]) for m in ("alignment", "FD"))
     return {"label": "teacher, 25 DDIM steps with CFG (50 calls)", "_alignment": a, "_alignment_std": a_std,
@@ -388,32 +506,81 @@ def mean_std(values):
 
 def paper_table(name, runs=RUNS, quick=False, seeds=SEEDS, grids=None, jobs=1):
     """Rows of one of the paper's tables: per (row, steps), alignment and FD as mean +/- std over the seeds, model
-    calls per sample, training minutes (mean over seeds, both stages). Does what is missing (--jobs at a time)."""
+    calls per sample, the training (mean over seeds, both stages): machine minutes and model forwards, and for a
+    tuned row its baseline's pick at that step count. Does what is missing (--jobs at a time)."""
     if jobs > 1:
         run_table(name, runs, quick, seeds, jobs)
     net, _ = load_classifier()
     per_prompt = 4 if quick else 100
     rows = []
     for label, s1, s2, sampler, steps in TABLES[name]:
-        scores, minutes = {k: [] for k in steps}, []
-        for seed in seeds:
-            src, extra, sec = source(s1, s2, sampler, seed, runs, quick)
-            if s1 is not None:
-                minutes.append(sec / 60)
-            for k in steps:
+        for k in steps:
+            r1, r2, solver = pick(s1, s2, sampler, k, runs, quick)
+            scores, minutes, forwards = [], [], []
+            for seed in seeds:
+                src, extra, sec, fwd = source(r1, r2, solver, seed, runs, quick)
+                if (r1, r2) != (None, None):
+                    minutes.append(sec / 60)
+                    forwards.append(fwd / 1000)
                 grid = None
                 if grids and seed == seeds[0]:
                     os.makedirs(grids, exist_ok=True)
-                    grid = os.path.join(grids, f"{name}_{s1 or 'teacher'}_{s2 or 'none'}_{k}.png")
-                scores[k].append(cached_score(src, k, seed, per_prompt, extra, grid, net, runs))
-        for k in steps:
-            a, fd = (mean_std([sc[m] for sc in scores[k]]) for m in ("alignment", "FD"))
-            rows.append({"row": label, "steps": k, "calls": 2 * k if s1 is None else k,
+                    grid = os.path.join(grids, f"{name}_{r1 or 'teacher'}_{r2 or solver}_{k}.png")
+                scores.append(cached_score(src, k, seed, per_prompt, extra, grid, net, runs))
+            a, fd = (mean_std([sc[m] for sc in scores]) for m in ("alignment", "FD"))
+            rows.append({"row": label, "steps": k, "calls": 2 * k if (r1, r2) == (None, None) else k,
                          "alignment": f"{a[0]:.3f} ± {a[1]:.3f}", "FD": f"{fd[0]:.2f} ± {fd[1]:.2f}",
                          "training (min)": f"{sum(minutes) / len(minutes):.1f}" if minutes else "-",
-                         "_alignment": a[0], "_FD": fd[0], "_alignment_std": a[1], "_FD_std": fd[1]})
+                         "forwards (K)": f"{sum(forwards) / len(forwards):.0f}" if forwards else "-",
+                         "pick": describe(r1, r2, solver) if s1 == "tuned" else "-",
+                         "_alignment": a[0], "_FD": fd[0], "_alignment_std": a[1], "_FD_std": fd[1],
+                         "_commits": sorted(trained_at(r1, r2, seeds, runs, quick))})
             print(table([{k_: v for k_, v in rows[-1].items() if not k_.startswith("_")}]).splitlines()[-1],
                   flush=True)
+    return rows
+
+
+def describe(s1, s2, solver):
+    """A pick in words: a diffusers solver, or a grid recipe's M, learning rate and iterations."""
+    if (s1, s2) == (None, None):
+        return SOLVERS[solver][0]
+    flags = STAGE1[s1] if s1 else STAGE2[s2]
+    value = {f: flags[flags.index(f) + 1] for f in ("--M", "--lr", "--iters") if f in flags}
+    return (f"M = {value['--M']}, " if "--M" in value else "") + f"lr {value['--lr']}, {value['--iters']} iterations"
+
+
+def trained_at(s1, s2, seeds, runs, quick):
+    """The commits (checkpoint metadata) the trainings of a row were made at, both stages."""
+    if (s1, s2) == (None, None):
+        return set()
+    found = set()
+    for seed in seeds:
+        meta = lora.metadata(student(s1, s2, seed, runs, quick)[0])
+        found.add(meta.get("git_commit", "unknown"))
+        if os.path.isfile(meta.get("init", "")):
+            found.add(lora.metadata(meta["init"]).get("git_commit", "unknown"))
+    return found
+
+
+def grid_table(name, runs, quick):
+    """The baselines' grids of table `name` as the judge saw them on TUNE_SEED: per point, FD (alignment) at each
+    judged step count, the geometric-mean FD that picks, and the grid's training cost (the longest run of each
+    chain: the shorter ones are its first parts)."""
+    rows, net = [], load_classifier()[0]
+    for n in dict.fromkeys(baselines_of(name)):
+        best = tuned(n, runs, quick)
+        for point in grid_points(n, quick):
+            scores = judged(n, point, runs, quick, net)
+            cost = "-"
+            if point[:2] != (None, None) and (point[0] or point[1]) not in CHAIN.values():
+                _, sec, fwd = student(*point[:2], TUNE_SEED, runs, quick)
+                cost = f"{sec / 60:.1f} min, {fwd / 1000:.0f}K forwards"
+            rows.append({"baseline": n, "point": describe(*point),
+                         **{f"{k} step{'s' * (k > 1)}: FD (alignment)":
+                            f"{scores[k]['FD']:.1f} ({scores[k]['alignment']:.3f})" if k in scores else "-"
+                            for k in STEPS},
+                         "geometric-mean FD": f"{geo_fd(scores):.1f}", "picked": "yes" if point == best else "",
+                         "training (whole chain)": cost})
     return rows
 
 
@@ -961,14 +1128,22 @@ def main(argv=None):
             runs = stack.enter_context(tempfile.TemporaryDirectory()) if args.quick else args.runs
             seeds = SEEDS[:2] if args.quick else SEEDS
             rows = paper_table(args.table, runs, args.quick, seeds, args.grids, args.jobs)
+            grids = grid_table(args.table, runs, args.quick)
+            commits = ", ".join(sorted({c for r in rows for c in r["_commits"]})) or "-"
             if args.figure:  # the many-step teacher is the reference line, not a point of the curves
                 plot([r for r in rows if r["steps"] != 25], args.figure, teacher_reference(runs, args.quick, seeds),
-                     title=f"--table {args.table}: {len(seeds)} seeds, {40 if args.quick else 1000} samples per point")
+                     title=f"--table {args.table}: {len(seeds)} seeds, {40 if args.quick else 1000} samples per "
+                     f"point; trained at {commits}")
                 print(f"wrote {args.figure} and its numbers, {os.path.splitext(args.figure)[0]}.json")
         n = 2 if args.quick else len(SEEDS)
         print(f"\n--table {args.table}: mean ± std over {n} seeds, {40 if args.quick else 1000} samples per row, "
-              f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU threads\n")
+              f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU threads; trained at commit(s) "
+              f"{commits}\n")
         print(table([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]))
+        if grids:
+            print(f"\nthe baselines' grids, judged on seed {TUNE_SEED} (FD and alignment of "
+                  f"{40 if args.quick else 1000} samples):\n")
+            print(table(grids))
         return rows
     net, meta = load_classifier()
     real, y = load_digits()

@@ -22,8 +22,9 @@ from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_ou
                   explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
                   mean_over_ranks, new_run_id, number, optimizer_tensors, positive, prompts_meta, rank_difference,
                   read_state, resumed_late, run_prompts, state_path, take_run_batch, take_run_values, weight)
-from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, cond_cat, cond_index, load_student,
-                      open_prompt_stream, precision, precision_said, prompts_seen, read_prompts, save_checkpoint)
+from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, add_student, cond_cat, cond_index,
+                      load_student, load_teacher, open_prompt_stream, precision, precision_said, prompts_seen,
+                      read_prompts, save_checkpoint)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -240,7 +241,7 @@ def one_step(teacher, cond, gen):
 def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
     """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
     a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
-    w, w_target, lambda1, lambda2, fake_updates, jump, inputs, dmd_input; every forward runs inside autocast()
+    w, w_target, lambda0, lambda1, lambda2, fake_updates, jump, inputs, dmd_input; every forward runs inside autocast()
     (teachers.precision), every backward outside it. Returns the losses to log (tensors: no GPU sync here)."""
     B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
     if a.inputs == "renoise":  # image-free inputs: the student's q-step samples, re-noised to a random milestone t_m
@@ -258,10 +259,11 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
         k = round(float((t_m - t_n).max()) * M / T)  # segments in the longest jump: p steps per segment
         t_m, t_n = t_m.to(device), t_n.to(device)
 
-    # the student step: L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
+    # the student step: L = lambda0 L_GoCD + lambda1 L_GAN + lambda2 L_DMD (the paper's lambda0 = 1)
     with autocast():
         l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w_target, a.p * k)  # p steps a segment
-        loss = logs["cons"] = l_cons.mean()
+        logs["cons"] = l_cons.mean()
+        loss = a.lambda0 * logs["cons"]
         if disc:
             l_gan = logs["gan"] = generator_loss(disc, x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen),
                                                  cond)
@@ -286,7 +288,7 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
 
 # ---- the training script ------------------------------------------------------------------------------------------
 
-RUN_VALUES = dict(w=float, w_target=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float,
+RUN_VALUES = dict(w=float, w_target=float, p=int, q=int, d=str, llpips=str, lambda0=float, lambda1=float, lambda2=float,
                   fake_updates=int, jump=str, inputs=str, dmd_input=str, fake_rank=int, lr=float, lr_aux=float,
                   seed=int)  # what --resume keeps
 
@@ -306,11 +308,13 @@ sampler visits. Starting from a stage-1 student (--init), each iteration:
   DMD (lambda2):      real score = teacher with CFG, fake score = LoRA adapter `fake` on the same base, trained
                       online (--fake-updates denoising steps per student step); DMD2's normalised gradient
                       on x0 at t_m (or on the 1-step sample x0(z_T, T): --dmd-input one_step)
-  total:              L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
+  total:              L = lambda0 L_GoCD + lambda1 L_GAN + lambda2 L_DMD   (the paper: lambda0 = 1)
 
 One copy of the base weights serves the teacher (no adapter), the student (adapter `student`), the fake score
 (adapter `fake`) and the discriminator's backbone. Paper: p = 3, q = 4, lambda1 = 0.1, lambda2 = 1, lr 1e-5;
 3K iterations for SDXL, 6K for FLUX.1-dev. Ablations (the paper's Table 3): --d mse, --lambda1 0, --lambda2 0.
+The DMD2-style baseline (distribution matching + GAN, no consistency term, no stage 1): --init teacher --lambda0 0
+--inputs sampler (the student starts as the teacher itself: a fresh LoRA on the milestone grid of --M).
 
   python global_cd.py                                   # after python local_cd.py: the embedded teacher, minutes
   torchrun --nproc_per_node 4 global_cd.py --init local.safetensors --prompts prompts.txt --llpips sdxl_llpips.safetensors
@@ -321,8 +325,13 @@ One copy of the base weights serves the teacher (no adapter), the student (adapt
 def parse_args(argv=None):
     p = Parser(description=__doc__ + STAGE2, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--init", default="local.safetensors", help="the stage-1 checkpoint to continue (its teacher, M and w are used)")
-    a("--teacher", default=None, help="optional check: the teacher --init must have been distilled from")
+    a("--init", default="local.safetensors", help="the stage-1 checkpoint to continue (its teacher, M and w are "
+      "used), or teacher: a fresh LoRA on --teacher, the student starting as the teacher (the DMD2-style baseline)")
+    a("--teacher", default=None, help="optional check: the teacher --init must have been distilled from (with --init "
+      "teacher: the teacher, default digits)")
+    a("--M", type=count, default=None, help="with --init teacher: the milestone grid's segments (default 8; a stage-1 "
+      "checkpoint brings its own)")
+    a("--rank", type=count, default=None, help="with --init teacher: the student's LoRA rank (default 64, stage 1's)")
     a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
     a("--p", type=count, default=3, help="p: teacher solver steps from t_m to t_n")
     a("--q", type=count, default=4, help="q: student steps that make the image-free inputs")
@@ -332,6 +341,8 @@ def parse_args(argv=None):
       "--w (default: --w, the paper's one w; issue 20: more guidance in the target buys alignment at FD's cost)")
     a("--d", "--distance", choices=["mse", "llpips"], default="llpips", help=DISTANCE_HELP)
     a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
+    a("--lambda0", type=weight, default=1.0, help="lambda0: weight of the consistency term L_GoCD (the paper: 1; 0: "
+      "off, the DMD2-style baseline)")
     a("--lambda1", type=weight, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
     a("--lambda2", type=weight, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")
     a("--fake-rank", type=count, default=None, help="LoRA rank of the fake score (default: the "
@@ -391,6 +402,12 @@ def main(argv=None):
     if args.resume:  # the run's own p, q, w, lambdas, ...: flags left out are taken from it, flags given must agree
         take_run_values(args, run, RUN_VALUES)
         take_run_batch(args, run, world)
+    from_teacher = args.init == "teacher" and not args.resume
+    if (args.M or args.rank) and not from_teacher:
+        raise SystemExit("error: --M and --rank go with --init teacher; a stage-1 checkpoint (or the run resumed) "
+                         "brings its own")
+    if args.lambda0 == args.lambda1 == args.lambda2 == 0:
+        raise SystemExit("error: --lambda0, --lambda1 and --lambda2 are all 0: nothing to train")
     if args.inputs == "sampler" and args.jump != "adjacent":
         raise SystemExit("error: --jump any: with --inputs sampler, t_n is the milestone the sampler jumps to; leave "
                          "--jump out")
@@ -398,10 +415,16 @@ def main(argv=None):
         prompts = run_prompts(args, run)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata
+    # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata.
+    # --init teacher: a fresh LoRA (B = 0), so the student starts as the teacher, on the grid of --M milestones
     source, stages = (args.out, ("global",)) if args.resume else (args.init, ("local",))
     try:
-        teacher, tensors, meta = load_student(source, device, stages, dtype=dtype)
+        if from_teacher:
+            teacher = load_teacher(args.teacher or "digits", device, dtype=dtype)
+            add_student(teacher, args.rank or 64)
+            meta = {"M": args.M or 8, "w": teacher.default_w, "step": 0, "skip": ""}
+        else:
+            teacher, tensors, meta = load_student(source, device, stages, dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         if args.resume:
             raise SystemExit(f"error: cannot resume: {e}")
@@ -445,7 +468,7 @@ def main(argv=None):
     stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
     hparams = {"M": M, "w": args.w, "w_target": args.w_target, "p": args.p, "q": args.q, "d": args.d,
                "llpips": args.llpips if args.d == "llpips" else "",
-               "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
+               "lambda0": args.lambda0, "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
                "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
                "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed, **prompts_meta(prompts),
@@ -453,7 +476,7 @@ def main(argv=None):
                "init": meta.get("init", args.init) if args.resume else args.init,
                "init_step": meta.get("init_step", meta.get("step")) if args.resume else meta.get("step"),
                "skip": meta.get("skip")}
-    step = 0
+    step = forwards = 0  # forwards: model calls x samples (a CFG step counts 2) of this run, all ranks
     if args.resume:
         try:
             state, smeta, student, prefix = read_state(args.out, meta, teacher.lora_prefix)
@@ -470,7 +493,7 @@ def main(argv=None):
             disc.load_state_dict({k[len("disc."):]: v for k, v in state.items() if k.startswith("disc.")})
         if fake:
             lora.load_state_dict(teacher.denoiser, "fake", state, "fake")
-        step = int(smeta["step"])
+        step, forwards = int(smeta["step"]), int(smeta.get("forwards", 0))
         if master:  # ranks > 0 continue with fresh random streams; a single-process resume continues exactly
             gen.set_state(state["rng"])
         stream.drawn = step * args.batch  # every rank draws a batch of prompts per iteration
@@ -503,8 +526,8 @@ def main(argv=None):
         if fake:
             tensors.update(lora.state_dict(teacher.denoiser, "fake", "fake"))
         lora.save(state_path(args.out), tensors, {"step": step, "run": hparams["run"], "lambda1": args.lambda1,
-                                                  "lambda2": args.lambda2})
-        save_checkpoint(args.out, teacher, "global", {**hparams, "step": step})
+                                                  "lambda2": args.lambda2, "forwards": forwards})
+        save_checkpoint(args.out, teacher, "global", {**hparams, "step": step, "forwards": forwards})
 
     def update(loss, name):
         """One AdamW step of `name` (student / disc / fake) on loss, gradients averaged over ranks. A non-finite loss
@@ -528,6 +551,7 @@ def main(argv=None):
     log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch} per iteration), "
         f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
+    interval = collections.Counter()  # model forwards per adapter (teacher: none) since the last log line, this rank
     with lora.count_forwards(teacher.denoiser) as calls:  # (adapter, batch) of every model call, for the log
         while step < args.iters:
             cond, _ = stream.take(args.batch)
@@ -536,23 +560,24 @@ def main(argv=None):
             except SystemExit:
                 bar.close()
                 raise
+            for adapter, n in calls:
+                interval[adapter or "teacher"] += n
+            forwards += sum(n for _, n in calls) * world  # the run's training budget, all ranks (as rank 0's)
+            calls.clear()
             step += 1
             bar.update(1)
             metrics.add(logs)
             if step % args.log_every == 0 or step == args.iters:
                 samples = (step - metrics.step) * args.batch  # this interval's, on this rank
-                forwards = collections.Counter()
-                for adapter, n in calls:
-                    forwards[adapter or "teacher"] += n
-                calls.clear()
                 line = metrics.write(step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in opts.items()},
-                                     **{f"fwd_per_sample_{k}": n / samples for k, n in forwards.items()})
+                                     **{f"fwd_per_sample_{k}": n / samples for k, n in interval.items()},
+                                     forwards=forwards)
+                interval.clear()
                 if master:
                     bar.set_postfix({k: f"{line[k]:.4g}" for k in logs})
             if validate and (step % args.val_every == 0 or step == args.iters):
-                counted = len(calls)
                 validate(step)
-                del calls[counted:]  # validation's forwards are not training's
+                calls.clear()  # validation's forwards are not training's
             if step % args.save_every == 0 or step == args.iters:
                 save()
     bar.close()

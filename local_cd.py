@@ -466,12 +466,15 @@ def main(argv=None):
         if step == 0:
             validate(0)  # where the student starts: the teacher itself in 2, 4 and M steps
 
+    def forwards():  # the run's training budget: model calls x samples (a CFG step counts 2), all ranks (as rank 0's)
+        return (buffer.teacher_forwards + n_student) * world
+
     def save():
         stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
         if not master:
             return
         tensors, counters = buffer.state()
-        meta = {**hparams, "step": step}
+        meta = {**hparams, "step": step, "forwards": forwards()}
         lora.save(state_path(args.out), {**optimizer_tensors(opt), **tensors, "rng": gen.get_state(),
                                          **lora.state_dict(teacher.denoiser, "student", "student")},
                   {"step": step, "run": hparams["run"], "buffer": json.dumps(counters), "student_forwards": n_student})
@@ -507,7 +510,7 @@ def main(argv=None):
             served = max(buffer.served, 1)
             line = metrics.write(step, lr=opt.param_groups[0]["lr"],
                                  fwd_per_pair_teacher=buffer.teacher_forwards / served,
-                                 fwd_per_pair_student=n_student / served)
+                                 fwd_per_pair_student=n_student / served, forwards=forwards())
             if master:
                 bar.set_postfix(loss=f"{line['loss']:.4g}", teacher_fwd_per_pair=f"{line['fwd_per_pair_teacher']:.2f}",
                                 student_fwd_per_pair=f"{line['fwd_per_pair_student']:.2f}")

@@ -3,12 +3,14 @@
     python sample.py --steps 2                                  # global.safetensors, 2 milestone steps
     python sample.py --ckpt local.safetensors --steps 4
     python sample.py --teacher digits --steps 25 --cfg 2        # the teacher's own DDIM with CFG
+    python sample.py --teacher digits --steps 4 --solver dpmpp2m  # ... or a diffusers solver (DPM-Solver++ 2M)
     python sample.py --ckpt global.safetensors --steps 3 --prompts prompts.txt --per-prompt 4 --out grid.png
 
 A student checkpoint samples in any k = 1..M steps: k milestones spread as evenly as the grid t^s = s T / M allows,
 from T down to 0 (local_cd.student_times), one model call per step, LoRA merged into the base weights, no CFG pass.
 Default update: the deterministic jump Psi to the next milestone; `--sampler lcm` re-noises x0_hat with fresh noise.
-The teacher samples with n evenly spaced trailing DDIM (SDXL, the toy) or Euler (FLUX) steps = the same Psi.
+The teacher samples with n evenly spaced trailing DDIM (SDXL, the toy) or Euler (FLUX) steps = the same Psi, or
+(--solver, a UNet teacher) with one of diffusers' deterministic multistep solvers on the same trailing steps.
 The same --seed gives the same images. `--save-tensors` writes `images` (float32, N x C x H x W, decoded, in
 [-1, 1]), `latents` (float32, the final z_0 before decoding) and, for the embedded teacher, `labels` (int64, the
 prompted digit).
@@ -50,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["psi", "lcm"], default="psi", help="student update between milestones: "
                    "psi = deterministic jump, lcm = re-noise x0_hat with fresh noise")
+    p.add_argument("--solver", choices=["psi", *SOLVERS], default="psi", help="teacher only: psi = its DDIM / Euler "
+                   "step (this repository's solver); or diffusers' scheduler for a UNet teacher, trailing, one model "
+                   "call per step (CFG: 2): " + ", ".join(f"{k} = {v[0]}" for k, v in SOLVERS.items()))
     p.add_argument("--clip", action="store_true", help="clip x0_hat to [-1, 1] at every step (pixel-space toy only)")
     p.add_argument("--batch", type=count, default=None, help="images per model call (default: 1000 on the embedded "
                                                            "teacher, 4 otherwise)")
@@ -101,6 +106,33 @@ def diffusers_args(ckpt, steps=4):
     return {"timesteps": [t - 1 for t in ts], "guidance_scale": 1.0, "height": res, "width": res}
 
 
+# diffusers' deterministic multistep solvers (one model call per step), for a UNet teacher: --solver
+SOLVERS = {"ddim": ("DDIMScheduler", {}),
+           "dpmpp2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+           "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
+           "deis": ("DEISMultistepScheduler", {"solver_order": 2})}
+
+
+def scheduler_solve(teacher, name, steps):
+    """A solve(x0_fn, z_T, ...) that runs diffusers' scheduler `name` (SOLVERS) in `steps` trailing steps from t = T
+    in place of Psi: the teacher's stock few-step samplers, built from its own noise schedule. The scheduler's step
+    takes eps_hat = (z_t - alpha_t x0_hat) / sigma_t of the guided x0_hat; its timestep index k is our t = k + 1."""
+    import diffusers
+    cls, kwargs = SOLVERS[name]
+    sched = getattr(diffusers, cls).from_config(teacher.scheduler_config, timestep_spacing="trailing",
+                                                prediction_type="epsilon", **kwargs)
+
+    def run(x0_fn, z, ts=None, alpha_sigma=None, noises=None):
+        sched.set_timesteps(steps)  # also clears a multistep solver's history
+        for k in sched.timesteps:
+            t = torch.full((len(z),), float(k) + 1, device=z.device)
+            x0_hat = x0_fn(z, t)
+            alpha, sigma = teacher.alpha_sigma(t)
+            z = sched.step((z - alpha * x0_hat) / sigma, k, z).prev_sample
+        return z
+    return run
+
+
 def x0_function(teacher, student, w=None, clip=False):
     """x0_hat(z, t, cond) of the sampler: the student (no CFG pass: it learned the guided teacher) or the teacher
     with CFG at scale w; with clip, x0_hat clipped to [-1, 1] (the pixel-space toy)."""
@@ -116,20 +148,21 @@ def sampling(teacher, student):
     return lora.merged(teacher.denoiser, "student") if student else lora.adapter(teacher.denoiser, None)
 
 
-def generate(teacher, x0_fn, ts, prompts, z_T, per=1, batch=4, noises=None, chunk=256):
+def generate(teacher, x0_fn, ts, prompts, z_T, per=1, batch=4, noises=None, chunk=256, solver=solve):
     """The sampling loop of sample.py and eval.py: image i starts from the noise z_T[i] with the prompt
     prompts[i // per] (len(prompts) * per images) and is solved along the times ts, `batch` images per model call.
     The prompts are encoded a chunk at a time, each once: the text encoders visit the GPU once per chunk. noises:
     the LCM sampler's fresh noise, one (N, ...) tensor per step. Yields (the slice of image indices, their final
-    latents z_0, their decoded images) batch by batch; run it under torch.no_grad() and `sampling`."""
+    latents z_0, their decoded images) batch by batch; run it under torch.no_grad() and `sampling`. solver: solve
+    (Psi, or the LCM sampler with noises), or scheduler_solve's diffusers solver."""
     for j in range(0, len(prompts), chunk):
         embeds = teacher.encode(prompts[j:j + chunk], device="cpu")
         end = min(j + chunk, len(prompts)) * per
         for i in range(j * per, end, batch):
             sl = slice(i, min(i + batch, end))
             cond = {k: v[torch.arange(sl.start, sl.stop) // per - j].to(teacher.device) for k, v in embeds.items()}
-            z0 = solve(lambda z, t: x0_fn(z, t, cond), z_T[sl], ts, teacher.alpha_sigma,
-                       None if noises is None else noises[:, sl])
+            z0 = solver(lambda z, t: x0_fn(z, t, cond), z_T[sl], ts, teacher.alpha_sigma,
+                        None if noises is None else noises[:, sl])
             yield sl, z0, teacher.decode(z0)
 
 
@@ -155,6 +188,8 @@ def main(argv=None):
             if args.cfg is not None:
                 raise SystemExit("error: --cfg is for the teacher; the student was distilled with CFG "
                                  f"(w = {meta.get('w')}) and needs no guidance pass")
+            if args.solver != "psi":
+                raise SystemExit("error: --solver is for the teacher; a student samples on its milestones (--sampler)")
             ts = student_times(k, M)
             what = f"{os.path.basename(args.ckpt)} ({meta['stage']} CD, M={M}), {k} steps {args.sampler}"
         else:
@@ -162,6 +197,11 @@ def main(argv=None):
             k, w = args.steps or 25, args.cfg if args.cfg is not None else teacher.default_w
             ts = teacher_times(k)
             what = f"teacher {teacher.id}, {k} steps {'Euler' if teacher.prediction == 'flow' else 'DDIM'}, w={w:g}"
+            if args.solver != "psi":
+                if not hasattr(teacher, "scheduler_config"):
+                    raise SystemExit(f"error: --solver {args.solver} is for a UNet (DDPM) teacher; {teacher.id} is a "
+                                     "flow: its Euler step is --solver psi")
+                what = what.replace("DDIM", SOLVERS[args.solver][0])
         prompts = read_prompts(args.prompts, teacher)
         teacher.check_prompts(prompts)  # before any sampling: the prompts are encoded a batch at a time
     except (ValueError, FileNotFoundError) as e:
@@ -176,9 +216,10 @@ def main(argv=None):
     renoise = torch.randn(k, *z_T.shape, generator=gen).to(z_T.device) if args.sampler == "lcm" else None
     batch = args.batch or (1000 if teacher.embedded else 4)
     x0_fn = x0_function(teacher, bool(args.ckpt), None if args.ckpt else w, args.clip)
+    solver = solve if args.solver == "psi" else scheduler_solve(teacher, args.solver, k)
     images, latents = [], []
     with torch.no_grad(), sampling(teacher, bool(args.ckpt)), tqdm(total=N, desc=what, disable=N <= batch) as bar:
-        for sl, z0, x in generate(teacher, x0_fn, ts, prompts, z_T, per, batch, renoise):
+        for sl, z0, x in generate(teacher, x0_fn, ts, prompts, z_T, per, batch, renoise, solver=solver):
             latents.append(z0.float().cpu())
             images.append(x.float().cpu())
             bar.update(sl.stop - sl.start)

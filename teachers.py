@@ -132,6 +132,7 @@ class DDPMTeacher(Teacher):
     def __init__(self, unet, scheduler_config, device):
         self.denoiser, self.device = unet.to(device).requires_grad_(False).eval(), device
         self.prediction = scheduler_config.get("prediction_type", "epsilon")
+        self.scheduler_config = dict(scheduler_config)  # sample.py --solver builds diffusers' solvers from it
         from diffusers import DDPMScheduler
         ac = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double()
         # log alpha_bar at t = 0..T: t = 0 is clean, t = k is training index k - 1; linear in between
