@@ -403,9 +403,8 @@ def main(argv=None):
         take_run_values(args, run, RUN_VALUES)
         take_run_batch(args, run, world)
     from_teacher = args.init == "teacher" and not args.resume
-    if (args.M or args.rank) and not from_teacher:
-        raise SystemExit("error: --M and --rank go with --init teacher; a stage-1 checkpoint (or the run resumed) "
-                         "brings its own")
+    if (args.M or args.rank) and not (from_teacher or args.resume):
+        raise SystemExit("error: --M and --rank go with --init teacher; a stage-1 checkpoint brings its own")
     if args.lambda0 == args.lambda1 == args.lambda2 == 0:
         raise SystemExit("error: --lambda0, --lambda1 and --lambda2 are all 0: nothing to train")
     if args.inputs == "sampler" and args.jump != "adjacent":
@@ -421,6 +420,7 @@ def main(argv=None):
     try:
         if from_teacher:
             teacher = load_teacher(args.teacher or "digits", device, dtype=dtype)
+            torch.manual_seed(args.seed)  # the LoRA's A: the same init for the same --seed (B = 0)
             add_student(teacher, args.rank or 64)
             meta = {"M": args.M or 8, "w": teacher.default_w, "step": 0, "skip": ""}
         else:
@@ -430,6 +430,10 @@ def main(argv=None):
             raise SystemExit(f"error: cannot resume: {e}")
         hint = " (run stage 1 first: python local_cd.py)" if isinstance(e, FileNotFoundError) else ""
         raise SystemExit(f"error: {e}{hint}")
+    for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's
+        if getattr(args, key) not in (None, int(meta[key])):
+            raise SystemExit(f"error: cannot resume: --{key} {getattr(args, key)} differs from the run's {key} = "
+                             f"{meta[key]}")
     if args.teacher is not None and args.teacher != teacher.id:
         raise SystemExit(f"error: {source} was distilled from teacher {teacher.id!r}, not {args.teacher!r}")
     fill_presets(args, PRESETS[teacher.family]["global"])

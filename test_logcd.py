@@ -1886,6 +1886,8 @@ def test_stage2_from_the_teacher_without_consistency_is_the_dmd2_baseline(tmp_pa
     meta = read_checkpoint(str(out), ("global",), "digits")[1]
     assert (meta["init"], meta["M"], meta["rank"], meta["lambda0"], meta["init_step"]) == ("teacher", "4", "4", "0.0",
                                                                                            "0")
+    with pytest.raises(SystemExit, match="cannot resume: --M 8 differs from the run's M = 4"):
+        global_cd.main([*G_FAST, "--init", "teacher", "--M", "8", "--iters", "3", "--out", str(out), "--resume"])
     assert any(v.abs().max() > 0 for k, v in _load(out).items() if "lora_B" in k)  # moved from B = 0
     for k in (1, 4):
         sample.main(["--ckpt", str(out), "--steps", str(k), "--per-prompt", "1", "--out", str(tmp_path / "g.png")])
