@@ -171,40 +171,42 @@ TEACHER_STEPS = (25, 4, 3, 2, 1)
 SHARE = 1.0  # the share of the machine a training here has: 1 / --jobs
 TEACHER = "digits"  # the tables' teacher (--teacher): the embedded one, or another of its layout (issue 20)
 
-# ---- the baselines of Table 1, each tuned on TUNE_SEED (issue 21) ----
-# Each gets LogCD's training budget in model forwards (a CFG step counts 2): about 138K per seed at the embedded
-# presets (stage 1 + stage 2; the tables' forwards column has each run's count). Stage 1 with M <= 4 spends about
-# 164 forwards an iteration (64 pairs, 2.56 each), the DMD2-style stage 2 about 1256 (32 samples, 39 each: its
-# GAN's real side is the teacher's p steps per segment over the sampler's jump): 850 and 110 iterations.
-BUDGET_ITERS = {"local": 850, "global": 110}
-GRID_LR = {"local": (1e-4, 3e-4, 1e-3), "global": (3e-5, 1e-4, 3e-4)}  # around each stage's preset: 1e-3, 3e-5
+# ---- Table 1's baselines, and LogCD's stage 2, each tuned on TUNE_SEED (issue 21) ----
+# Each baseline gets LogCD's training budget in model forwards (a CFG step counts 2): about 138K per seed at the
+# embedded presets (stage 1 + stage 2; the tables' forwards column has each run's count). Stage 1 with M <= 4 spends
+# about 164 forwards an iteration (64 pairs, 2.56 each), the DMD2-style stage 2 about 1256 (32 samples, 39 each: its
+# GAN's real side is the teacher's p steps per segment over the sampler's jump): 850 and 110 iterations. LogCD gets
+# the same search on its stage 2 (120 iterations at the preset) after the preset's stage 1.
+STAGE1_LR, STAGE2_LR = (1e-4, 3e-4, 1e-3), (3e-5, 1e-4, 3e-4)  # around each stage's preset: 1e-3, 3e-5
 GRID_PARTS = (4, 2, 1)  # a grid's iterations: the budget / 4, / 2 and all of it (one training, resumed twice)
 CHAIN = {}  # a grid recipe -> the shorter one it continues (--resume is exact: the same as training it at once)
 DMD2 = ["--init", "teacher", "--lambda0", "0", "--inputs", "sampler"]  # distribution matching + GAN, no stage 1
 
 
-def grid(stage, name, flags, sampler):
-    """A baseline's grid: one recipe per (lr, iterations), registered in STAGE1 / STAGE2 as name_lr<lr>_it<n>.
-    Returns its points (s1, s2, sampler); a stage-2 recipe from the teacher itself has s1 = None."""
-    recipes, points = STAGE1 if stage == "local" else STAGE2, []
-    for lr in GRID_LR[stage]:
+def grid(name, flags, lrs, iters, sampler, s1=None):
+    """A grid of learning rates lrs by lengths iters / GRID_PARTS: one recipe per point, registered as
+    name_lr<lr>_it<n> in STAGE1 (a stage-1 grid: s1 = "") or STAGE2 (from stage-1 recipe s1, or None: from the
+    teacher itself). Returns its points (s1, s2, sampler)."""
+    recipes, points = STAGE1 if s1 == "" else STAGE2, []
+    for lr in lrs:
         before = None
         for part in GRID_PARTS:
-            key = f"{name}_lr{lr:g}_it{BUDGET_ITERS[stage] // part}"
-            recipes[key] = [*flags, "--lr", f"{lr:g}", "--iters", str(BUDGET_ITERS[stage] // part)]
+            key = f"{name}_lr{lr:g}_it{iters // part}"
+            recipes[key] = [*flags, "--lr", f"{lr:g}", "--iters", str(iters // part)]
             if before:
                 CHAIN[key] = before
             before = key
-            points.append((key, None, sampler) if stage == "local" else (None, key, sampler))
+            points.append((key, None, sampler) if s1 == "" else (s1, key, sampler))
     return points
 
 
 # baseline -> (its grid points, the step counts the judge reads); picked: the lowest geometric-mean FD over them
 BASELINES = {
     "solver": ([(None, None, s) for s in SOLVERS], (4, 3, 2)),  # the teacher's best diffusers solver (1 step: DDIM)
-    "lcm": (grid("local", "M1", ["--M", "1"], "lcm"), STEPS),
-    **{f"pcm{k}": (grid("local", f"M{k}", ["--M", str(k)], "psi"), (k,)) for k in (1, 2, 3, 4)},
-    "dmd2": (grid("global", "dmd2", DMD2, "psi"), STEPS),
+    "lcm": (grid("M1", ["--M", "1"], STAGE1_LR, 850, "lcm", ""), STEPS),
+    **{f"pcm{k}": (grid(f"M{k}", ["--M", str(k)], STAGE1_LR, 850, "psi", ""), (k,)) for k in (1, 2, 3, 4)},
+    "dmd2": (grid("dmd2", DMD2, STAGE2_LR, 110, "psi"), STEPS),
+    "logcd": (grid("logcd", [], (1e-5, 3e-5, 1e-4), 120, "psi", "mse"), STEPS),  # stage 2's lr and length
 }
 
 # rows the tables share
@@ -221,7 +223,8 @@ TABLES = {
              ("PCM-style: M = k phases for k steps, a model per k (tuned)", "tuned", "pcm", None, STEPS),
              ("DMD2-style: DMD + GAN from the teacher, no consistency (tuned)", "tuned", "dmd2", None, STEPS),
              ("stage 1 only (local CD, M = 8)", "mse", None, "psi", STEPS),
-             ("LogCD (stage 1 + stage 2)", "mse", "full", "psi", STEPS)],
+             ("LogCD (stage 1 + stage 2)", "mse", "full", "psi", STEPS),
+             ("LogCD, stage 2's lr and length tuned as the baselines' (tuned)", "tuned", "logcd", None, STEPS)],
     "ablation": [("local CD, MSE", "mse", None, "psi", STEPS),
                  ("local CD, L-LPIPS", "llpips", None, "psi", STEPS),
                  ("+ global CD (consistency only)", "llpips", "cons", "psi", STEPS),
@@ -327,18 +330,20 @@ def train(stage, argv, seed, folder, start=None):
 def student(s1, s2, seed, runs, quick):
     """The checkpoint of stage-1 recipe s1 (then stage-2 recipe s2; s1 None: stage 2 from the teacher itself) for
     one seed, its training seconds and model forwards (both stages)."""
-    def start(key):  # a grid recipe continues its shorter run (not in --quick: every quick run is 2 iterations)
-        return student(*((CHAIN[key], None) if s2 is None else (None, CHAIN[key])), seed, runs, quick)[0] \
-            if key in CHAIN and not quick else None
+    def start(s1, s2):  # a grid recipe continues its shorter run (not in --quick: every quick run is 2 iterations)
+        key = s2 or s1
+        if quick or key not in CHAIN:
+            return None
+        return student(*((s1, CHAIN[s2]) if s2 else (CHAIN[s1], None)), seed, runs, quick)[0]
     if s1 is None:
         return train("global", ["--teacher", TEACHER, *STAGE2[s2], *(QUICK2 if quick else [])], seed,
-                     os.path.join(runs, f"global-teacher-{s2}"), start(s2))
+                     os.path.join(runs, f"global-teacher-{s2}"), start(None, s2))
     ckpt, sec, fwd = train("local", ["--teacher", TEACHER, *STAGE1[s1], *(QUICK1 if quick else [])], seed,
-                           os.path.join(runs, f"local-{s1}"), start(s1) if s2 is None else None)
+                           os.path.join(runs, f"local-{s1}"), start(s1, None))
     if s2 is None:
         return ckpt, sec, fwd
     ckpt2, sec2, fwd2 = train("global", ["--init", ckpt, *STAGE2[s2], *(QUICK2 if quick else [])], seed,
-                              os.path.join(runs, f"global-{s1}-{s2}"))
+                              os.path.join(runs, f"global-{s1}-{s2}"), start(s1, s2))
     return ckpt2, sec + sec2, fwd + fwd2
 
 
@@ -405,8 +410,11 @@ def run_table(name, runs, quick, seeds, jobs):
         return 0 if quick or key not in CHAIN else 1 + depth(CHAIN[key])
     judge = [(n, p) for n in dict.fromkeys(baselines_of(name)) for p in grid_points(n, quick)]
     trained = list(dict.fromkeys(p[:2] for _, p in judge if p[:2] != (None, None)))
-    rounds = [[("train", (s1, s2, TUNE_SEED, runs, quick)) for s1, s2 in trained if depth(s1 or s2) == j]
-              for j in range(max((depth(s1 or s2) for s1, s2 in trained), default=-1) + 1)]
+    rounds = [[("train", (s1, s2, TUNE_SEED, runs, quick)) for s1, s2 in trained if depth(s2 or s1) == j]
+              for j in range(max((depth(s2 or s1) for s1, s2 in trained), default=-1) + 1)]
+    # before them, alone: the stage-1 runs a stage-2 grid starts from (two grid points must not train one at once)
+    rounds.insert(0, [("train", (s1, None, TUNE_SEED, runs, quick))
+                      for s1 in dict.fromkeys(s1 for s1, s2 in trained if s1 and s2)])
     rounds.append([("score", (*p, k, TUNE_SEED, runs, quick, per_prompt)) for n, p in judge
                    for k in BASELINES[n][1]])
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), initializer=_worker,
@@ -544,7 +552,7 @@ def describe(s1, s2, solver):
     """A pick in words: a diffusers solver, or a grid recipe's M, learning rate and iterations."""
     if (s1, s2) == (None, None):
         return SOLVERS[solver][0]
-    flags = STAGE1[s1] if s1 else STAGE2[s2]
+    flags = STAGE2[s2] if s2 else STAGE1[s1]
     value = {f: flags[flags.index(f) + 1] for f in ("--M", "--lr", "--iters") if f in flags}
     return (f"M = {value['--M']}, " if "--M" in value else "") + f"lr {value['--lr']}, {value['--iters']} iterations"
 

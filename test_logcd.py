@@ -840,8 +840,8 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "sample", lambda *a, **k: sampled.append(a) or sample(*a, **k))
     rows = ev.main(["--table", "main", "--quick", "--jobs", "2", "--figure", str(tmp_path / "f.png"),
                     "--grids", str(tmp_path / "g")])
-    assert len(sampled) == 29  # only seed 0's grids: the 2 workers scored every (row, seed, steps) already
-    first = ("teacher", "teacher,", "LCM-style:", "PCM-style:", "DMD2-style:", "stage", "LogCD")
+    assert len(sampled) == 33  # only seed 0's grids: the 2 workers scored every (row, seed, steps) already
+    first = ("teacher", "teacher,", "LCM-style:", "PCM-style:", "DMD2-style:", "stage", "LogCD", "LogCD,")
     assert [(r["row"].split(" ")[0], r["steps"], r["calls"]) for r in rows] == [
         ("teacher", 25, 50), ("teacher", 4, 8), ("teacher", 3, 6), ("teacher", 2, 4), ("teacher", 1, 2)] + [
         (f, k, 2 * k if f == "teacher," else k) for f in first[1:] for k in (4, 3, 2, 1)]
@@ -850,7 +850,7 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
         assert (r["training (min)"] == "-") == (r["forwards (K)"] == "-") == r["row"].startswith("teacher")
         assert (r["pick"] == "-") == ("tuned" not in r["row"])
     assert [r["pick"].split(",")[0] for r in rows if r["row"].startswith("PCM")] == [f"M = {k}" for k in (4, 3, 2, 1)]
-    assert len(list((tmp_path / "g").glob("*.png"))) == 29
+    assert len(list((tmp_path / "g").glob("*.png"))) == 33
     # the figure: the students' and the teacher's few-step rows against steps, the 25-step teacher as the reference
     # line (its remembered scores: no sampling beyond the 13 above); --replot draws the same PNG from its numbers
     fig = json.loads((tmp_path / "f.json").read_text())
@@ -902,32 +902,33 @@ def test_table1_baselines_are_tuned_on_a_seed_no_table_reports(tmp_path, monkeyp
     def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
         scored.append((source[1], seed))
         m = re.search(r"-(\w+?)_lr([\d.e-]+)_it(\d+)/", source[1])
-        if m:  # best on the tuning seed: lr 3e-4 (about 10^-3.5), half the budget
-            stage = "global" if m.group(1) == "dmd2" else "local"
-            bad = abs(math.log10(float(m.group(2))) + 3.5) + abs(int(m.group(3)) / ev.BUDGET_ITERS[stage] - 0.5)
+        if m:  # best on the tuning seed: the lr nearest 10^-3.5 (3e-4; LogCD's: 1e-4), half the longest
+            bad = abs(math.log10(float(m.group(2))) + 3.5) + abs(int(m.group(3)) / longest[m.group(1)] - 0.5)
         else:  # a teacher solver (best: UniPC) or a table's own student
             bad = 0.0 if extra[-1:] == ["unipc"] else 1.0
         return {"alignment": 1.0, "FD": 10.0 + (bad if seed == ev.TUNE_SEED else 5.0 - bad) + k}
     monkeypatch.setattr(ev, "train", train)
     monkeypatch.setattr(ev, "cached_score", cached_score)
+    longest = {"M1": 850, "M2": 850, "M3": 850, "M4": 850, "dmd2": 110, "logcd": 120}
     rows = ev.main(["--table", "main", "--runs", str(tmp_path)])
-    picks = {(r["row"].split(":")[0], r["steps"]): r["pick"] for r in rows if "tuned" in r["row"]}
-    half = {stage: n // 2 for stage, n in ev.BUDGET_ITERS.items()}
+    picks = {(r["row"].split(":")[0].split(",")[0], r["steps"]): r["pick"] for r in rows if "tuned" in r["row"]}
     for k in (4, 3, 2, 1):
-        assert picks["teacher, the best diffusers solver (tuned)", k] == "UniPCMultistepScheduler"
-        assert picks["LCM-style", k] == f"M = 1, lr 0.0003, {half['local']} iterations"
-        assert picks["PCM-style", k] == f"M = {k}, lr 0.0003, {half['local']} iterations"
-        assert picks["DMD2-style", k] == f"lr 0.0003, {half['global']} iterations"
+        assert picks["teacher", k] == "UniPCMultistepScheduler"
+        assert picks["LCM-style", k] == "M = 1, lr 0.0003, 425 iterations"
+        assert picks["PCM-style", k] == f"M = {k}, lr 0.0003, 425 iterations"
+        assert picks["DMD2-style", k] == "lr 0.0003, 55 iterations"
+        assert picks["LogCD", k] == "lr 0.0001, 60 iterations"
     grid = list(dict.fromkeys((f, start) for f, seed, start in trained if seed == ev.TUNE_SEED))  # (stub: no reuse)
     reported = {f for f, seed, _ in trained if seed != ev.TUNE_SEED}
-    for name, stage in [(f"local-M{m}", "local") for m in (1, 2, 3, 4)] + [("global-teacher-dmd2", "global")]:
-        for lr in ev.GRID_LR[stage]:
-            n = [ev.BUDGET_ITERS[stage] // part for part in (4, 2, 1)]
+    for name, key, lrs, best in [(f"local-M{m}", f"M{m}", ev.STAGE1_LR, 3e-4) for m in (1, 2, 3, 4)] + [
+            ("global-teacher-dmd2", "dmd2", ev.STAGE2_LR, 3e-4), ("global-mse-logcd", "logcd", (1e-5, 3e-5, 1e-4), 1e-4)]:
+        n = [longest[key] // part for part in (4, 2, 1)]
+        for lr in lrs:
             mine = [(f, start) for f, start in grid if f.startswith(f"{name}_lr{lr:g}_")]
             assert [f for f, _ in mine] == [f"{name}_lr{lr:g}_it{i}" for i in n]  # shortest first
             assert mine[0][1] is None and all(f"_it{i}/" in start for (_, start), i in zip(mine[1:], n))
         # on the reported seeds: the pick only (its first part included: one run, continued)
-        assert {f for f in reported if f.startswith(name + "_")} == {f"{name}_lr0.0003_it{i}" for i in n[:2]}
+        assert {f for f in reported if f.startswith(name + "_")} == {f"{name}_lr{best:g}_it{i}" for i in n[:2]}
     assert not any(f"seed{ev.TUNE_SEED}" in src for src, seed in scored if seed != ev.TUNE_SEED)
 
 
