@@ -38,6 +38,7 @@ first resized to --fid-size) and the CLIP score (--clip-model), a row per k, kep
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -272,11 +273,20 @@ def train(stage, argv, seed, folder, start=None):
     run. start: a finished shorter run of the same recipe (a grid's CHAIN) to continue, copied, with --resume.
     Returns (checkpoint, training seconds, model forwards): wall time (a resumed run adds its earlier parts up to
     their last save, a continued one its start's) times the share of the machine the run had (1 / --jobs), so that
-    costs compare across --jobs; the forwards as the training script counted them (checkpoint metadata)."""
+    costs compare across --jobs; the forwards as the training script counted them (checkpoint metadata). Two
+    processes asking for one run at once (two grid points of one chain, two rows): the second waits for the first
+    (a lock file beside the run) and reuses its result."""
+    out = os.path.join(folder, f"seed{seed}", f"{stage}.safetensors")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        return _train(stage, argv, seed, out, start)
+
+
+def _train(stage, argv, seed, out, start):
     import global_cd
     import local_cd
     import runs
-    out = os.path.join(folder, f"seed{seed}", f"{stage}.safetensors")
     done, part = out + ".done.json", out + ".part.json"
 
     def result(seconds):
@@ -284,7 +294,6 @@ def train(stage, argv, seed, folder, start=None):
     if os.path.exists(done) and os.path.exists(out):
         with open(done) as f:
             return result(json.load(f)["seconds"])
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     if start and not os.path.exists(out):  # continue the shorter run: its checkpoint, state and metrics log
         for src, dst in ((start, out), (runs.state_path(start), runs.state_path(out)),
                          (os.path.splitext(start)[0] + ".log.jsonl", os.path.splitext(out)[0] + ".log.jsonl")):

@@ -932,6 +932,30 @@ def test_table1_baselines_are_tuned_on_a_seed_no_table_reports(tmp_path, monkeyp
     assert not any(f"seed{ev.TUNE_SEED}" in src for src, seed in scored if seed != ev.TUNE_SEED)
 
 
+def test_eval_trains_a_run_asked_for_twice_at_once_only_once(tmp_path, monkeypatch):
+    """Two workers asking for the same run at once (two grid points of one chain, two rows of a table): the second
+    waits for the first and reuses its result; the training script runs once."""
+    import threading
+    import time
+    import eval as ev
+    calls, real = [], local_cd.main
+
+    def main(argv):
+        calls.append(argv)
+        time.sleep(0.5)  # the other worker arrives meanwhile
+        real(argv)
+    monkeypatch.setattr(local_cd, "main", main)
+    results = []
+    workers = [threading.Thread(target=lambda: results.append(ev.train("local", [*FAST, "--iters", "1"], 0,
+                                                                        str(tmp_path / "r"))))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1 and results[0] == results[1]
+
+
 @pytest.mark.parametrize("stage", ["local", "global"])
 def test_eval_grid_point_continues_its_shorter_run(stage, tmp_path):
     """A baseline's grid trains the budget / 4, / 2 and all of it as one run: the longer point continues a copy of
