@@ -636,7 +636,7 @@ def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
             ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            name += ", log scale"
+            name += "\n(log scale)"  # a second line: one would not fit beside the panel
         ax.set_xticks(steps)
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(name)

@@ -1305,6 +1305,28 @@ def test_score_bad_inputs_are_one_line_before_any_model_loads(tmp_path, monkeypa
     assert tree() == before
 
 
+def test_table_figure_labels_fit_inside_it(tmp_path, monkeypatch):
+    """eval.plot on a table whose FD spans decades (a log axis, as Table 1's): every axis label and tick label is
+    drawn inside the figure, none cut off at its edge."""
+    import matplotlib.pyplot as plt
+    import eval as ev
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    rows = [{"row": name, "steps": k, "_FD": fd * (5 - k), "_FD_std": 1.0, "_alignment": 0.99, "_alignment_std": 0.01}
+            for name, fd in (("a", 4.0), ("b", 80.0)) for k in (1, 2, 3, 4)]
+    ev.plot(rows, str(tmp_path / "f.png"), {"label": "teacher", "_FD": 16.0, "_FD_std": 1.0, "_alignment": 0.998})
+    (fig,) = figs
+    renderer = fig.canvas.get_renderer()
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "linear"]
+    for ax in fig.axes:
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        ticks = [t for t, y in zip(ax.get_yticklabels(), ax.get_yticks()) if y0 <= y <= y1] + [
+            t for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if x0 <= x <= x1]  # the ones drawn
+        for text in [ax.xaxis.label, ax.yaxis.label, *ticks]:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, text.get_text()
+
+
 def test_scores_figure_averages_a_models_seeds_against_the_teacher(tmp_path, capsys):
     """eval.py --plot-scores: the scores.json of two seeds of a student become one line (mean, std as error bars) per
     metric; the teacher's row of most steps is the reference line. Read back from the numbers written beside it."""
