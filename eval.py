@@ -165,8 +165,9 @@ STAGE2 = {"full": [], "cons": ["--lambda1", "0", "--lambda2", "0"], "gan": ["--l
           "sampler_dmd1": ["--inputs", "sampler", "--dmd-input", "one_step"], "lr1e4": ["--lr", "1e-4"],
           "lr1e4_dmd1": ["--lr", "1e-4", "--dmd-input", "one_step"],
           **{f"p{p}": ["--p", str(p)] for p in (1, 2, 4)}, **{f"q{q}": ["--q", str(q)] for q in (1, 2, 3)}}
-QUICK1 = ["--iters", "2", "--batch", "8", "--trajectories", "2", "--buffer", "64", "--save-every", "2"]
-QUICK2 = ["--iters", "2", "--batch", "4", "--save-every", "2"]
+QUICK = ["--iters", "2", "--save-every", "2", "--val-every", "0"]  # --quick: 2-iteration trainings, no validation grids
+QUICK1 = [*QUICK, "--batch", "8", "--trajectories", "2", "--buffer", "64"]
+QUICK2 = [*QUICK, "--batch", "4"]
 STEPS = (4, 3, 2, 1)  # every student row: its model(s) at 4, 3, 2 and 1 steps
 TEACHER_STEPS = (25, 4, 3, 2, 1)
 SHARE = 1.0  # the share of the machine a training here has: 1 / --jobs
