@@ -377,7 +377,7 @@ class MetricsLog:
 
     def close(self):
         """The run's summary line: validation's share of this session's time; the loss curves as a PNG beside the log
-        when matplotlib is installed (plotting is optional; training never needs it)."""
+        when matplotlib is installed (plotting is optional; training never needs it) and the log has two points."""
         if not self.master:
             return ""
         self.file.close()
@@ -385,7 +385,10 @@ class MetricsLog:
         said = (f"metrics: {self.path}; validation grids: {self.folder}/ ({self.val_total:.1f} s, {share:.1%} of the "
                 "run)")
         try:
-            said += f"; loss curves: {plot_log(self.path)}"
+            if len(read_log(self.path)) < 2:  # a run shorter than --log-every: one point is no curve
+                said += "; loss curves: none (one logged point)"
+            else:
+                said += f"; loss curves: {plot_log(self.path)}"
         except ImportError:
             said += f" (pip install matplotlib, then python eval.py --curves {self.path}, draws the loss curves)"
         return said

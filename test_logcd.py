@@ -2834,7 +2834,8 @@ def test_stage1_log_holds_each_intervals_mean_loss_and_a_resume_continues_it(tmp
     """<out>.log.jsonl gets a line every --log-every iterations with the mean of that interval's losses (recorded
     here as local_loss returns them). A resume from the step-4 save drops a line written past it (planted here) and
     continues the log: the lines before are kept byte for byte, the losses after are the uninterrupted run's and the
-    elapsed time goes on from where it stood; a validation grid of a step past the save goes too."""
+    elapsed time goes on from where it stood; a validation grid of a step past the save goes too. The loss curves are
+    drawn beside a log of two points or more."""
     import runs
     losses, real = [], local_cd.local_loss
 
@@ -2864,6 +2865,9 @@ def test_stage1_log_holds_each_intervals_mean_loss_and_a_resume_continues_it(tmp
     assert os.listdir(tmp_path / "b.val") == ["step_000004.png"]
     assert [line["loss"] for line in b] == [line["loss"] for line in a]
     assert b[2]["elapsed_s"] > b[1]["elapsed_s"]
+    # the loss curves beside the log; a run of one logged point draws none
+    _run(tmp_path, "--iters", "2", *every, out="c.safetensors")
+    assert (tmp_path / "a.loss.png").exists() and not (tmp_path / "c.loss.png").exists()
 
 
 def test_validation_grids_show_the_checkpoint_at_its_steps_and_leave_training_as_it_was(tmp_path):
