@@ -607,7 +607,8 @@ TOY_METRICS = (("FD", "FD to the real digits (lower is better)"), ("alignment", 
 
 def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
     """Metrics against sampling steps, one panel per metric: a line per table row (mean over seeds, error bars one
-    std; the rows a little apart at each step count, a log y axis where the bars span more than a decade), the
+    std, cut to the metric's range; the rows a little apart at each step count, a log y axis where the bars span more
+    than a decade), the
     teacher's many-step score as a dashed reference line (its std as a band). rows: dicts with row, steps,
     _<metric> and _<metric>_std; reference: {"label", "_<metric>", "_<metric>_std"} or None. Needs matplotlib
     (plotting only). Also writes the figure's numbers beside it (*.json): `--replot` draws them again."""
@@ -619,20 +620,28 @@ def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
     steps = sorted({r["steps"] for r in rows})
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
     for ax, (m, name) in zip(axes[0], metrics):
-        ends = []  # of every error bar and band: a log axis where they stay positive and span more than a decade
+        means = [r[f"_{m}"] for r in rows] + ([reference[f"_{m}"]] if reference is not None else [])
+        # each bar and band is mean +/- std, cut to what the metric can be: a share (alignment) lies in [0, 1]; a
+        # positive metric (FD) on a log axis stops at half its smallest mean, where a std larger than the mean (a
+        # failed seed among three) would reach zero or below
+        lo = min(means) / 2 if means and min(means) > 0 else -math.inf
+        hi = 1.0 if m == "alignment" else math.inf
+        ends = []  # of every bar and band, so cut: a log axis where they span more than a decade
         if reference is not None:
             mean, std = reference[f"_{m}"], reference.get(f"_{m}_std") or 0.0
             ax.axhline(mean, color="black", ls="--", lw=1.2, label=reference["label"])
-            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, lw=0)
-            ends += [mean - std, mean + std]
+            ax.axhspan(max(mean - std, lo), min(mean + std, hi), color="black", alpha=0.08, lw=0)
+            ends += [max(mean - std, lo), min(mean + std, hi)]
         for i, label in enumerate(labels):
             mine = sorted((r for r in rows if r["row"] == label), key=lambda r: r["steps"])
             dx = 0.04 * (i - (len(labels) - 1) / 2)  # the rows side by side at each step count: bars do not overlap
             ys, errs = [r[f"_{m}"] for r in mine], [r.get(f"_{m}_std") or 0.0 for r in mine]
-            ax.errorbar([r["steps"] + dx for r in mine], ys, yerr=errs, marker="o", ms=4, capsize=3, lw=1.5,
-                        label=label)
-            ends += [y - e for y, e in zip(ys, errs)] + [y + e for y, e in zip(ys, errs)]
-        if ends and min(ends) > 0 and max(ends) > 10 * min(ends):  # e.g. Table 1's LCM row (FD 146 +/- 117)
+            bottoms, tops = [max(y - e, lo) for y, e in zip(ys, errs)], [min(y + e, hi) for y, e in zip(ys, errs)]
+            ax.errorbar([r["steps"] + dx for r in mine], ys, yerr=[[y - b for y, b in zip(ys, bottoms)],
+                                                                   [t - y for y, t in zip(ys, tops)]],
+                        marker="o", ms=4, capsize=3, lw=1.5, label=label)
+            ends += bottoms + tops
+        if lo > 0 and max(ends) > 10 * min(ends):  # e.g. Table 1's FD: 14 to 305
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))

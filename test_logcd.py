@@ -1327,6 +1327,29 @@ def test_table_figure_labels_fit_inside_it(tmp_path, monkeypatch):
             assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, text.get_text()
 
 
+def test_table_figure_bars_stay_in_the_metrics_range(tmp_path, monkeypatch):
+    """eval.plot on a row whose seeds disagree wildly (the ablation's L-LPIPS stage 1: FD 128 +/- 141, alignment
+    0.81 +/- 0.31) beside a steady one: FD keeps its log axis, the wild bar stopping above zero (at half the smallest
+    mean); the alignment bars end at 1; the steady row's bars are its full std."""
+    import matplotlib.pyplot as plt
+    import eval as ev
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    rows = [{"row": name, "steps": k, "_FD": fd, "_FD_std": fd_std, "_alignment": a, "_alignment_std": a_std}
+            for name, fd, fd_std, a, a_std in (("wild", 128.0, 141.0, 0.811, 0.314), ("steady", 16.0, 2.0, 0.98, 0.01))
+            for k in (1, 2, 3, 4)]
+    ev.plot(rows, str(tmp_path / "f.png"), {"label": "teacher", "_FD": 16.4, "_FD_std": 1.4, "_alignment": 0.998,
+                                             "_alignment_std": 0.003})
+    (fig,) = figs
+    fd_ax, a_ax = fig.axes[:2]
+    assert [fd_ax.get_yscale(), a_ax.get_yscale()] == ["log", "linear"]
+
+    def bars(ax):  # per row: the (bottom, top) of its error bars
+        return {c.get_label(): [(seg[0][1], seg[1][1]) for seg in c.lines[2][0].get_segments()] for c in ax.containers}
+    assert bars(fd_ax) == {"wild": [(8.0, 269.0)] * 4, "steady": [(14.0, 18.0)] * 4}
+    assert bars(a_ax) == {"wild": [(pytest.approx(0.497), 1.0)] * 4, "steady": [(pytest.approx(0.97), pytest.approx(0.99))] * 4}
+
+
 def test_scores_figure_averages_a_models_seeds_against_the_teacher(tmp_path, capsys):
     """eval.py --plot-scores: the scores.json of two seeds of a student become one line (mean, std as error bars) per
     metric; the teacher's row of most steps is the reference line. Read back from the numbers written beside it."""
