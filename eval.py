@@ -608,10 +608,9 @@ TOY_METRICS = (("FD", "FD to the real digits (lower is better)"), ("alignment", 
 def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
     """Metrics against sampling steps, one panel per metric: a line per table row (mean over seeds, error bars one
     std, cut to the metric's range; the rows a little apart at each step count, a log y axis where the bars span more
-    than a decade), the
-    teacher's many-step score as a dashed reference line (its std as a band). rows: dicts with row, steps,
-    _<metric> and _<metric>_std; reference: {"label", "_<metric>", "_<metric>_std"} or None. Needs matplotlib
-    (plotting only). Also writes the figure's numbers beside it (*.json): `--replot` draws them again."""
+    than a decade), the teacher's many-step score as a dashed reference line (its std as a band). rows: dicts with
+    row, steps, _<metric> and _<metric>_std; reference: {"label", "_<metric>", "_<metric>_std"} or None. Needs
+    matplotlib (plotting only). Also writes the figure's numbers beside it (*.json): `--replot` draws them again."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
