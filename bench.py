@@ -369,7 +369,8 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
     a = global_cd.parse_args([])
     a.lambda1, a.lambda2, a.w = lambda1, lambda2, teacher.default_w
     a.w_target = a.w  # the paper's one w (global_cd.main's default)
-    global_cd.fill_presets(a, global_cd.PRESETS[teacher.family]["global"])
+    a.d = "mse"  # the distance is timed apart: the llpips row
+    global_cd.fill_presets(a, global_cd.PRESETS[teacher.family]["global"], teacher.id)
     disc = global_cd.Discriminator(teacher) if lambda1 > 0 else None
     fake = lora.inject(teacher.denoiser, teacher.student_lora["lora_targets"], "fake", 64) if lambda2 > 0 else None
     if checkpointing:

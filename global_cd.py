@@ -16,15 +16,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (DISTANCE_HELP, PRESETS, cfg, distance, milestones, solve, student_sample, student_times,
-                      val_prompts, validation)
-from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, compile_blocks, count,
-                  explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
-                  mean_over_ranks, new_run_id, number, optimizer_tensors, positive, prompts_meta, rank_difference,
-                  read_state, resumed_late, run_prompts, state_path, take_run_batch, take_run_values, weight)
-from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, add_student, cond_cat, cond_index,
-                      load_student, load_teacher, open_prompt_stream, precision, precision_said, prompts_seen,
-                      read_prompts, save_checkpoint)
+from local_cd import (DISTANCE_HELP, LLPIPS_HELP, PRESETS, cfg, distance, milestones, solve, student_sample,
+                      student_times, val_prompts, validation)
+from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, check_inputs, compile_blocks,
+                  count, explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
+                  mean_over_ranks, new_run_id, number, optimizer_tensors, pair_bytes_global, positive, prompts_meta,
+                  rank_difference, rank_zero_first, read_state, resumed_late, run_prompts, state_path, take_run_batch,
+                  take_run_values, weight)
+from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, add_student, checkpoint_meta,
+                      cond_cat, cond_index, denoiser_size, download, load_student, load_teacher, locate,
+                      open_prompt_stream, precision, precision_said, prompts_seen, read_prompts, save_checkpoint)
 
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
@@ -339,8 +340,8 @@ def parse_args(argv=None):
       "(default: the stage-1 checkpoint's)")
     a("--w-target", type=weight, default=None, help="the teacher target's CFG scale alone, the DMD real score keeping "
       "--w (default: --w, the paper's one w; issue 20: more guidance in the target buys alignment at FD's cost)")
-    a("--d", "--distance", choices=["mse", "llpips"], default="llpips", help=DISTANCE_HELP)
-    a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
+    a("--distance", "--d", dest="d", choices=["mse", "llpips"], default=None, help=DISTANCE_HELP)
+    a("--llpips", default=None, help=LLPIPS_HELP)
     a("--lambda0", type=weight, default=1.0, help="lambda0: weight of the consistency term L_GoCD (the paper: 1; 0: "
       "off, the DMD2-style baseline)")
     a("--lambda1", type=weight, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
@@ -410,33 +411,44 @@ def main(argv=None):
     if args.inputs == "sampler" and args.jump != "adjacent":
         raise SystemExit("error: --jump any: with --inputs sampler, t_n is the milestone the sampler jumps to; leave "
                          "--jump out")
-    try:  # a prompts file is checked whole before any model loads
-        prompts = run_prompts(args, run)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
     # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata.
     # --init teacher: a fresh LoRA (B = 0), so the student starts as the teacher, on the grid of --M milestones
     source, stages = (args.out, ("global",)) if args.resume else (args.init, ("local",))
-    try:
-        if from_teacher:
-            teacher = load_teacher(args.teacher or "digits", device, dtype=dtype)
-            torch.manual_seed(args.seed)  # the LoRA's A: the same init for the same --seed (B = 0)
-            add_student(teacher, args.rank or 64)
-            meta = {"M": args.M or 8, "w": teacher.default_w, "step": 0, "skip": ""}
-        else:
-            teacher, tensors, meta = load_student(source, device, stages, dtype=dtype)
+    try:  # every input checked before any model loads: the checkpoint's metadata and the teacher's configs are read
+        meta = ({"teacher": args.teacher or "digits", "M": args.M or 8, "rank": args.rank or 64, "step": 0, "skip": ""}
+                if from_teacher else checkpoint_meta(source, stages))
+        if args.teacher is not None and args.teacher != meta["teacher"]:
+            raise ValueError(f"{source} was distilled from teacher {meta['teacher']!r}, not {args.teacher!r}")
+        hub = {"variant": meta.get("variant") or None, "revision": meta.get("revision") or None}
+        family = locate(meta["teacher"], hub["revision"])[0]
+        prompts = run_prompts(args, run, family)
+        fill_presets(args, PRESETS[family]["global"], meta["teacher"])  # and d: L-LPIPS, MSE, or a refusal
+        rank_ = int(meta["rank"])
+        n_lora, latent = denoiser_size(meta["teacher"], rank_, int(meta.get("resolution", 1024)), hub["revision"])
     except (ValueError, FileNotFoundError) as e:
         if args.resume:
             raise SystemExit(f"error: cannot resume: {e}")
         hint = " (run stage 1 first: python local_cd.py)" if isinstance(e, FileNotFoundError) else ""
         raise SystemExit(f"error: {e}{hint}")
+    args.fake_rank = args.fake_rank or int(meta.get("fake_rank", 0) if args.resume else 0) or rank_
+    fake_lora = n_lora * args.fake_rank // rank_ if args.lambda2 > 0 else 0
+    check_inputs(args, latent, pair_bytes_global(n_lora, fake_lora), n_lora)
+    with rank_zero_first(ddp):  # a hub teacher: rank 0 downloads it, the other ranks wait, then all load it
+        download(meta["teacher"], **hub)
+    try:
+        if from_teacher:
+            teacher = load_teacher(meta["teacher"], device, dtype=dtype)
+            torch.manual_seed(args.seed)  # the LoRA's A: the same init for the same --seed (B = 0)
+            add_student(teacher, rank_)
+            meta["w"] = teacher.default_w
+        else:
+            teacher, tensors, meta = load_student(source, device, stages, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {'cannot resume: ' if args.resume else ''}{e}")
     for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's
         if getattr(args, key) not in (None, int(meta[key])):
             raise SystemExit(f"error: cannot resume: --{key} {getattr(args, key)} differs from the run's {key} = "
                              f"{meta[key]}")
-    if args.teacher is not None and args.teacher != teacher.id:
-        raise SystemExit(f"error: {source} was distilled from teacher {teacher.id!r}, not {args.teacher!r}")
-    fill_presets(args, PRESETS[teacher.family]["global"])
     M = int(meta["M"])
     args.w = float(meta["w"]) if args.w is None else args.w
     args.w_target = args.w if args.w_target is None else args.w_target
@@ -448,13 +460,12 @@ def main(argv=None):
         shown = val_prompts(args.val_prompts, teacher, prompts)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    d = distance(args.d, args.llpips, teacher.latent_shape[0], device)
+    d = distance(args.d, args.llpips, device)
 
     torch.manual_seed(args.seed)  # the same initial heads and fake adapter on every rank
     params = lora.parameters(teacher.denoiser, "student")
     disc = Discriminator(teacher) if args.lambda1 > 0 else None
     shape = teacher.student_lora
-    args.fake_rank = args.fake_rank or int(meta.get("fake_rank", 0) if args.resume else 0) or int(shape["rank"])
     fake = lora.inject(teacher.denoiser, shape["lora_targets"], "fake", args.fake_rank) if args.lambda2 > 0 else None
     # what trains, each with its own AdamW: name -> (parameters, lr, betas); names key the optimizers in the state file
     trainable = {"student": (params, args.lr, (0.9, 0.999))}

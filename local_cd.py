@@ -19,13 +19,14 @@ import time
 import torch
 
 import lora
-from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, compile_blocks, count,
-                  explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
-                  mean_over_ranks, new_run_id, number, optimizer_tensors, positive, prompts_meta, rank_difference,
-                  read_state, resumed_late, run_prompts, state_path, take_run_batch, take_run_values, weight)
+from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, check_inputs, compile_blocks,
+                  count, explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
+                  mean_over_ranks, new_run_id, number, optimizer_tensors, pair_bytes_local, positive, prompts_meta,
+                  rank_difference, rank_zero_first, read_state, resumed_late, run_prompts, state_path, take_run_batch,
+                  take_run_values, weight)
 from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, HERE, T, add_student, cond_index, cond_cat,
-                      load_teacher, open_prompt_stream, precision, precision_said, prompts_seen, read_checkpoint,
-                      read_prompts, save_checkpoint)
+                      denoiser_size, download, load_teacher, locate, open_prompt_stream, precision, precision_said,
+                      prompts_seen, read_checkpoint, read_prompts, save_checkpoint)
 
 
 # ---- time: milestones and step grids ------------------------------------------------------------------------------
@@ -234,24 +235,22 @@ class TrajectoryBuffer:
             setattr(self, k, int(v))
 
 
-DISTANCE_HELP = ("d: the consistency distance (under torchrun write --distance: torchrun takes --d for an abbreviation "
-                 "of its own --duplicate-* flags)")
+DISTANCE_HELP = ("d: the consistency distance. llpips: L-LPIPS, the paper's recipe in both stages (--llpips FILE alone "
+                 "means it); mse: the paper's MSE row of Table 3. SDXL / FLUX.1-dev have no default: give one of the "
+                 "two (train an L-LPIPS with llpips.py). The embedded teacher: mse in stage 1, measured (its L-LPIPS "
+                 "was unstable there at the preset lr), llpips with toy/llpips.safetensors in stage 2. --d is the same "
+                 "flag, but not under torchrun, which takes --d for its own --duplicate-* flags")
+LLPIPS_HELP = ("the L-LPIPS of this teacher's VAE (llpips.py writes one); given alone, it makes d = llpips (embedded "
+               "teacher: toy/llpips.safetensors)")
 
 
-def distance(name, llpips_path=None, channels=None, device="cpu"):
-    """d(x, y) of the consistency loss, per sample: mse, or L-LPIPS (a perceptual distance on latents, llpips.py)."""
+def distance(name, llpips_path=None, device="cpu"):
+    """d(x, y) of the consistency loss, per sample: mse, or L-LPIPS (a perceptual distance on latents, llpips.py;
+    its file was checked before any model loaded: runs.check_inputs)."""
     if name == "mse":
         return lambda x, y: (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    if not llpips_path or not os.path.exists(llpips_path):
-        raise SystemExit(f"error: --d llpips needs L-LPIPS weights for this teacher (--llpips FILE; "
-                         f"{llpips_path or 'none given'} not found): train them with llpips.py, or use --d mse")
     import llpips
-    try:
-        net = llpips.load(llpips_path, device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    if channels is not None and net.channels != channels:
-        raise SystemExit(f"error: {llpips_path} compares {net.channels}-channel latents; this teacher's have {channels}")
+    net = llpips.load(llpips_path, device)
 
     def d(x, y):
         # in fp32, outside autocast: the loss compares nearly equal latents, whose L-LPIPS under bf16 autocast is
@@ -308,8 +307,8 @@ def validation(teacher, prompts, steps, M, autocast, metrics, name):
 
 # ---- the training script ------------------------------------------------------------------------------------------
 
-RUN_VALUES = dict(teacher=str, resolution=int, M=int, skip=float, w=float, d=str, llpips=str, lr=float, rank=int,
-                  seed=int)  # what --resume keeps of a run
+RUN_VALUES = dict(teacher=str, variant=str, revision=str, resolution=int, M=int, skip=float, w=float, d=str, llpips=str,
+                  lr=float, rank=int, seed=int)  # what --resume keeps of a run
 
 
 TOY_LLPIPS = os.path.join(HERE, "toy", "llpips.safetensors")  # L-LPIPS trained on the embedded teacher's latents
@@ -319,9 +318,9 @@ TOY_LLPIPS = os.path.join(HERE, "toy", "llpips.safetensors")  # L-LPIPS trained 
 PRESETS = {
     "digits": {
         "local": dict(iters=400, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=100,
-                      val_every=50, llpips=TOY_LLPIPS),
+                      val_every=50, d="mse", llpips=TOY_LLPIPS),
         "global": dict(iters=120, batch=32, lr=3e-5, lr_aux=1e-3, fake_rank=16, fake_updates=2, save_every=40,
-                       val_every=20, llpips=TOY_LLPIPS)},
+                       val_every=20, d="llpips", llpips=TOY_LLPIPS)},
     "sdxl": {
         "local": dict(iters=12000, batch=4, lr=1e-4, w=7.0, trajectories=4, buffer=512, reuse=4, save_every=500,
                       val_every=500),
@@ -337,13 +336,15 @@ def parse_args(argv=None):
     p = Parser(description=__doc__ + STAGE1, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--teacher", default="digits", help="digits (embedded, default), sdxl, flux, a teacher folder or hub id")
+    a("--variant", default=None, help="which weight files of a hub teacher, as diffusers' from_pretrained (e.g. fp16)")
+    a("--revision", default=None, help="a hub teacher's branch, tag or commit, as diffusers' from_pretrained")
     a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
     a("--M", type=count, default=8, help="M: number of segments; milestones t^s = s T / M")
     a("--skip", type=positive, default=20, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
     a("--w", type=weight, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
       "(paper: 7 for SDXL; FLUX.1-dev: its guidance embedding, 3.5; embedded teacher: its measured default)")
-    a("--d", "--distance", choices=["mse", "llpips"], default="mse", help=DISTANCE_HELP)
-    a("--llpips", default=None, help="L-LPIPS weights for --d llpips (embedded teacher: toy/llpips.safetensors)")
+    a("--distance", "--d", dest="d", choices=["mse", "llpips"], default=None, help=DISTANCE_HELP)
+    a("--llpips", default=None, help=LLPIPS_HELP)
     a("--rank", type=count, default=64, help="LoRA rank r (alpha = r)")
     a("--lr", type=positive, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
     a("--batch", type=count, default=None, help="training pairs per iteration and rank")
@@ -407,17 +408,26 @@ def main(argv=None):
     if args.resume:  # the run's own teacher, M, skip, w, ...: flags left out are taken from it, flags given must agree
         take_run_values(args, run, RUN_VALUES)
         take_run_batch(args, run, world)
+    try:  # every input checked before any model loads: the teacher's configs are read, not its weights
+        family = locate(args.teacher, args.revision)[0]
+        prompts = run_prompts(args, run, family)
+        fill_presets(args, PRESETS[family]["local"], args.teacher)  # and d: L-LPIPS, MSE, or a refusal
+        n_lora, latent = denoiser_size(args.teacher, args.rank, args.resolution, args.revision)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    check_inputs(args, latent, pair_bytes_local(n_lora, latent, args.buffer), n_lora)
+    with rank_zero_first(ddp):  # a hub teacher: rank 0 downloads it, the other ranks wait, then all load it
+        download(args.teacher, args.variant, args.revision)
     try:
-        prompts = run_prompts(args, run)  # checked whole before any model loads
-        teacher = load_teacher(args.teacher, device, args.resolution, dtype)
+        teacher = load_teacher(args.teacher, device, args.resolution, dtype, variant=args.variant,
+                               revision=args.revision)
         prompts = prompts or read_prompts(None, teacher)
         teacher.check_prompts(prompts)
         shown = val_prompts(args.val_prompts, teacher, prompts)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    fill_presets(args, PRESETS[teacher.family]["local"])
     args.w = teacher.default_w if args.w is None else args.w
-    d = distance(args.d, args.llpips, teacher.latent_shape[0], device)
+    d = distance(args.d, args.llpips, device)
 
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
     params = add_student(teacher, args.rank)

@@ -329,11 +329,19 @@ def metadata(path):
 
 def load(path):
     """(tensors, metadata) of a safetensors file, or one clear error for a missing / corrupt / truncated file."""
+    _, metadata = header(path)
+    try:
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+def header(path):
+    """(tensor names, metadata) of a safetensors file without reading its tensors, or load's clear error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint: {path}")
     try:
         with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(path), metadata
+            return list(f.keys()), f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None

@@ -70,11 +70,96 @@ def number(text, kind, low, strict=False):
     return v
 
 
-def fill_presets(args, preset):
-    """Every flag left at None takes the teacher family's preset value."""
+def fill_presets(args, preset, teacher):
+    """Every flag left at None takes the teacher family's preset value; the distance d as choose_distance says."""
+    choose_distance(args, preset, teacher)
     for k, v in preset.items():
-        if getattr(args, k, None) is None:
+        if k not in ("d", "llpips") and getattr(args, k, None) is None:
             setattr(args, k, v)
+
+
+def choose_distance(args, preset, teacher):
+    """d of the run (args.d) and its L-LPIPS (args.llpips): --distance if given; else L-LPIPS when --llpips FILE is
+    given; else the preset's (the embedded teacher's, measured). SDXL and FLUX.1-dev have none: the paper's recipe is
+    L-LPIPS in both stages, and an L-LPIPS belongs to the teacher's VAE, so the run is refused in one line that names
+    both ways out, before any model loads."""
+    if args.d == "mse" and args.llpips:
+        raise SystemExit("error: --llpips is the L-LPIPS of d = llpips, and --distance mse asks for d = MSE: give one")
+    if args.d is None:
+        args.d = "llpips" if args.llpips else preset.get("d")
+    if args.d is None:
+        raise SystemExit(f"error: the paper's recipe measures d with an L-LPIPS trained for the teacher's VAE: give "
+                         f"--llpips FILE (python llpips.py --bapps DIR --teacher {teacher} --out FILE trains it), or "
+                         "--distance mse for the paper's MSE row (Table 3)")
+    if args.d == "llpips" and not args.llpips:
+        args.llpips = preset.get("llpips")
+        if not args.llpips:
+            raise SystemExit("error: --distance llpips needs the L-LPIPS of this teacher's VAE: --llpips FILE (train it "
+                             "with llpips.py), or --distance mse")
+
+
+# ---- before any model loads: every input checked, on every rank -------------------------------------------------
+
+def check_inputs(args, latent, pair_bytes, n_lora):
+    """What a run would otherwise find late (after the teacher has loaded, or at its first save), said in one line
+    before any model loads: an L-LPIPS that is missing, not one, or for other latents (latent: the teacher's (C, H,
+    W)); a --val-prompts file that cannot be read; an --out that cannot be written; a disk without room for a
+    checkpoint pair of this run (pair_bytes; n_lora: the student's LoRA parameters, for the message). Every rank
+    checks."""
+    import shutil
+    import tempfile
+    if args.d == "llpips":
+        try:
+            meta = lora.header(args.llpips)[1]
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --llpips: {e}".replace("no such checkpoint", "no such file")) from None
+        if meta.get("format") != "llpips":
+            raise SystemExit(f"error: --llpips: {args.llpips} is not an L-LPIPS weights file (llpips.py writes them)")
+        if int(meta["channels"]) != latent[0]:
+            raise SystemExit(f"error: --llpips: {args.llpips} compares {meta['channels']}-channel latents; this "
+                             f"teacher's have {latent[0]} (train one for its VAE: llpips.py --teacher)")
+    if args.val_prompts and len(args.val_prompts) == 1 and (os.path.exists(args.val_prompts[0])
+                                                             or args.val_prompts[0].endswith(".txt")):
+        try:
+            prompt_file(args.val_prompts[0])
+        except ValueError as e:
+            raise SystemExit(f"error: --val-prompts: {e}") from None
+    folder = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(folder):  # atomic writes create the missing folders
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise SystemExit(f"error: --out {args.out}: cannot write into {folder} ({e.strerror})") from None
+    need, free = pair_bytes * 1.1 + 2 ** 26, shutil.disk_usage(folder).free
+    if free < need:
+        raise SystemExit(f"error: --out {args.out}: its disk has {free / 2 ** 30:.2f} GiB free, and a checkpoint pair of "
+                         f"this run takes about {need / 2 ** 30:.2f} GiB ({n_lora / 1e6:.1f}M LoRA parameters: the LoRA, "
+                         "and for --resume its copy and AdamW state); free some space or choose another --out")
+
+
+def pair_bytes_local(n_lora, latent, buffer):
+    """About the bytes of a stage-1 checkpoint pair: the LoRA (fp32) in the checkpoint and again in the state with
+    its two AdamW moments (16 bytes a parameter), and the trajectory pool (two fp32 latents and 36 bytes of times and
+    indices a pair)."""
+    return 16 * n_lora + buffer * (8 * math.prod(latent) + 36)
+
+
+def pair_bytes_global(n_lora, fake_lora):
+    """About the bytes of a stage-2 checkpoint pair: the student (16 bytes a parameter, as stage 1) and the fake score
+    with its AdamW moments (12 bytes a parameter; the heads are small)."""
+    return 16 * n_lora + 12 * fake_lora
+
+
+@contextlib.contextmanager
+def rank_zero_first(ddp):
+    """Rank 0 runs the block first (a download: one, not one per rank); the other ranks run it once rank 0 has."""
+    import torch.distributed as dist
+    if ddp and dist.get_rank() > 0:
+        dist.barrier()
+    yield
+    if ddp and dist.get_rank() == 0:
+        dist.barrier()
 
 
 # ---- fresh runs and resumed ones -------------------------------------------------------------------------------
@@ -124,12 +209,14 @@ def take_run_batch(args, meta, world):
     args.batch = total // world
 
 
-def run_prompts(args, meta):
+def run_prompts(args, meta, family):
     """A training run's prompts file (a PromptFile, or None for the embedded teacher's own), checked whole before any
     model loads. With --resume (meta: the run's checkpoint metadata) --prompts left out is the run's own file, and a
     --prompts given must hold the run's captions, byte for byte (the file may have moved)."""
     if args.resume and args.prompts is None:
         args.prompts = meta.get("prompts") or None
+    if args.prompts is None and family != "digits":
+        raise ValueError("--prompts is required for this teacher (a text file, one prompt per line)")
     prompts = args.prompts and prompt_file(args.prompts)
     if args.resume and meta.get("prompts_sha1", "") != (prompts.sha1 if prompts else ""):
         raise ValueError(f"cannot resume: --prompts {args.prompts} does not hold the run's captions (those of "

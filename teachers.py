@@ -71,6 +71,7 @@ class Teacher:
     pass, instead of classifier-free guidance's two."""
     embedded = False
     guidance_embedded = False
+    variant = revision = None  # which files of a hub teacher (diffusers' from_pretrained arguments)
     _null = None  # the null-prompt conditioning, encoded once
     encode_batch = 32  # prompts per text-encoder call (--encode-batch)
     encode_calls = truncated = 0  # counters: text-encoder calls, prompts cut to an encoder's limit
@@ -339,21 +340,17 @@ class FluxTeacher(Teacher):
             return (self.vae.encode(x.float()).latent_dist.mean - (c.shift_factor or 0.0)) * c.scaling_factor
 
 
-def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None, true_cfg=False):
-    """A teacher by name (digits, sdxl, flux), folder or hub id. A folder in the embedded layout (unet/, scheduler/,
-    prompt_embeds.safetensors) loads as a digits-style teacher; a diffusers SDXL / FLUX pipeline folder or hub id as
-    that family. Frozen weights in `dtype` (default: precision's, bf16 on CUDA, fp32 on a CPU)."""
-    device = device or default_device()
-    dtype = dtype or precision(device)[0]
-    id = name_or_dir
+def locate(name_or_dir="digits", revision=None):
+    """(family, path) of a teacher, from its folder's layout or its pipeline config alone: no weights are read, so a
+    run can check its inputs against the teacher (its presets, its L-LPIPS) before any model loads. family: digits
+    (the embedded layout), sdxl (a UNet pipeline) or flux; path: the folder or hub id to load from."""
     path = TEACHERS.get(name_or_dir, name_or_dir)
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "prompt_embeds.safetensors")):
             if not (os.path.isdir(os.path.join(path, "unet")) and os.path.isdir(os.path.join(path, "scheduler"))):
-                raise ValueError(f"{path}: an embedded-layout teacher needs unet/ and scheduler/ beside prompt_embeds.safetensors")
-            if os.path.abspath(path) == os.path.abspath(TEACHERS["digits"]):
-                id = "digits"
-            return DigitsTeacher(path, device, id, dtype)
+                raise ValueError(f"{path}: an embedded-layout teacher needs unet/ and scheduler/ beside "
+                                 "prompt_embeds.safetensors")
+            return "digits", path
         if not os.path.exists(os.path.join(path, "model_index.json")):
             raise ValueError(f"{path} is not a teacher folder: expected unet/ + scheduler/ + prompt_embeds.safetensors "
                              "(the embedded layout) or a diffusers SDXL / FLUX pipeline (model_index.json)")
@@ -364,21 +361,73 @@ def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None,
         raise ValueError(f"unknown teacher {name_or_dir!r}: use digits, sdxl, flux, a teacher folder or a hub id")
     from diffusers import DiffusionPipeline
     try:
-        cls = DiffusionPipeline.load_config(path)["_class_name"]
+        cls = DiffusionPipeline.load_config(path, revision=revision)["_class_name"]
     except Exception as e:
         raise ValueError(f"cannot read the pipeline config of {path!r} ({type(e).__name__}); offline or gated? "
                          f"download it first (hf download {path} --local-dir DIR) and pass DIR") from None
-    if "StableDiffusionXL" not in cls and "Flux" not in cls:
-        raise ValueError(f"{path} is a {cls}; LogCD supports SDXL-style UNets, FLUX transformers and the embedded "
-                         "layout")
+    if "StableDiffusionXL" in cls:
+        return "sdxl", path
+    if "Flux" in cls:
+        return "flux", path
+    raise ValueError(f"{path} is a {cls}; LogCD supports SDXL-style UNets, FLUX transformers and the embedded layout")
+
+
+def download(name_or_dir, variant=None, revision=None):
+    """Fetches a hub teacher's files (those of `variant` where it has them) into the hub cache, once; a folder needs
+    nothing. Under torchrun rank 0 calls it and the other ranks wait (runs.rank_zero_first): one download, not one per
+    rank."""
+    family, path = locate(name_or_dir, revision)
+    if family != "digits" and not os.path.isdir(path):
+        from diffusers import DiffusionPipeline
+        DiffusionPipeline.download(path, variant=variant, revision=revision)
+
+
+def denoiser_size(name_or_dir, rank, resolution=1024, revision=None):
+    """(LoRA parameters of a rank-`rank` student, latent shape (C, H, W)) of a teacher, from its configs alone: the
+    denoiser is built on the meta device (no memory, no weights read) and the student's adapters counted on it.
+    What a run checks before any model loads: the L-LPIPS's channels, the disk a checkpoint pair takes."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+    family, path = locate(name_or_dir, revision)
+    if family == "digits":
+        cls, sub, targets, hub = UNet2DConditionModel, "unet", DDPMTeacher.lora_targets, {}
+    else:
+        cls, sub = (FluxTransformer2DModel, "transformer") if family == "flux" else (UNet2DConditionModel, "unet")
+        targets, hub = (FluxTeacher if family == "flux" else DDPMTeacher).lora_targets, {"revision": revision}
+    config = cls.load_config(path, subfolder=sub, **hub)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    n = sum(p.numel() for p in lora.inject(model, targets, "student", rank))
+    if family == "digits":
+        return n, (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    f = 2 ** (len(AutoencoderKL.load_config(path, subfolder="vae", **hub)["block_out_channels"]) - 1)
+    channels = model.config.in_channels // 4 if family == "flux" else model.config.in_channels
+    return n, (channels, resolution // f, resolution // f)
+
+
+def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None, true_cfg=False, variant=None,
+                 revision=None):
+    """A teacher by name (digits, sdxl, flux), folder or hub id. A folder in the embedded layout (unet/, scheduler/,
+    prompt_embeds.safetensors) loads as a digits-style teacher; a diffusers SDXL / FLUX pipeline folder or hub id as
+    that family (variant, revision: diffusers' own from_pretrained arguments). Frozen weights in `dtype` (default:
+    precision's, bf16 on CUDA, fp32 on a CPU)."""
+    device = device or default_device()
+    dtype = dtype or precision(device)[0]
+    family, path = locate(name_or_dir, revision)
+    if family == "digits":
+        same = os.path.abspath(path) == os.path.abspath(TEACHERS["digits"])
+        return DigitsTeacher(path, device, "digits" if same else name_or_dir, dtype)
     # from_pretrained maps the weight files and builds every model straight in `dtype`: a bf16 file is used in place
     # (the page cache holds one copy for all ranks), an fp32 one (SDXL's unet) costs one private bf16 copy. No fp32
     # model is ever built (bench.py --what load measures it).
-    if "StableDiffusionXL" in cls:
+    hub = {"dtype": dtype, "variant": variant, "revision": revision}
+    if family == "sdxl":
         from diffusers import StableDiffusionXLPipeline
-        return SDXLTeacher(StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype), device, id, resolution)
-    from diffusers import FluxPipeline
-    return FluxTeacher(FluxPipeline.from_pretrained(path, dtype=dtype), device, id, resolution, true_cfg)
+        teacher = SDXLTeacher(StableDiffusionXLPipeline.from_pretrained(path, **hub), device, name_or_dir, resolution)
+    else:
+        from diffusers import FluxPipeline
+        teacher = FluxTeacher(FluxPipeline.from_pretrained(path, **hub), device, name_or_dir, resolution, true_cfg)
+    teacher.variant, teacher.revision = variant, revision  # a checkpoint records them: its student loads the same
+    return teacher
 
 
 def default_device():
@@ -616,17 +665,24 @@ def save_checkpoint(path, teacher, stage, meta):
     meta = {"format": "logcd", "stage": stage, "teacher": teacher.id, "lora_prefix": teacher.lora_prefix,
             "resolution": getattr(teacher, "resolution", teacher.latent_shape[-1]), **teacher.student_lora,
             "dtype": str(teacher.dtype).removeprefix("torch."),  # of the base it was trained on
+            "variant": teacher.variant or "", "revision": teacher.revision or "",
             "git_commit": git_commit(), **meta}
     lora.save(path, tensors, meta)
 
 
 def read_checkpoint(path, stages=("local", "global"), teacher_id=None):
     """(tensors, metadata) of a LogCD checkpoint; one clear error if it is not one, or is of another stage/teacher."""
-    tensors, meta = lora.load(path)
+    meta = checkpoint_meta(path, stages, teacher_id)
+    return lora.load(path)[0], meta
+
+
+def checkpoint_meta(path, stages=("local", "global"), teacher_id=None):
+    """The metadata of a LogCD checkpoint, its tensors unread (read_checkpoint's checks, before any model loads)."""
+    keys, meta = lora.header(path)
     if "run" in meta and "format" not in meta and path.endswith(".state.safetensors"):
         raise ValueError(f"{path} is the training state that --resume reads, not a checkpoint; use "
                          f"{path[:-len('.state.safetensors')]}.safetensors")
-    if meta.get("format") != "logcd" or not any(k.endswith(".lora_A.weight") for k in tensors):
+    if meta.get("format") != "logcd" or not any(k.endswith(".lora_A.weight") for k in keys):
         raise ValueError(f"{path} is not a LogCD checkpoint (no LoRA or no LogCD metadata)")
     if meta.get("stage") not in stages:
         raise ValueError(f"{path} is a {meta.get('stage')!r} checkpoint; expected {' or '.join(stages)}")
@@ -638,13 +694,14 @@ def read_checkpoint(path, stages=("local", "global"), teacher_id=None):
         except (KeyError, ValueError):
             raise ValueError(f"{path}: its metadata lacks a valid {key!r} ({meta.get(key)!r}); it was not written by "
                              "local_cd.py / global_cd.py, or was edited") from None
-    return tensors, meta
+    return meta
 
 
 def load_student(path, device=None, stages=("local", "global"), teacher_id=None, dtype=None):
     """Teacher + student adapter from a checkpoint, its metadata naming everything (no flag has to be repeated)."""
     tensors, meta = read_checkpoint(path, stages, teacher_id)
-    teacher = load_teacher(meta["teacher"], device, resolution=int(meta.get("resolution", 1024)), dtype=dtype)
+    teacher = load_teacher(meta["teacher"], device, int(meta.get("resolution", 1024)), dtype,
+                           variant=meta.get("variant") or None, revision=meta.get("revision") or None)
     add_student(teacher, int(meta["rank"]), float(meta["alpha"]), meta.get("lora_targets"))
     lora.load_state_dict(teacher.denoiser, "student", tensors, teacher.lora_prefix)
     return teacher, tensors, meta

@@ -1505,7 +1505,7 @@ def test_stage1_bad_inputs(tmp_path):
     (tmp_path / "cats.txt").write_text("a cat\n")
     with pytest.raises(SystemExit, match="knows the prompts .* not 'a cat'"):  # refused before training starts
         _run(tmp_path, "--prompts", str(tmp_path / "cats.txt"))
-    with pytest.raises(SystemExit, match="--d llpips needs L-LPIPS weights"):
+    with pytest.raises(SystemExit, match="--llpips: no such file"):
         _run(tmp_path, "--d", "llpips", "--llpips", str(tmp_path / "none.safetensors"))
     llpips.save(str(tmp_path / "rgb.safetensors"), llpips.LLPIPS(3, width=0.125))
     with pytest.raises(SystemExit, match="compares 3-channel latents; this teacher's have 1"):
@@ -1526,7 +1526,8 @@ def test_stage1_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_pat
     with pytest.raises(SystemExit, match="--prompts is required"):
         _run(tmp_path, "--teacher", path, "--resolution", str(res), "--iters", "2")
     _run(tmp_path, "--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res),
-         "--iters", "2", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50", "--grad-checkpointing")
+         "--iters", "2", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50", "--grad-checkpointing",
+         "--distance", "mse")
     t, _, meta = load_student(str(tmp_path / "local.safetensors"), "cpu")
     assert meta["teacher"] == path and meta["w"] == ("7.0" if family == "sdxl" else "3.5")
 
@@ -1681,12 +1682,96 @@ def test_stage2_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_pat
     path, res = (tiny_sdxl, 16) if family == "sdxl" else (tiny_flux, 32)
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
     _stage1(tmp_path / "local.safetensors", path, res, M=4, w=3.0)
-    with pytest.raises(SystemExit, match="--d llpips needs L-LPIPS weights"):  # the paper's d, weights not given
-        _run2(tmp_path, "--prompts", str(tmp_path / "prompts.txt"), "--iters", "1")
     _run2(tmp_path, "--prompts", str(tmp_path / "prompts.txt"), "--iters", "2", "--batch", "2", "--d", "mse",
           "--grad-checkpointing")  # the discriminator's hooks must survive checkpoint recomputation
     _, _, meta = load_student(str(tmp_path / "global.safetensors"), "cpu", ("global",))
     assert meta["teacher"] == path and meta["M"] == "4" and meta["stage"] == "global"
+
+
+def _unreadable_weights(pipe, folder):
+    """A copy of a tiny pipeline folder whose denoiser weights cannot be read: what any weight load trips on."""
+    shutil.copytree(pipe, folder)
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".safetensors") and os.path.basename(root) in ("unet", "transformer"):
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"not weights")
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_the_papers_recipe_needs_an_llpips_or_distance_mse_before_any_model_loads(family, tiny_sdxl, tiny_flux,
+                                                                                    tmp_path, capsys):
+    """SDXL / FLUX have no d preset: a stage given neither --llpips nor --distance is refused in one line naming both
+    ways out as torchrun takes them -- before any model loads: a teacher whose weights cannot be read gets that line,
+    and only with --distance mse the loader's error."""
+    pipe, res = (tiny_sdxl, "16") if family == "sdxl" else (tiny_flux, "32")
+    broken = _unreadable_weights(pipe, tmp_path / "broken")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    stage1 = ["--teacher", broken, "--prompts", str(tmp_path / "p.txt"), "--resolution", res, "--iters", "1",
+              "--out", str(tmp_path / "l.safetensors")]
+    said = "--llpips FILE .* or --distance mse for the paper's MSE row"
+    with pytest.raises(SystemExit, match=said):
+        local_cd.main(stage1)
+    with pytest.raises(Exception) as e:  # past the check, the weights are read: the loader fails
+        local_cd.main([*stage1, "--distance", "mse"])
+    assert "--distance mse" not in str(e.value)
+    # stage 2: the stage-1 checkpoint names the teacher; its weights are never read before the refusal either
+    _stage1(tmp_path / "local.safetensors", pipe, int(res), M=4)
+    tensors, meta = lora.load(str(tmp_path / "local.safetensors"))
+    lora.save(str(tmp_path / "local.safetensors"), tensors, {**meta, "teacher": broken})
+    with pytest.raises(SystemExit, match=said):
+        _run2(tmp_path, "--prompts", str(tmp_path / "p.txt"), "--iters", "1")
+    with pytest.raises(SystemExit, match="--llpips is the L-LPIPS of d = llpips, and --distance mse"):
+        _run2(tmp_path, "--prompts", str(tmp_path / "p.txt"), "--distance", "mse", "--llpips", "x.safetensors")
+    with pytest.raises(SystemExit, match="this teacher's have 4"):  # the toy's 1-channel L-LPIPS, for 4-channel latents
+        _run2(tmp_path, "--prompts", str(tmp_path / "p.txt"), "--llpips", os.path.join(HERE, "toy", "llpips.safetensors"))
+    assert not os.path.exists(tmp_path / "global.safetensors")
+
+
+def test_llpips_alone_means_d_llpips_and_the_toy_keeps_its_measured_choice(tmp_path):
+    """--llpips FILE alone makes d L-LPIPS (with that file); the embedded teacher's stages keep their measured d (MSE in
+    stage 1, L-LPIPS in stage 2); the checkpoints record which."""
+    toy = os.path.join(HERE, "toy", "llpips.safetensors")
+    _run(tmp_path, "--iters", "1", out="mse.safetensors")
+    _run(tmp_path, "--iters", "1", "--llpips", toy, out="llp.safetensors")
+    meta = {k: lora.metadata(str(tmp_path / f"{k}.safetensors")) for k in ("mse", "llp")}
+    assert (meta["mse"]["d"], meta["mse"]["llpips"]) == ("mse", "")
+    assert (meta["llp"]["d"], meta["llp"]["llpips"]) == ("llpips", toy)
+    _run2(tmp_path, "--iters", "1", "--lambda1", "0", "--lambda2", "0", init="mse.safetensors")
+    g = lora.metadata(str(tmp_path / "global.safetensors"))
+    assert (g["d"], g["llpips"]) == ("llpips", toy)
+
+
+def test_a_full_disk_or_an_unwritable_out_is_said_before_any_model_loads(tmp_path, monkeypatch, tiny_sdxl):
+    """The disk must hold a checkpoint pair of the run: said in one line before any model loads (the loader is
+    replaced by a failure). The size the check asks for is the size a run writes (tiny SDXL, its pool full)."""
+    (tmp_path / "p.txt").write_text("a cat\na red dog\n")
+    argv = ["--teacher", tiny_sdxl, "--prompts", str(tmp_path / "p.txt"), "--resolution", "16", "--batch", "2",
+            "--trajectories", "1", "--M", "4", "--skip", "50", "--buffer", "16", "--distance", "mse", "--iters", "2",
+            "--val-every", "0", "--out", str(tmp_path / "l.safetensors")]
+    local_cd.main(argv)
+    wrote = sum(os.path.getsize(tmp_path / f) for f in ("l.safetensors", "l.state.safetensors"))
+    n, latent = teachers.denoiser_size(tiny_sdxl, 64, 16)
+    assert runs.pair_bytes_local(n, latent, 16) == pytest.approx(wrote, rel=0.1)
+    global_cd.main(["--init", str(tmp_path / "l.safetensors"), "--prompts", str(tmp_path / "p.txt"), "--batch", "2",
+                    "--distance", "mse", "--iters", "1", "--val-every", "0", "--out", str(tmp_path / "g.safetensors")])
+    wrote = sum(os.path.getsize(tmp_path / f) for f in ("g.safetensors", "g.state.safetensors"))
+    assert runs.pair_bytes_global(n, n) == pytest.approx(wrote, rel=0.1)  # fake score at the student's rank 64
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(local_cd, "load_teacher", no_loading)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=wrote // 2))
+    with pytest.raises(SystemExit, match=r"its disk has [\d.]+ GiB free, and a checkpoint pair of this run takes about"):
+        local_cd.main([*argv[:-1], str(tmp_path / "l2.safetensors")])
+    monkeypatch.undo()
+    monkeypatch.setattr(local_cd, "load_teacher", no_loading)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="--out .*cannot write into"):
+        local_cd.main([*argv[:-1], str(tmp_path / "file" / "l.safetensors")])
+    with pytest.raises(SystemExit, match="--val-prompts: prompts file .* does not exist"):
+        local_cd.main([*argv[:-1], str(tmp_path / "l3.safetensors"), "--val-prompts", str(tmp_path / "no.txt")])
 
 
 def test_stage2_adapters_do_not_leak_and_the_teacher_is_unchanged(tmp_path, monkeypatch, digits):
@@ -2423,7 +2508,7 @@ def test_llpips_distance_runs_in_fp32_under_autocast():
     """The consistency distance compares nearly equal latents: local_cd.distance gives L-LPIPS's fp32 value inside the
     training scripts' bf16 autocast, where the bare network is mostly rounding noise."""
     path = os.path.join(HERE, "toy", "llpips.safetensors")
-    d, net = local_cd.distance("llpips", path, 1), llpips.load(path, "cpu")
+    d, net = local_cd.distance("llpips", path), llpips.load(path, "cpu")
     torch.manual_seed(0)
     x = torch.rand(32, 1, 16, 16) * 2 - 1
     y = x + 0.01 * torch.randn_like(x)
