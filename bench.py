@@ -386,9 +386,10 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
     work = {k: lora.Plain(disc.parameters()) if k == "disc" else lora.Working(teacher.denoiser, k, r.adapter_dtype)
             for k in opts}
 
-    def update(loss, name):
+    def update(name, losses):  # global_cd.main's, on one rank, without its checks
         opts[name].zero_grad(set_to_none=True)
-        loss.backward()
+        for loss in losses:
+            loss.backward()
         work[name].step(opts[name])
         return loss.detach()
 

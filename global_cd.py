@@ -239,12 +239,10 @@ def one_step(teacher, cond, gen):
         return teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
 
 
-def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
-    """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
-    a.fake_updates fake-score steps (if fake). update(loss, name) takes the optimizer step of `name`; a holds p, q,
-    w, w_target, lambda0, lambda1, lambda2, fake_updates, jump, inputs, dmd_input; every forward runs inside autocast()
-    (teachers.precision), every backward outside it. Returns the losses to log (tensors: no GPU sync here)."""
-    B, device, logs = len(next(iter(cond.values()))), teacher.device, {}
+def image_free_inputs(teacher, cond, a, M, gen, autocast):
+    """(z_{t_m}, t_m, t_n, k) of a batch: the states the student trains at, the milestones t_m it is at and t_n it
+    jumps to, and the segments k of the longest jump. No gradients."""
+    B, device = len(next(iter(cond.values()))), teacher.device
     if a.inputs == "renoise":  # image-free inputs: the student's q-step samples, re-noised to a random milestone t_m
         with autocast():
             x0_q = student_samples(teacher, cond, a.q, M, gen)
@@ -254,36 +252,63 @@ def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
         # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
         # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
         z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
-    else:  # --inputs sampler: the steps the student's own samplers take, from the states they are in
-        with autocast():
-            z_m, t_m, t_n = sampler_steps(teacher, cond, a.q, M, gen)
-        k = round(float((t_m - t_n).max()) * M / T)  # segments in the longest jump: p steps per segment
-        t_m, t_n = t_m.to(device), t_n.to(device)
+        return z_m, t_m, t_n, k
+    with autocast():  # --inputs sampler: the steps the student's own samplers take, from the states they are in
+        z_m, t_m, t_n = sampler_steps(teacher, cond, a.q, M, gen)
+    k = round(float((t_m - t_n).max()) * M / T)  # segments in the longest jump: p steps per segment
+    return z_m, t_m.to(device), t_n.to(device), k
 
-    # the student step: L = lambda0 L_GoCD + lambda1 L_GAN + lambda2 L_DMD (the paper's lambda0 = 1)
-    with autocast():
-        l_cons, x0_m, x0_n = global_loss(teacher, d, z_m, t_m, t_n, cond, a.w_target, a.p * k)  # p steps a segment
-        logs["cons"] = l_cons.mean()
-        loss = a.lambda0 * logs["cons"]
-        if disc:
-            l_gan = logs["gan"] = generator_loss(disc, x0_m, uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen),
-                                                 cond)
-            loss = loss + a.lambda1 * l_gan
-        if fake:
-            x0_dmd = x0_m if a.dmd_input == "x0_m" else one_step(teacher, cond, gen)
-            l_dmd = logs["dmd"] = dmd_loss(teacher, x0_dmd, cond, a.w, gen)
-            loss = loss + a.lambda2 * l_dmd
-    logs["loss"] = update(loss, "student")
-    x0_m = x0_m.detach()
-    if disc:  # the discriminator step: real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
-        with autocast():
-            t_g, eps = uniform(B, *GAN_T, gen, device), randn_like(x0_m, gen)
-            l_d = discriminator_loss(disc, x0_n, x0_m, t_g, eps, cond)
-        logs["disc"] = update(l_d, "disc")
-    for _ in range(a.fake_updates if fake else 0):  # the fake score follows the distribution DMD moves
-        with autocast():
-            l_f = fake_score_loss(teacher, x0_dmd.detach(), cond, gen)
-        logs["fake"] = update(l_f, "fake")
+
+def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
+    """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
+    a.fake_updates fake-score steps (if fake). Each step runs over a.grad_accum micro-batches of `cond`:
+    update(name, losses) takes one optimizer step of `name` on the mean of `losses`, a generator that makes each
+    micro-batch's loss after the last one's backward. a holds p, q, w, w_target, lambda0, lambda1, lambda2,
+    fake_updates, jump, inputs, dmd_input, grad_accum; every forward runs inside autocast() (teachers.precision), every
+    backward outside it. Returns the losses to log (tensors: no GPU sync here)."""
+    B, device, logs = len(next(iter(cond.values()))), teacher.device, collections.defaultdict(float)
+    z_m, t_m, t_n, k = image_free_inputs(teacher, cond, a, M, gen, autocast)  # the whole batch's: no gradients
+    micro = torch.arange(B, device=device).split(B // a.grad_accum)
+    kept = []  # per micro-batch: its rows, and x0_m, x0_n, x0_dmd without gradients, for the other two steps
+
+    def student():  # L = lambda0 L_GoCD + lambda1 L_GAN + lambda2 L_DMD (the paper's lambda0 = 1)
+        for i in micro:
+            c, n = cond_index(cond, i), len(i)
+            with autocast():
+                l_cons, x0_m, x0_n = global_loss(teacher, d, z_m[i], t_m[i], t_n[i], c, a.w_target, a.p * k)
+                loss = a.lambda0 * l_cons.mean()  # p teacher steps a segment
+                logs["cons"] += l_cons.mean().detach() / len(micro)
+                if disc:
+                    l_gan = generator_loss(disc, x0_m, uniform(n, *GAN_T, gen, device), randn_like(x0_m, gen), c)
+                    logs["gan"] += l_gan.detach() / len(micro)
+                    loss = loss + a.lambda1 * l_gan
+                x0_dmd = x0_m
+                if fake:
+                    x0_dmd = x0_m if a.dmd_input == "x0_m" else one_step(teacher, c, gen)
+                    l_dmd = dmd_loss(teacher, x0_dmd, c, a.w, gen)
+                    logs["dmd"] += l_dmd.detach() / len(micro)
+                    loss = loss + a.lambda2 * l_dmd
+            kept.append((c, x0_m.detach(), x0_n, x0_dmd.detach()))
+            yield loss
+
+    def discriminator():  # real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
+        for c, x0_m, x0_n, _ in kept:
+            with autocast():
+                t_g, eps = uniform(len(x0_m), *GAN_T, gen, device), randn_like(x0_m, gen)
+                l_d = discriminator_loss(disc, x0_n, x0_m, t_g, eps, c)
+            yield l_d
+
+    def fake_score():  # the fake score follows the distribution DMD moves
+        for c, _, _, x0_dmd in kept:
+            with autocast():
+                l_f = fake_score_loss(teacher, x0_dmd, c, gen)
+            yield l_f
+
+    logs["loss"] = update("student", student())
+    if disc:
+        logs["disc"] = update("disc", discriminator())
+    for _ in range(a.fake_updates if fake else 0):
+        logs["fake"] = update("fake", fake_score())
     return {name: v.detach() if torch.is_tensor(v) else v for name, v in logs.items()}
 
 
@@ -363,7 +388,11 @@ def parse_args(argv=None):
       help="fake-score updates per student update (DMD2's two time-scales)")
     a("--lr", type=positive, default=None, help="AdamW learning rate of the student (paper: 1e-5)")
     a("--lr-aux", type=positive, default=None, help="learning rate of the discriminator heads and the fake score")
-    a("--batch", type=count, default=None, help="samples per iteration and rank")
+    a("--batch", type=count, default=None, help="samples per iteration, rank and micro-batch")
+    a("--grad-accum", type=count, default=1, help="micro-batches per iteration: each rank draws N x --batch prompts "
+      "and their image-free inputs (no gradients), then the student's, the discriminator's and the fake score's steps "
+      "each run over the N micro-batches and step once on their mean: the recipe's batch on fewer GPUs (batch x ranks "
+      "x N) in the memory of one micro-batch")
     a("--iters", type=count, default=None, help="iterations (paper: 3K SDXL, 6K FLUX)")
     a("--out", default="global.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
     a("--save-every", type=count, default=None)
@@ -421,7 +450,7 @@ def main(argv=None):
             raise ValueError(f"{source} was distilled from teacher {meta['teacher']!r}, not {args.teacher!r}")
         hub = {"variant": meta.get("variant") or None, "revision": meta.get("revision") or None}
         family = locate(meta["teacher"], hub["revision"])[0]
-        prompts = run_prompts(args, run, family)
+        prompts = run_prompts(args, run, meta["teacher"])
         fill_presets(args, PRESETS[family]["global"], meta["teacher"])  # and d: L-LPIPS, MSE, or a refusal
         rank_ = int(meta["rank"])
         n_lora, latent = denoiser_size(meta["teacher"], rank_, int(meta.get("resolution", 1024)), hub["revision"])
@@ -486,7 +515,7 @@ def main(argv=None):
                "lambda0": args.lambda0, "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
                "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input,
                "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
-               "lr_aux": args.lr_aux, "batch": args.batch * world, "seed": args.seed, **prompts_meta(prompts),
+               "lr_aux": args.lr_aux, "batch": args.batch * world * args.grad_accum, "seed": args.seed, **prompts_meta(prompts),
                "run": meta.get("run", new_run_id()) if args.resume else new_run_id(),
                "init": meta.get("init", args.init) if args.resume else args.init,
                "init_step": meta.get("init_step", meta.get("step")) if args.resume else meta.get("step"),
@@ -511,7 +540,7 @@ def main(argv=None):
         step, forwards = int(smeta["step"]), int(smeta.get("forwards", 0))
         if master:  # ranks > 0 continue with fresh random streams; a single-process resume continues exactly
             gen.set_state(state["rng"])
-        stream.drawn = step * args.batch  # every rank draws a batch of prompts per iteration
+        stream.drawn = step * args.batch * args.grad_accum  # every rank draws a batch of prompts per iteration
         log(f"resumed {args.out} at step {step}" + resumed_late(step, meta))
     if ddp:  # identical student, heads and fake score on every rank
         for ps, _, _ in trainable.values():
@@ -544,12 +573,17 @@ def main(argv=None):
                                                   "lambda2": args.lambda2, "forwards": forwards})
         save_checkpoint(args.out, teacher, "global", {**hparams, "step": step, "forwards": forwards})
 
-    def update(loss, name):
-        """One AdamW step of `name` (student / disc / fake) on loss, gradients averaged over ranks. A non-finite loss
-        stops the run before the step: the last checkpoint on disk stays the last good one."""
+    def update(name, losses):
+        """One AdamW step of `name` (student / disc / fake) on the mean of `losses`, one per micro-batch (--grad-accum),
+        each made after the last one's backward: the gradients add up over the micro-batches and are averaged over
+        ranks during the last backward. A non-finite loss stops the run before the step: the last checkpoint on disk
+        stays the last good one."""
         opts[name].zero_grad(set_to_none=True)
-        with syncs[name].backward():  # under torchrun: its gradients averaged over ranks while backward runs
-            loss.backward()
+        loss = 0.0
+        for i, micro_loss in enumerate(losses):
+            with syncs[name].backward(last=i == args.grad_accum - 1):  # under torchrun: the all-reduce, at the last
+                (micro_loss / args.grad_accum).backward()
+            loss = loss + micro_loss.detach() / args.grad_accum
         if ddp:
             loss = mean_over_ranks(loss, world)
         if not torch.isfinite(loss):
@@ -561,15 +595,15 @@ def main(argv=None):
     log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} "
         f"w_target={args.w_target:g} inputs={args.inputs} jump={args.jump} dmd_input={args.dmd_input} d={args.d} "
         f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
-        f"batch={args.batch}x{world} iters={args.iters}; {precision_said(dtype, adapter_dtype)}")
-    planned = (args.iters - step) * args.batch
-    log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch} per iteration), "
+        f"batch={args.batch}x{world}x{args.grad_accum} iters={args.iters}; {precision_said(dtype, adapter_dtype)}")
+    planned = (args.iters - step) * args.batch * args.grad_accum
+    log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch * args.grad_accum} per iteration), "
         f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
     interval = collections.Counter()  # model forwards per adapter (teacher: none) since the last log line, this rank
     with lora.count_forwards(teacher.denoiser) as calls:  # (adapter, batch) of every model call, for the log
         while step < args.iters:
-            cond, _ = stream.take(args.batch)
+            cond, _ = stream.take(args.batch * args.grad_accum)
             try:
                 logs = iteration(teacher, cond, d, disc, fake is not None, update, args, M, gen, autocast)
             except SystemExit:
@@ -583,7 +617,7 @@ def main(argv=None):
             bar.update(1)
             metrics.add(logs)
             if step % args.log_every == 0 or step == args.iters:
-                samples = (step - metrics.step) * args.batch  # this interval's, on this rank
+                samples = (step - metrics.step) * args.batch * args.grad_accum  # this interval's, on this rank
                 line = metrics.write(step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in opts.items()},
                                      **{f"fwd_per_sample_{k}": n / samples for k, n in interval.items()},
                                      forwards=forwards)

@@ -347,7 +347,10 @@ def parse_args(argv=None):
     a("--llpips", default=None, help=LLPIPS_HELP)
     a("--rank", type=count, default=64, help="LoRA rank r (alpha = r)")
     a("--lr", type=positive, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
-    a("--batch", type=count, default=None, help="training pairs per iteration and rank")
+    a("--batch", type=count, default=None, help="training pairs per iteration, rank and micro-batch")
+    a("--grad-accum", type=count, default=1, help="micro-batches per iteration: each rank runs N micro-batches of "
+      "--batch pairs and takes one AdamW step on their mean, what one batch N times as large trains (to float "
+      "rounding) in the memory of one micro-batch: the recipe's batch on fewer GPUs (batch x ranks x N)")
     a("--iters", type=count, default=None, help="iterations (paper: 12K SDXL, 6K FLUX)")
     a("--trajectories", type=count, default=None, help="teacher trajectories per buffer refill (per rank)")
     a("--buffer", type=count, default=None, help="capacity of the pair pool")
@@ -409,8 +412,8 @@ def main(argv=None):
         take_run_values(args, run, RUN_VALUES)
         take_run_batch(args, run, world)
     try:  # every input checked before any model loads: the teacher's configs are read, not its weights
+        prompts = run_prompts(args, run, args.teacher)
         family = locate(args.teacher, args.revision)[0]
-        prompts = run_prompts(args, run, family)
         fill_presets(args, PRESETS[family]["local"], args.teacher)  # and d: L-LPIPS, MSE, or a refusal
         n_lora, latent = denoiser_size(args.teacher, args.rank, args.resolution, args.revision)
     except (ValueError, FileNotFoundError) as e:
@@ -442,7 +445,8 @@ def main(argv=None):
                               args.reuse, gen)
     hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d,
                "llpips": args.llpips if args.d == "llpips" else "", "lr": args.lr,
-               "batch": args.batch * world, "seed": args.seed, "run": new_run_id(), **prompts_meta(prompts)}
+               "batch": args.batch * world * args.grad_accum, "seed": args.seed, "run": new_run_id(),
+               **prompts_meta(prompts)}
     step = n_student = 0  # n_student: student forward passes, counted per sample
     if args.resume:
         try:
@@ -491,21 +495,27 @@ def main(argv=None):
         save_checkpoint(args.out, teacher, "local", meta)
 
     log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
-        f"lr={args.lr:g} batch={args.batch}x{world} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
+        f"lr={args.lr:g} batch={args.batch}x{world}x{args.grad_accum} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
         f"LoRA parameters; {precision_said(dtype, adapter_dtype)})")
-    planned = buffer.planned_refills(args.iters - step, args.batch) * args.trajectories
+    planned = buffer.planned_refills(args.iters - step, args.batch * args.grad_accum) * args.trajectories
     log(f"prompts: {len(prompts)}; each rank draws about {planned} more ({args.trajectories} per pool refill), "
         f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all; more per run: "
         "a lower --reuse, at more teacher forwards per pair")
     bar = tqdm(total=args.iters, initial=step, disable=not master, desc="local CD")
     while step < args.iters:
-        z_m, t_m, z_n, t_n, t_s, cond = buffer.sample(args.batch)
-        with lora.adapter(teacher.denoiser, "student"), autocast():
-            loss, _, n = local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond)
-        n_student += n
+        pairs = buffer.sample(args.batch * args.grad_accum)
         opt.zero_grad(set_to_none=True)
-        with sync.backward():  # under torchrun: the LoRA gradients averaged over ranks while backward runs
-            loss.backward()
+        loss = 0.0
+        for i, micro in enumerate(torch.arange(len(pairs[0]), device=device).split(args.batch)):  # --grad-accum
+            z_m, t_m, z_n, t_n, t_s = (x[micro] for x in pairs[:5])
+            with lora.adapter(teacher.denoiser, "student"), autocast():
+                l_micro, _, n = local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond_index(pairs[5], micro))
+            n_student += n
+            # the micro-batches' gradients add up to the whole batch's; under torchrun they are averaged over the
+            # ranks while the last backward runs
+            with sync.backward(last=i == args.grad_accum - 1):
+                (l_micro / args.grad_accum).backward()
+            loss = loss + l_micro.detach() / args.grad_accum
         if ddp:  # the loss too, for the log
             loss = mean_over_ranks(loss, world)
         if not torch.isfinite(loss):

@@ -19,7 +19,7 @@ import time
 import torch
 
 import lora
-from teachers import PromptFile, default_device, prompt_file, read_checkpoint
+from teachers import PromptFile, default_device, locate, prompt_file, read_checkpoint
 
 
 # ---- the command line -----------------------------------------------------------------------------------------
@@ -193,31 +193,33 @@ def take_run_values(args, meta, kinds):
 
 
 def take_run_batch(args, meta, world):
-    """--resume keeps the run's batch (samples per iteration, over all ranks) also on another number of ranks: --batch,
-    which is per rank, becomes the run's batch / world. A --batch given must give the run's batch; a world that does
-    not divide it is refused in one line."""
+    """--resume keeps the run's batch (samples per iteration, over all ranks and micro-batches) also on another number
+    of ranks or micro-batches: --batch, which is per rank and micro-batch, becomes the run's batch / (world x
+    --grad-accum). A --batch given must give the run's batch; a world x --grad-accum that does not divide it is refused
+    in one line."""
     if "batch" not in meta:
         return
-    total = int(meta["batch"])
-    if "batch" in args.given and args.batch * world != total:
-        raise SystemExit(f"error: cannot resume: --batch {args.batch} on {world} rank(s) is {args.batch * world} "
-                         f"samples per iteration, the run's batch is {total}; leave --batch out")
-    if total % world:
+    total, per = int(meta["batch"]), world * args.grad_accum
+    if "batch" in args.given and args.batch * per != total:
+        raise SystemExit(f"error: cannot resume: --batch {args.batch} x --grad-accum {args.grad_accum} on {world} "
+                         f"rank(s) is {args.batch * per} samples per iteration, the run's batch is {total}; leave "
+                         "--batch out")
+    if total % per:
         divisors = ", ".join(str(n) for n in range(1, total + 1) if total % n == 0)
-        raise SystemExit(f"error: cannot resume: the run's batch of {total} does not split over {world} ranks; resume "
-                         f"on {divisors} rank(s)")
-    args.batch = total // world
+        raise SystemExit(f"error: cannot resume: the run's batch of {total} does not split over {world} rank(s) x "
+                         f"--grad-accum {args.grad_accum}; ranks x micro-batches must be one of {divisors}")
+    args.batch = total // per
 
 
-def run_prompts(args, meta, family):
+def run_prompts(args, meta, teacher):
     """A training run's prompts file (a PromptFile, or None for the embedded teacher's own), checked whole before any
     model loads. With --resume (meta: the run's checkpoint metadata) --prompts left out is the run's own file, and a
     --prompts given must hold the run's captions, byte for byte (the file may have moved)."""
     if args.resume and args.prompts is None:
         args.prompts = meta.get("prompts") or None
-    if args.prompts is None and family != "digits":
-        raise ValueError("--prompts is required for this teacher (a text file, one prompt per line)")
     prompts = args.prompts and prompt_file(args.prompts)
+    if prompts is None and locate(teacher)[0] != "digits":
+        raise ValueError("--prompts is required for this teacher (a text file, one prompt per line)")
     if args.resume and meta.get("prompts_sha1", "") != (prompts.sha1 if prompts else ""):
         raise ValueError(f"cannot resume: --prompts {args.prompts} does not hold the run's captions (those of "
                          f"{meta.get('prompts') or 'the embedded teacher'}); give the run's prompts file")
@@ -339,8 +341,9 @@ class GradientSync:
         self.started = i + 1
 
     @contextlib.contextmanager
-    def backward(self):
-        if self.world == 1:
+    def backward(self, last=True):
+        """last=False: a micro-batch before the last of a step (--grad-accum): its gradients only add up, locally."""
+        if self.world == 1 or not last:
             yield
             return
         self.armed, self.started, self.pending = True, 0, []

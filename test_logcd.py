@@ -496,8 +496,9 @@ def test_prompt_file_reads_lines_and_refuses_what_is_not_text(tmp_path, monkeypa
     binary = str(tmp_path / "bin.txt")  # refused before any model loads: neither teacher nor checkpoint exists
     with pytest.raises(SystemExit, match="bin.txt is not a prompts file"):
         local_cd.main(["--prompts", binary, "--teacher", "no/such-teacher"])
+    _zero_student(tmp_path / "l.safetensors")
     with pytest.raises(SystemExit, match="bin.txt is not a prompts file"):
-        global_cd.main(["--prompts", binary, "--init", str(tmp_path / "none.safetensors")])
+        global_cd.main(["--prompts", binary, "--init", str(tmp_path / "l.safetensors")])
 
 
 def test_out_of_memory_while_encoding_names_the_flag_that_helps(tiny_sdxl, monkeypatch):
@@ -1595,15 +1596,65 @@ def test_gradient_sync_overlapped_with_backward_is_the_flat_all_reduce(tmp_path)
 
 
 def test_stage1_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
-    """Two ranks, bf16 base on tiny SDXL (the GPU regime): every rank ends with rank 0's LoRA, the batch is global."""
+    """Two ranks, bf16 base on tiny SDXL (the GPU regime), two micro-batches each: every rank ends with rank 0's LoRA,
+    the batch is global (1 x 2 ranks x 2 micro-batches)."""
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
     out = _torchrun(tmp_path, 29517, "local_cd.py", "--teacher", tiny_sdxl, "--prompts", str(tmp_path / "prompts.txt"),
-                    "--resolution", "16", "--dtype", "bfloat16", "--batch", "2", "--trajectories", "1", "--M", "4",
-                    "--skip", "50", "--rank", "4", "--iters", "3", "--out", str(tmp_path / "l.safetensors"))
+                    "--resolution", "16", "--dtype", "bfloat16", "--batch", "1", "--grad-accum", "2", "--trajectories",
+                    "1", "--M", "4", "--skip", "50", "--rank", "4", "--iters", "3", "--distance", "mse", "--out",
+                    str(tmp_path / "l.safetensors"))
+    # each rank's two micro-batches add up before the ranks average them: a rank that synced early would differ
     assert "LoRA identical on all 2 ranks: max difference 0" in out
     meta = read_checkpoint(str(tmp_path / "l.safetensors"))[1]
     assert meta["batch"] == "4" and meta["dtype"] == "bfloat16" and meta["step"] == "3"
     _resume_on_one_rank(tmp_path, local_cd.main, "l.safetensors")
+
+
+def test_grad_accum_trains_what_a_batch_n_times_as_large_trains(tmp_path):
+    """--grad-accum N: N micro-batches of --batch pairs give the LoRA one batch N times as large gives, to float
+    rounding (stage 1: the same pairs; stage 2 with its consistency term alone: the same inputs), and the run keeps
+    that batch when resumed with another N. Without accumulation the same micro-batch trains something else."""
+    def stage1(out, *extra):
+        local_cd.main([*FAST, "--iters", "3", "--out", str(tmp_path / out), *extra])
+        return _load(tmp_path / out)
+
+    whole, micro = stage1("whole.safetensors"), stage1("micro.safetensors", "--batch", "2", "--grad-accum", "4")
+    alone = stage1("alone.safetensors", "--batch", "2", "--iters", "3")
+    assert max((whole[k] - micro[k]).abs().max() / whole[k].abs().max() for k in whole) < 1e-4
+    assert max((whole[k] - alone[k]).abs().max() / whole[k].abs().max() for k in whole) > 1e-2
+    assert lora.metadata(str(tmp_path / "micro.safetensors"))["batch"] == "8"
+    local_cd.main([*FAST, "--iters", "2", "--out", str(tmp_path / "resumed.safetensors")])
+    resumed = stage1("resumed.safetensors", "--resume", "--grad-accum", "2")  # --batch: the run's 8 / 2
+    assert max((whole[k] - resumed[k]).abs().max() / whole[k].abs().max() for k in whole) < 1e-4
+
+    cons = ["--iters", "2", "--lambda1", "0", "--lambda2", "0", "--distance", "mse", "--init", str(tmp_path /
+                                                                                                  "whole.safetensors")]
+    _run2(tmp_path, *cons, out="g_whole.safetensors")
+    _run2(tmp_path, *cons, "--batch", "2", "--grad-accum", "2", out="g_micro.safetensors")
+    a, b = _load(tmp_path / "g_whole.safetensors"), _load(tmp_path / "g_micro.safetensors")
+    moved = max((a[k] - whole[k]).abs().max() for k in a)  # what stage 2 changed; the two runs differ by rounding
+    assert max((a[k] - b[k]).abs().max() for k in a) < 1e-3 * moved
+
+
+def test_stage2_grad_accum_steps_each_part_once_on_all_its_micro_batches(tmp_path, monkeypatch):
+    """With GAN and DMD, --grad-accum 2 at --batch 2 makes the model calls per sample --batch 4 makes (counted in the
+    run's forwards), and the student, the heads and the fake score each take ONE AdamW step per iteration."""
+    _stage1(tmp_path / "local.safetensors")
+    steps = collections.Counter()
+    step = torch.optim.AdamW.step
+
+    def counted(self, *a, **k):
+        group = self.param_groups[0]
+        steps[group["lr"], group["betas"][0]] += 1  # student (3e-5, 0.9), heads (1e-3, 0.0), fake score (1e-3, 0.9)
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    _run2(tmp_path, "--iters", "2", "--fake-updates", "2", out="whole.safetensors")
+    whole, steps_whole = lora.metadata(str(tmp_path / "whole.safetensors")), dict(steps)
+    steps.clear()
+    _run2(tmp_path, "--iters", "2", "--fake-updates", "2", "--batch", "2", "--grad-accum", "2", out="micro.safetensors")
+    micro = lora.metadata(str(tmp_path / "micro.safetensors"))
+    assert micro["forwards"] == whole["forwards"] and micro["batch"] == whole["batch"] == "4"
+    assert dict(steps) == steps_whole and sorted(steps.values()) == [2, 2, 4]  # student, heads: 2; fake score: 2 x 2
 
 
 def _resume_on_one_rank(tmp_path, main, out):
@@ -1613,8 +1664,8 @@ def _resume_on_one_rank(tmp_path, main, out):
     argv = ["--dtype", "bfloat16", "--iters", "4", "--resume", "--out", str(tmp_path / out)]
     (tmp_path / "other.txt").write_text("a cat\na blue dog\n")
     before = _files(tmp_path)
-    with pytest.raises(SystemExit, match=r"cannot resume: --batch 2 on 1 rank\(s\) is 2 samples per iteration, the "
-                                         r"run's batch is 4; leave --batch out"):
+    with pytest.raises(SystemExit, match=r"cannot resume: --batch 2 x --grad-accum 1 on 1 rank\(s\) is 2 samples per "
+                                         r"iteration, the run's batch is 4; leave --batch out"):
         main([*argv, "--batch", "2"])
     with pytest.raises(SystemExit, match=f"cannot resume: --prompts {tmp_path / 'other.txt'} does not hold the run's "
                                          f"captions \\(those of {tmp_path / 'prompts.txt'}\\)"):
@@ -1878,7 +1929,7 @@ def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
                                                                                   torch.zeros(1), torch.zeros(1)))
     a = global_cd.parse_args(["--p", "2", "--q", "1", "--jump", "any", "--lambda1", "0", "--lambda2", "0"])
     a.w = a.w_target = 1.5
-    global_cd.iteration(t, t.encode(["1", "2", "3"]), None, None, False, lambda loss, name: 0.0, a, 8,
+    global_cd.iteration(t, t.encode(["1", "2", "3"]), None, None, False, lambda name, losses: [*losses] and 0.0, a, 8,
                         torch.Generator().manual_seed(0), contextlib.nullcontext)
     assert seen == [2 * 3]
 
@@ -1917,7 +1968,7 @@ def test_sampler_inputs_are_the_steps_the_student_samplers_take(monkeypatch):
                                                                  torch.tensor([625., 375.])))
     monkeypatch.setattr(global_cd, "global_loss", lambda *a: solver.append(a[-1]) or (
         torch.zeros(2, requires_grad=True), torch.zeros(1), torch.zeros(1)))
-    global_cd.iteration(t, t.encode(["1", "2"]), None, None, False, lambda loss, name: 0.0, a, M,
+    global_cd.iteration(t, t.encode(["1", "2"]), None, None, False, lambda name, losses: [*losses] and 0.0, a, M,
                         torch.Generator().manual_seed(0), contextlib.nullcontext)
     assert solver == [2 * 3]  # 1000 -> 625: 3 segments of 125
 
@@ -1953,8 +2004,9 @@ def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch, dmd_input):
         monkeypatch.setattr(global_cd, name, lambda *a, f=getattr(global_cd, name), n=name: term.__setitem__(0, n) or
                             f(*a))
 
-    def update(loss, name):  # no optimizer step: the weights stay, only the sides fed to each term matter
-        loss.backward()
+    def update(name, losses):  # no optimizer step: the weights stay, only the sides fed to each term matter
+        for loss in losses:
+            loss.backward()
         return loss.item()
 
     def x0(z, times, cond, x0=t.x0):  # (t, with gradients) of every call of the student
@@ -2057,8 +2109,9 @@ def test_stage2_from_the_teacher_without_consistency_is_the_dmd2_baseline(tmp_pa
         a = global_cd.parse_args(["--lambda0", str(lambda0), "--inputs", "sampler", "--q", "2"])
         a.w, a.w_target, a.fake_updates, grads = 1.5, 1.5, 1, []
 
-        def update(loss, name):  # no optimizer step: the same weights for every call
-            loss.backward()
+        def update(name, losses):  # no optimizer step: the same weights for every call
+            for loss in losses:
+                loss.backward()
             if name == "student":
                 grads.append(torch.cat([p.grad.flatten() for p in params]))
             for p in [*params, *disc.parameters(), *lora.parameters(t.denoiser, "fake")]:
@@ -2693,7 +2746,7 @@ import global_cd, local_cd
 teacher, prompts, out = sys.argv[2:5]
 common = ["--prompts", prompts, "--batch", "2", "--encode-chunk", "64", "--encode-batch", "16", "--iters", "3"]
 local_cd.main([*common, "--teacher", teacher, "--resolution", "16", "--trajectories", "2", "--M", "4", "--skip", "50",
-               "--rank", "4", "--out", out + "/local.safetensors"])
+               "--rank", "4", "--distance", "mse", "--out", out + "/local.safetensors"])
 global_cd.main([*common, "--init", out + "/local.safetensors", "--d", "mse", "--fake-rank", "4",
                 "--out", out + "/global.safetensors"])
 print("peak KiB", [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
