@@ -14,6 +14,7 @@ paper's tables at toy scale, and the paper's Table 1 metrics (CLIP score, FID) f
     python eval.py --table main --quick # the same code on tiny trainings and 40 samples per row (CI: the table's shape)
     python eval.py --clip-score openai/clip-vit-large-patch14 --samples s.safetensors   # real teachers (below)
     python eval.py --prepare-coco captions_val2017.json val2017/ --out coco5k      # MSCOCO-2017 5K (below)
+    python eval.py --prepare-prompts captions_train2017.json --exclude coco5k/prompts.txt --out prompts.txt  # training
     python eval.py --score sdxl_global.safetensors --steps 4 3 2 --prompts coco5k/prompts.txt \
         --reference coco5k/reference --images runs/coco5k/global  # --score sdxl --steps 25: the teacher's row
     python eval.py --train-classifier   # retrain the judge (deterministic; its weights are committed)
@@ -35,9 +36,13 @@ one image per prompt into <images>/<k>_steps/<index>.png (sample.py's loop; imag
 interrupted run continues where it stopped), then the FID against --reference (torchmetrics' Inception-v3, images
 first resized to --fid-size) and the CLIP score (--clip-model), a row per k, kept in <images>/scores.json.
 `--prepare-coco` / `--prepare-mjhq` write a prompts file and its reference images (docs/notes.md: the protocol).
+`--prepare-prompts SOURCE ... --out FILE` writes a training prompts file: every caption of COCO captions .json, .jsonl,
+.csv (--column) or text files, one line each, deduplicated, without any caption of the --exclude files (the scored
+5K); it prints what it read and how many it kept and dropped (as duplicates, excluded, empty).
 """
 import argparse
 import contextlib
+import csv
 import fcntl
 import json
 import math
@@ -1000,6 +1005,12 @@ def score_model(args):
 
 # ---- preparing MSCOCO-2017 5K and MJHQ-5K: a prompts file and its reference images ----------------------------------
 
+def one_line(caption):
+    """A caption as every prompts file here holds it: each run of whitespace (newlines included) one space, none at
+    the ends. One helper, so that --prepare-prompts --exclude matches what --prepare-coco / --prepare-mjhq wrote."""
+    return " ".join(caption.split())
+
+
 def coco_pairs(annotations, images):
     """(name, caption, image file) of every image of a COCO captions file (val2017: 5000), in ascending image id: the
     caption of lowest annotation id (COCO gives 5 or so), its whitespace, newlines included, made single spaces."""
@@ -1007,7 +1018,7 @@ def coco_pairs(annotations, images):
         data = json.load(f)
     first = {}
     for a in sorted(data["annotations"], key=lambda a: a["id"]):
-        first.setdefault(a["image_id"], " ".join(a["caption"].split()))
+        first.setdefault(a["image_id"], one_line(a["caption"]))
     pairs = []
     for im in sorted(data["images"], key=lambda im: im["id"]):
         if not first.get(im["id"]):
@@ -1025,7 +1036,7 @@ def mjhq_pairs(meta_data, images, per_category=500):
     pairs = []
     for category in sorted({m["category"] for m in meta.values()}):
         ids = sorted(i for i, m in meta.items() if m["category"] == category)[:per_category]
-        pairs += [(i, " ".join(meta[i]["prompt"].split()), os.path.join(images, category, f"{i}.jpg")) for i in ids]
+        pairs += [(i, one_line(meta[i]["prompt"]), os.path.join(images, category, f"{i}.jpg")) for i in ids]
     return pairs
 
 
@@ -1047,6 +1058,163 @@ def prepare(pairs, out, size):
         f.writelines(caption + "\n" for _, caption, _ in pairs)
     print(f"wrote {out}/prompts.txt ({len(pairs)} captions) and {len(pairs)} reference images of {size} x {size} "
           f"into {out}/reference")
+
+
+# ---- the training prompts: every caption of COCO / JSONL / CSV / text files, one line each, deduplicated -------------
+
+CAPTION_COLUMNS = ("caption", "prompt", "text")
+
+
+def caption_column(where, columns, column):
+    """--column if `columns` (a CSV header, a JSON object's keys) has it; without --column, the one of caption /
+    prompt / text it has. Otherwise a one-line error that names the columns there are, so the user can pick one."""
+    if column is None:
+        found = [c for c in CAPTION_COLUMNS if c in columns]
+        if len(found) == 1:
+            return found[0]
+        problem = f"{'none' if not found else 'more than one'} of the columns {' / '.join(CAPTION_COLUMNS)}"
+    elif column in columns:
+        return column
+    else:
+        problem = f"no column {column!r}"
+    raise SystemExit(f"error: {where} has {problem}; its columns: {', '.join(map(str, columns)) or 'none'} "
+                     "(say which with --column NAME)")
+
+
+def coco_captions(path):
+    """Every caption of a COCO captions file (captions_train2017.json: about 590K, five or so per image), in the
+    file's order. The standard library parses no JSON stream, so the whole file is in memory while it is read."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: line {e.lineno} is not JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: {path} is not UTF-8 text") from None
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) and isinstance(a.get("caption"), str)
+                                                    for a in annotations):
+        raise SystemExit(f'error: {path} is not a COCO captions file: a .json source needs an "annotations" list, '
+                         'each item with a "caption"')
+    return [a["caption"] for a in annotations]
+
+
+def text_captions(path):
+    """Each line of a UTF-8 text file, one caption per line. Split at line feeds only, as teachers.PromptFile splits
+    (a carriage return before one is whitespace, which one_line removes)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark is no caption
+            except UnicodeDecodeError:
+                raise SystemExit(f"error: {path}: line {n} is not UTF-8 text") from None
+            yield text
+
+
+def jsonl_captions(path, column):
+    """The `column` field of each object of a JSON Lines file (blank lines skipped; null is an empty caption).
+    Without --column the first object's keys choose it, and every later object must have it too."""
+    for n, line in enumerate(text_captions(path), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}: line {n} is not JSON ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise SystemExit(f"error: {path}: line {n} is not a JSON object")
+        column = caption_column(f"{path} line {n}", list(item), column)
+        if not isinstance(item[column], (str, type(None))):
+            raise SystemExit(f"error: {path}: line {n}: {column!r} is not a string")
+        yield item[column] or ""
+
+
+def csv_captions(path, column):
+    """The `column` field of each row of a CSV file whose first row is its header. Always comma-separated (no
+    guessing: a file with another delimiter fails on its header, with its one column named); quoted fields, as
+    spreadsheets and Python's csv module write them, may hold commas and newlines. Blank lines are skipped."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": the csv module handles line ends itself
+        rows = csv.reader(f)
+        try:
+            header = next(rows, None)
+            if header is None:
+                raise SystemExit(f"error: {path} is empty: a .csv source starts with a header row")
+            i = header.index(caption_column(path, header, column))
+            for row in rows:
+                if not row:  # a blank line
+                    continue
+                if i >= len(row):
+                    raise SystemExit(f"error: {path}: line {rows.line_num} has {len(row)} fields, too few for "
+                                     f"{header[i]!r}")
+                yield row[i]
+        except csv.Error as e:
+            raise SystemExit(f"error: {path}: line {rows.line_num} is not CSV ({e})") from None
+        except UnicodeDecodeError:  # decoded a block at a time: the bad byte is somewhere past the last line read
+            raise SystemExit(f"error: {path} is not UTF-8 text (on line {rows.line_num + 1} or later)") from None
+
+
+def training_captions(sources, excluded):
+    """The captions of `sources` ((path, iterable of captions) pairs), each made one line (one_line), in order,
+    without the empty ones, those in the set `excluded`, and repeats (of one kept before, compared after one_line).
+    Returns the kept captions, the captions read per source ([(path, count)]) and the counts dropped. An excluded
+    caption counts as excluded each time it comes, never as a duplicate: read = kept + duplicates + excluded + empty.
+    Memory: the kept captions, once (a dict is the set that keeps their order)."""
+    kept, read, dropped = {}, [], {"duplicates": 0, "excluded": 0, "empty": 0}
+    for path, captions in sources:
+        n = 0
+        for n, caption in enumerate(captions, 1):
+            caption = one_line(caption)
+            if "\0" in caption:  # teachers.PromptFile refuses a file with one
+                raise SystemExit(f"error: {path}: caption {n} holds a NUL character")
+            if not caption:
+                dropped["empty"] += 1
+            elif caption in excluded:
+                dropped["excluded"] += 1
+            elif caption in kept:
+                dropped["duplicates"] += 1
+            else:
+                kept[caption] = None
+        read.append((path, n))
+    return list(kept), read, dropped
+
+
+def prepare_prompts(sources, column, excludes, out):
+    """--prepare-prompts: the captions of `sources` (training_captions) into the prompts file `out`, one per line,
+    without those of the `excludes` files. Every mistake is one line before anything is written."""
+    if not out:
+        raise SystemExit("error: --prepare-prompts needs --out FILE (e.g. --out prompts.txt)")
+    if os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a folder; --prepare-prompts writes a file (e.g. --out prompts.txt)")
+    for path in sources + excludes:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
+        if os.path.realpath(path) == os.path.realpath(out):
+            raise SystemExit(f"error: --out {out} is also a source or an --exclude file (it would be overwritten)")
+    kinds = {".json": ("COCO captions", coco_captions), ".jsonl": ("JSON Lines", lambda p: jsonl_captions(p, column)),
+             ".csv": ("CSV", lambda p: csv_captions(p, column))}
+    kind = {p: kinds.get(os.path.splitext(p)[1].lower(), ("text, one per line", text_captions)) for p in sources}
+    try:
+        excluded = {one_line(c) for path in excludes for c in text_captions(path)} - {""}
+        kept, read, dropped = training_captions(((p, kind[p][1](p)) for p in sources), excluded)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {e.filename} ({e.strerror})") from None
+    total = sum(n for _, n in read)
+    if not kept:
+        raise SystemExit(f"error: no caption left to write: of {total} read, {dropped['duplicates']} duplicates, "
+                         f"{dropped['excluded']} excluded, {dropped['empty']} empty")
+    try:
+        with lora.atomic(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(caption + "\n" for caption in kept)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot write there ({e.strerror})") from None
+    except UnicodeEncodeError as e:  # JSON can escape half a surrogate pair, which is no character
+        raise SystemExit(f"error: a caption holds {e.object[e.start:e.end]!r}, which UTF-8 cannot write") from None
+    for path, n in read:
+        print(f"read {n} captions from {path} ({kind[path][0]})")
+    if excludes:
+        print(f"excluding the {len(excluded)} distinct captions of {', '.join(excludes)}")
+    print(f"wrote {out}: {len(kept)} captions kept of {total} read; dropped {dropped['duplicates']} duplicates, "
+          f"{dropped['excluded']} excluded, {dropped['empty']} empty")
 
 
 def main(argv=None):
@@ -1079,7 +1247,8 @@ def main(argv=None):
                    "<out>.log.jsonl: draws the loss curves into <out>.loss.png (needs matplotlib)")
     p.add_argument("--replot", default=None, metavar="JSON", help="draws a --figure again from the numbers written "
                    "beside it (into --figure, default the PNG of the same name; needs matplotlib)")
-    g = p.add_argument_group("the paper's Table 1 for real teachers (SDXL / FLUX): --score and --prepare-*")
+    g = p.add_argument_group("the paper's Table 1 for real teachers (SDXL / FLUX), and their training prompts: --score "
+                             "and --prepare-*")
     g.add_argument("--score", default=None, metavar="MODEL", help="a student checkpoint (X.safetensors) or a teacher "
                    "(sdxl, flux, a folder or hub id): one image per --prompts line at each --steps, into --images, "
                    "then their FID against --reference and their CLIP score")
@@ -1089,8 +1258,9 @@ def main(argv=None):
                    "are kept: an interrupted run continues) and scores.json")
     g.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="--score: CLIPModel hub id or folder")
     g.add_argument("--batch", type=count, default=4, help="--score: images per model call")
-    g.add_argument("--fid-size", type=count, default=512, help="--score and --prepare-*: images are center-cropped and "
-                   "resized to this size (PIL bicubic) before the FID network (which resizes to 299 itself)")
+    g.add_argument("--fid-size", type=count, default=512, help="--score, --prepare-coco / -mjhq: images are "
+                   "center-cropped and resized to this size (PIL bicubic) before the FID network (which resizes to "
+                   "299 itself)")
     g.add_argument("--resolution", type=count, default=1024, help="--score TEACHER: image size in pixels (a student's "
                    "is in its checkpoint)")
     g.add_argument("--device", default=None, help="--score: default cuda if available, else cpu")
@@ -1098,7 +1268,16 @@ def main(argv=None):
                    "--out/reference/ from captions_val2017.json and the val2017/ folder (MSCOCO-2017 5K)")
     g.add_argument("--prepare-mjhq", nargs=2, metavar=("META_DATA_JSON", "IMAGES"), help="the same from MJHQ-30K's "
                    "meta_data.json and its image folder: MJHQ-5K, 500 per category")
-    g.add_argument("--out", default=None, help="--prepare-*: the folder to write")
+    g.add_argument("--prepare-prompts", nargs="+", metavar="SOURCE", help="writes the training prompts file --out: "
+                   "every caption of the SOURCEs (.json: a COCO captions file, all its captions; .jsonl and .csv with "
+                   "a header row: the field --column; anything else: text, one caption per line), whitespace made "
+                   "single spaces, empty ones and repeats dropped, and those of --exclude")
+    g.add_argument("--column", default=None, help="--prepare-prompts: the caption's field in .jsonl / .csv sources "
+                   "(default: whichever one of caption, prompt, text the file has)")
+    g.add_argument("--exclude", nargs="+", action="extend", default=None, metavar="FILE", help="--prepare-prompts: "
+                   "captions never written, one per line: the scored ones (coco5k/prompts.txt), so none is trained on")
+    g.add_argument("--out", default=None, help="--prepare-coco / -mjhq: the folder to write; --prepare-prompts: the "
+                   "file")
     g.add_argument("--plot-scores", nargs="+", default=None, metavar="SCORES_JSON", help="--score's scores.json files "
                    "(several seeds of one model are averaged): FID and CLIP score against steps into --figure")
     g.add_argument("--teacher-scores", nargs="+", default=None, metavar="SCORES_JSON", help="--plot-scores: the "
@@ -1118,6 +1297,11 @@ def main(argv=None):
             print(f"wrote {replot(args.replot, args.figure)}")
     except ImportError:
         raise SystemExit("error: --curves and --replot draw with matplotlib: pip install matplotlib") from None
+    if args.prepare_prompts:
+        if args.prepare_coco or args.prepare_mjhq:
+            raise SystemExit("error: --prepare-prompts writes a file and --prepare-coco / -mjhq a folder, both --out: "
+                             "run them one at a time")
+        return prepare_prompts(args.prepare_prompts, args.column, args.exclude or [], args.out)
     if args.prepare_coco or args.prepare_mjhq:
         if not args.out:
             raise SystemExit("error: --prepare-coco / --prepare-mjhq need --out DIR")

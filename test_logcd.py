@@ -1238,6 +1238,137 @@ def test_prepare_coco_and_mjhq_write_prompts_and_square_references(tmp_path):
     assert len(ev.image_files(tmp_path / "mj" / "reference")) == 4
 
 
+def _coco_val_prompts(tmp_path):
+    """coco/prompts.txt as eval.py --prepare-coco writes it, from a 2-image val captions file: "A giraffe by a tree"
+    and "two zebras" (each image's caption of lowest id). Image 1's other caption, "not the first", is not in it."""
+    import eval as ev
+    from PIL import Image
+    os.makedirs(tmp_path / "val")
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (6, 4), (1, 2, 3)).save(tmp_path / "val" / name)
+    val = {"images": [{"id": 1, "file_name": "1.png"}, {"id": 2, "file_name": "2.png"}],
+           "annotations": [{"id": 5, "image_id": 1, "caption": "not the first"},
+                           {"id": 1, "image_id": 1, "caption": "A giraffe  by a tree"},
+                           {"id": 2, "image_id": 2, "caption": "two\nzebras"}]}
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    ev.main(["--prepare-coco", str(tmp_path / "val.json"), str(tmp_path / "val"), "--out", str(tmp_path / "coco"),
+             "--fid-size", "2"])
+    return tmp_path / "coco" / "prompts.txt"
+
+
+def test_prepare_prompts_reads_every_kind_dedupes_and_leaves_out_the_scored_captions(tmp_path, capsys):
+    """--prepare-prompts on a COCO train JSON, a JSONL, a CSV and a text file, --exclude the prompts.txt that
+    --prepare-coco wrote: every caption made one line, in order, without empty ones, repeats (across sources too,
+    compared after whitespace is normalised) and the scored ones; the file teachers.PromptFile reads back line for
+    line, and the printed counts add up (an excluded caption that comes again counts as excluded, not a duplicate)."""
+    import eval as ev
+    scored = _coco_val_prompts(tmp_path)
+    assert scored.read_text() == "A giraffe by a tree\ntwo zebras\n"
+    train = {"images": [{"id": 9, "file_name": "9.jpg"}],
+             "annotations": [{"id": 1, "image_id": 9, "caption": "A man  riding a\nwave"},
+                             {"id": 2, "image_id": 9, "caption": "A man riding a wave"},  # a duplicate
+                             {"id": 3, "image_id": 9, "caption": "  A giraffe by a tree "},  # scored
+                             {"id": 4, "image_id": 9, "caption": ""},
+                             {"id": 5, "image_id": 9, "caption": " \t "},
+                             {"id": 6, "image_id": 9, "caption": "two zebras"},  # scored
+                             {"id": 7, "image_id": 9, "caption": "not the first"},  # in val, but not scored
+                             {"id": 8, "image_id": 9, "caption": "A man riding a wave."},  # differs: a full stop
+                             {"id": 9, "image_id": 9, "caption": "two\tzebras"}]}  # scored, again
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "more.jsonl").write_text('{"id": 1, "prompt": "a bowl of ramen"}\n\n'
+                                         '{"id": 2, "prompt": "A man riding a wave"}\n{"id": 3, "prompt": null}\n')
+    (tmp_path / "more.csv").write_bytes('id,caption,score\n1,"a cat, a dog",0.5\n2,crème brûlée on a plate,0.9\n'
+                                        '3,"a multi-line\nquoted caption",0.1\n'.encode("utf-8"))
+    (tmp_path / "more.txt").write_bytes(b"a bowl of ramen\r\n\n  spaced   out  \ntwo zebras\n")
+    out = tmp_path / "train" / "prompts.txt"
+    sources = [str(tmp_path / n) for n in ("train.json", "more.jsonl", "more.csv", "more.txt")]
+    capsys.readouterr()
+    ev.main(["--prepare-prompts", *sources, "--exclude", str(scored), "--out", str(out)])
+    expected = ["A man riding a wave", "not the first", "A man riding a wave.", "a bowl of ramen", "a cat, a dog",
+                "crème brûlée on a plate", "a multi-line quoted caption", "spaced out"]
+    assert out.read_bytes() == "".join(line + "\n" for line in expected).encode("utf-8")
+    assert list(PromptFile(str(out))) == expected
+    assert not set(expected) & set(scored.read_text().splitlines())
+    assert capsys.readouterr().out.splitlines() == [
+        f"read 9 captions from {sources[0]} (COCO captions)",
+        f"read 3 captions from {sources[1]} (JSON Lines)",
+        f"read 3 captions from {sources[2]} (CSV)",
+        f"read 4 captions from {sources[3]} (text, one per line)",
+        f"excluding the 2 distinct captions of {scored}",
+        f"wrote {out}: 8 captions kept of 19 read; dropped 3 duplicates, 4 excluded, 4 empty"]
+    assert sorted(os.listdir(out.parent)) == ["prompts.txt"]  # no temporary file left beside it
+
+
+_BAD_PROMPTS_FILES = {
+    "good.txt": "a caption\n", "x.txt": "x\n", "good.csv": "id,caption\n1,x\n", "blank.txt": "\n  \n\t\n",
+    "coco.json": '{"annotations": [{"id": 1, "caption": "x"}]}', "notcoco.json": '{"images": []}',
+    "list.json": '[{"caption": "x"}]', "nocaption.json": '{"annotations": [{"id": 1}]}',
+    "broken.json": '{"annotations": [\n  {"caption": "x"},\n  {"caption": }\n]}\n',
+    "broken.jsonl": '{"caption": "a"}\n{"caption": "b"\n', "array.jsonl": '["a"]\n',
+    "changes.jsonl": '{"prompt": "a"}\n{"text": "b"}\n', "number.jsonl": '{"caption": 7}\n',
+    "nul.jsonl": '{"caption": "a\\u0000b"}\n', "surrogate.jsonl": '{"caption": "half \\ud800 a pair"}\n',
+    "both.csv": "caption,text\nx,y\n", "other.csv": "id,title\n1,x\n", "short.csv": "id,caption\n1,x\n2\n",
+    "empty.csv": "", "latin1.txt": "café\n".encode("latin-1"), "latin1.csv": "caption\ncafé\n".encode("latin-1")}
+
+
+@pytest.mark.parametrize("argv, said", [
+    ("--prepare-prompts good.txt", "--prepare-prompts needs --out FILE"),
+    ("--prepare-prompts good.txt --out folder", "--out FOLDER is a folder; --prepare-prompts writes a file"),
+    ("--prepare-prompts good.txt --out good.txt", "is also a source or an --exclude file"),
+    ("--prepare-prompts good.csv --exclude good.txt --out good.txt", "is also a source or an --exclude file"),
+    ("--prepare-prompts good.txt gone.txt --out out.txt", "gone.txt does not exist"),
+    ("--prepare-prompts good.txt --exclude gone.txt --out out.txt", "gone.txt does not exist"),
+    ("--prepare-prompts folder --out out.txt", "FOLDER is not a file"),
+    ("--prepare-prompts notcoco.json --out out.txt", 'notcoco.json is not a COCO captions file: a .json source needs'),
+    ("--prepare-prompts list.json --out out.txt", "list.json is not a COCO captions file"),
+    ("--prepare-prompts nocaption.json --out out.txt", "nocaption.json is not a COCO captions file"),
+    ("--prepare-prompts broken.json --out out.txt", "broken.json: line 3 is not JSON (Expecting value)"),
+    ("--prepare-prompts good.txt broken.jsonl --out out.txt", "broken.jsonl: line 2 is not JSON"),
+    ("--prepare-prompts array.jsonl --out out.txt", "array.jsonl: line 1 is not a JSON object"),
+    ("--prepare-prompts changes.jsonl --out out.txt", "changes.jsonl line 2 has no column 'prompt'; its columns: "
+     "text (say which with --column NAME)"),
+    ("--prepare-prompts number.jsonl --out out.txt", "number.jsonl: line 1: 'caption' is not a string"),
+    ("--prepare-prompts good.csv --column title --out out.txt", "good.csv has no column 'title'; its columns: id, "
+     "caption"),
+    ("--prepare-prompts both.csv --out out.txt", "both.csv has more than one of the columns caption / prompt / text; "
+     "its columns: caption, text"),
+    ("--prepare-prompts other.csv --out out.txt", "other.csv has none of the columns caption / prompt / text; its "
+     "columns: id, title"),
+    ("--prepare-prompts short.csv --out out.txt", "short.csv: line 3 has 1 fields, too few for 'caption'"),
+    ("--prepare-prompts empty.csv --out out.txt", "empty.csv is empty: a .csv source starts with a header row"),
+    ("--prepare-prompts latin1.txt --out out.txt", "latin1.txt: line 1 is not UTF-8 text"),
+    ("--prepare-prompts good.txt --exclude latin1.txt --out out.txt", "latin1.txt: line 1 is not UTF-8 text"),
+    ("--prepare-prompts latin1.csv --out out.txt", "latin1.csv is not UTF-8 text (on line 1 or later)"),
+    ("--prepare-prompts nul.jsonl --out out.txt", "nul.jsonl: caption 1 holds a NUL character"),
+    ("--prepare-prompts surrogate.jsonl --out out.txt", "a caption holds '\\ud800', which UTF-8 cannot write"),
+    ("--prepare-prompts blank.txt --out out.txt", "no caption left to write: of 3 read, 0 duplicates, 0 excluded, "
+     "3 empty"),
+    ("--prepare-prompts good.txt coco.json --exclude good.txt x.txt --out out.txt", "no caption left to write: of "
+     "2 read, 0 duplicates, 2 excluded, 0 empty"),
+    ("--prepare-prompts good.txt --out /proc/x/prompts.txt", "--out /proc/x/prompts.txt: cannot write there"),
+    ("--prepare-prompts good.txt --prepare-coco coco.json folder --out out.txt", "run them one at a time"),
+])
+def test_prepare_prompts_bad_inputs_are_one_line_and_write_nothing(tmp_path, argv, said):
+    """Each mistake of eval.py --prepare-prompts is one line `error: ...` and a non-zero exit, and leaves the folder
+    as it was: no --out file, no temporary file (the last cases fail only once every caption is read or while the
+    file is written)."""
+    import eval as ev
+    for name, text in _BAD_PROMPTS_FILES.items():
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    (tmp_path / "folder").mkdir()
+    words = argv.split()  # file names are of tmp_path; a --column's value and /proc/... stay as they are
+    argv = [w if w.startswith(("-", "/")) or words[i - 1] == "--column" else str(tmp_path / w)
+            for i, w in enumerate(words)]
+    def tree():  # every file with its bytes, and every folder
+        return _files(tmp_path), sorted(d for d, _, _ in os.walk(tmp_path))
+    before = tree()
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    message = str(e.value.code).replace(str(tmp_path / "folder"), "FOLDER")
+    assert message.startswith("error: ") and "\n" not in message and said in message, message
+    assert tree() == before
+
+
 def test_score_bad_inputs_are_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys, tiny_sdxl):
     """Each mistake of eval.py --score / --prepare-* is one line and a non-zero exit, before any model (teacher,
     student, CLIP, FID network) loads, and writes nothing."""
