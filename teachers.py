@@ -360,6 +360,8 @@ def load_vae(name_or_dir, device=None, variant=None, revision=None):
                              "vae/")
     elif "/" not in path:
         raise ValueError(f"unknown teacher {name_or_dir!r}: use digits, sdxl, flux, a pipeline folder or a hub id")
+    elif os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # a hub id is owner/name
+        raise ValueError(f"{path}: no such folder")
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, revision=revision,
                                             dtype=torch.float32)
