@@ -2293,6 +2293,31 @@ def test_llpips_trains_through_the_teachers_vae_alone(family, tiny_sdxl, tiny_fl
     llpips.main(args)
 
 
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_teachers_encode_images_is_the_vae_posterior_mean_scaled(family, tiny_sdxl, tiny_flux):
+    """SDXLTeacher / FluxTeacher.encode_images (teachers.vae_encode): (mean - shift_factor) * scaling_factor of the
+    pipeline's own VAE, computed here with diffusers."""
+    teacher = load_teacher(tiny_sdxl if family == "sdxl" else tiny_flux, "cpu")
+    c = teacher.vae.config
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = (teacher.vae.encode(x).latent_dist.mean - (c.shift_factor or 0.0)) * c.scaling_factor
+    assert (family == "flux") == bool(c.shift_factor)
+    torch.testing.assert_close(teacher.encode_images(x), z)
+
+
+def test_llpips_gathers_the_train_subsets_into_one_set(tmp_path):
+    """gather fills one set from several cached subsets, in order: the same as concatenating them."""
+    parts = [{"ref": torch.randn(n, 4, 2, 2).half(), "judge": torch.rand(n)} for n in (3, 5, 2)]
+    paths = [str(tmp_path / f"{i}.safetensors") for i in range(3)]
+    for part, path in zip(parts, paths):
+        lora.save(path, part, {})
+    out = llpips.gather(paths, 10)
+    for k in ("ref", "judge"):
+        assert torch.equal(out[k], torch.cat([p[k] for p in parts]))
+    assert out["ref"].dtype == torch.float16
+
+
 def test_llpips_bad_teachers_stop_before_encoding(tmp_path, tiny_sdxl, capsys):
     """A --teacher that is not there, a pipeline folder without vae/, a folder that is no pipeline, or --variant
     with the embedded teacher: one line `error: ...` and nothing encoded."""
@@ -2329,7 +2354,8 @@ def test_llpips_hub_teacher_reaches_from_pretrained_and_fails_in_one_line(tmp_pa
     assert asked == [("stabilityai/stable-diffusion-xl-base-1.0",
                       dict(subfolder="vae", variant="fp16", revision="abc123", dtype=torch.float32))]
     said = str(e.value)
-    assert said.startswith("error: cannot load the VAE of 'stabilityai/stable-diffusion-xl-base-1.0'") and "\n" not in said
+    assert said.startswith("error: cannot load the VAE of 'stabilityai/stable-diffusion-xl-base-1.0'")
+    assert "\n" not in said
     assert "hf download stabilityai/stable-diffusion-xl-base-1.0" in said
     assert not os.path.exists(os.path.join(teachers.CACHE, "bapps"))
 
