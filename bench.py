@@ -6,6 +6,7 @@ does not depend on weight values, so nothing is downloaded). Runs unchanged on C
     python bench.py --model sdxl --what step2 --batch 4  # a stage-2 iteration: consistency + GAN + DMD + fake score
     python bench.py --model flux --what step2 --batch 1 --grad-checkpointing   # FLUX.1-dev WITH DMD on one GPU
     python bench.py --model sdxl --what llpips --batch 4 # L-LPIPS vs VAE decode + pixel LPIPS (forward + backward)
+    python bench.py --model flux --what llpips-train     # training L-LPIPS: a step, an encode, the paper's budget
     python bench.py --model sdxl --what load --dtype bfloat16  # host memory of loading the UNet (a CPU will do)
     python bench.py --model flux --what encode --batch 32      # prompts per second, bytes stored per prompt
     python bench.py --model sdxl --what all --json       # every row of the README's GPU table, and the projection
@@ -59,6 +60,8 @@ FLUX_SCHEDULE = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1
                  "max_image_seq_len": 4096}
 SDXL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, scaling_factor=0.13025)
+FLUX_VAE = {**SDXL_VAE, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159,  # FLUX.1-dev's
+            "use_quant_conv": False, "use_post_quant_conv": False}
 # the paper's SDXL recipe: 12K stage-1 + 3K stage-2 iterations on 4 A100s, 70 A100 hours in all
 RECIPE = {"stage1_iters": 12000, "stage2_iters": 3000, "gpus": 4, "paper_gpu_hours": 70}
 
@@ -465,6 +468,67 @@ def bench_llpips(batch, repeats, device, size):
     return rows
 
 
+def bench_llpips_train(model, batch, repeats, device, epochs=10):
+    """What training L-LPIPS on BAPPS costs (llpips.py), and the paper's budget for it (10 epochs) COMPUTED from it:
+    one training step as the trainer takes it (llpips.train_step on a batch gathered from float16 latents on the host
+    and cast on its way: two distances, the ranking net, BCE, Adam) on 32x32 latents of the model's channels (SDXL 4,
+    FLUX 16: 64 px patches upsampled 4x), the val scoring each epoch does, and the model's VAE encoder on 256 px
+    patches (llpips.ENCODE_BATCH at a time), all with random weights. Tiny models: a 1/8-width trunk, 8x8 latents,
+    a small VAE on 64 px patches."""
+    import math
+
+    from diffusers import AutoencoderKL
+
+    import llpips
+    from teachers import vae_encode
+    tiny, family = model.startswith("tiny"), ("FLUX" if model.endswith("flux") else "SDXL")
+    config = dict(FLUX_VAE if family == "FLUX" else SDXL_VAE)
+    if tiny:
+        config.update(block_out_channels=(8,) * 4, norm_num_groups=8)
+    C, side, width, pixels = config["latent_channels"], 8 if tiny else 32, 0.125 if tiny else 1.0, 64 if tiny else 256
+    torch.manual_seed(0)
+    net, ranker = llpips.LLPIPS(C, width).to(device), llpips.RankNet().to(device)
+    opt = torch.optim.Adam(list(net.parameters()) + list(ranker.parameters()), lr=1e-4, betas=(0.5, 0.999))
+    adam_steps = []
+    opt.register_step_post_hook(lambda *_: adam_steps.append(1))
+    # latents as the trainer holds them: float16 on the host, a random batch of them per step
+    pool = {k: torch.randn(4 * batch, C, side, side).half() for k in ("ref", "p0", "p1")}
+    pool["judge"] = torch.rand(4 * batch)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        idx = torch.randperm(4 * batch, generator=gen)[:batch]
+        llpips.train_step(net, ranker, opt, *(pool[k][idx].to(device, torch.float32)
+                                              for k in ("ref", "p0", "p1", "judge")))
+    net.train()
+    sec, mem, calls = timed_calls(net, batch, step, repeats, device)
+    tag = ", 1/8-width trunk" * tiny
+    rows = [row(f"L-LPIPS training step, batch {batch}, {C}x{side}x{side} latents{tag} (2 distances + ranking net + "
+                f"BCE + Adam)", sec, None, calls, mem, adam_steps=len(adam_steps) / (repeats + 1))]
+    net.eval()
+    n = 4 * batch  # val triplets scored in one llpips.two_afc call
+    sec, mem, calls = timed_calls(net, n, lambda: llpips.two_afc(net, pool, device=device), repeats, device)
+    rows.append(row(f"L-LPIPS val scoring, {n} triplets (2 distances each, no gradients)", sec, None, calls, mem,
+                    seconds_per_triplet=sec / n))
+    vae = AutoencoderKL(**config).to(device).requires_grad_(False)  # fp32, as llpips.py encodes
+    b = llpips.ENCODE_BATCH
+    x = torch.rand(b, 3, pixels, pixels, device=device) * 2 - 1
+    sec, mem, calls = timed_calls(vae.encoder, b, lambda: vae_encode(vae, x), repeats, device)
+    latent = tuple(vae_encode(vae, x[:1]).shape[1:])
+    rows.append(row(f"VAE encode ({family}'s architecture), {b} patches at {pixels} px -> {'x'.join(map(str, latent))}",
+                    sec, None, calls, mem, seconds_per_patch=sec / b, latent=list(latent)))
+    # the paper's budget: `epochs` epochs over BAPPS train, val scored after each, every patch encoded once
+    n_train, n_val = (sum(llpips.BAPPS_TRIPLETS[s].values()) for s in ("train", "val"))
+    steps, patches = epochs * math.ceil(n_train / batch), 3 * (n_train + n_val)
+    seconds = (steps * rows[0]["seconds"] + epochs * n_val * rows[1]["seconds_per_triplet"]
+               + patches * rows[2]["seconds_per_patch"])
+    rows.append(row(f"paper's L-LPIPS budget, COMPUTED from the rows above: {epochs} epochs of BAPPS 2AFC train "
+                    f"({n_train} triplets: {steps} steps at batch {batch}), val ({n_val} triplets) scored each epoch, "
+                    f"{patches} patches encoded once", seconds, computed_hours=seconds / 3600, steps=steps,
+                    patches=patches))
+    return rows
+
+
 LOAD_PROBE = """import sys, time, torch, diffusers
 def mem():  # GiB: peak resident, private (anonymous) and file-mapped resident memory of this process
     d = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -518,6 +582,8 @@ def measure(what, model, batch, repeats, device, dtype, r, checkpointing=False, 
     try:
         if what == "llpips":
             return bench_llpips(batch, repeats, device, 8 if model.startswith("tiny") else 128)
+        if what == "llpips-train":
+            return bench_llpips_train(model, batch, repeats, device)
         if what == "load":
             return bench_load(model, dtype)
         if what == "encode":
@@ -533,7 +599,8 @@ def measure(what, model, batch, repeats, device, dtype, r, checkpointing=False, 
                            lambda2=lambda2, profile=profile)
     except torch.OutOfMemoryError as e:
         need = memory_needed(e)
-        hint = "--grad-checkpointing helps" if what != "llpips" and not checkpointing else "a smaller --batch helps"
+        hint = ("--grad-checkpointing helps" if not what.startswith("llpips") and not checkpointing
+                else "a smaller --batch helps")
         first = str(e).splitlines()[0][:90]
         return [row(f"{what}, batch {batch}{', grad checkpointing' * checkpointing}{r.label}: DOES NOT FIT, needs more "
                     f"than {need:.1f} GiB ({first}); {hint}", float("nan"), peak=need)]
@@ -555,18 +622,22 @@ def plan(model, batch):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["sdxl", "flux", "tiny-sdxl", "tiny-flux"], default="tiny-sdxl")
-    p.add_argument("--what", choices=["sample", "step1", "step2", "val", "llpips", "load", "encode", "all"],
+    p.add_argument("--what", choices=["sample", "step1", "step2", "val", "llpips", "llpips-train", "load", "encode",
+                                      "all"],
                    default="sample",
                    help="sample: teacher vs student sampling; step1 / step2: one training iteration of a stage vs one "
                    "forward; val: a validation grid (the student at 2 / 4 / 8 steps on 4 prompts, decoded); llpips: "
-                   "L-LPIPS vs VAE decode + LPIPS; load: host memory of loading the denoiser; "
+                   "L-LPIPS vs VAE decode + LPIPS; llpips-train: an L-LPIPS training step (batch 50), its val "
+                   "scoring and the VAE encoder on 256 px patches, and the paper's 10 epochs on BAPPS computed from "
+                   "them; load: host memory of loading the denoiser; "
                    "encode: prompts per second and bytes stored per prompt; all: the README's GPU rows (not load) "
                    "and the recipe's GPU hours")
     p.add_argument("--grad-checkpointing", action="store_true", help="step1 / step2: with gradient checkpointing")
     p.add_argument("--lambda2", type=float, default=1.0,
                    help="step2: DMD weight (0: no fake score, as the paper's FLUX)")
     p.add_argument("--batch", type=int, default=None, help="images per model call (a CFG pass doubles it); default 1, "
-                   "with --what all the presets' (SDXL 4, FLUX 2 for stage 1 and 1 for stage 2)")
+                   "with --what all the presets' (SDXL 4, FLUX 2 for stage 1 and 1 for stage 2), with llpips-train "
+                   "llpips.py's 50 triplets")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
     p.add_argument("--regime", nargs="+", choices=REGIMES, default=["autocast"], help="step1 / step2: each training "
                    "regime named, side by side: training's --adapters (autocast / base), + compile for its --compile")
@@ -583,7 +654,7 @@ def main(argv=None):
         torch.backends.cuda.enable_cudnn_sdp(False)
     elif args.model in ("sdxl", "flux"):
         print(f"note: {args.model} at full size on a CPU takes minutes per forward; the tiny-* models are for CPUs")
-    jobs = [(args.what, args.batch or 1, args.grad_checkpointing)]
+    jobs = [(args.what, args.batch or (50 if args.what == "llpips-train" else 1), args.grad_checkpointing)]
     if args.what == "all":
         jobs = plan(args.model, args.batch)
     # a training bench once per --regime, each decided as the training scripts decide it
@@ -616,12 +687,16 @@ def main(argv=None):
     if args.json:
         print(json.dumps(out, indent=1))
         return rows
-    print(f"{args.model} on {name} ({dtype}, torch {torch.__version__}), best of {args.repeats} after a warm-up:")
+    dev = out["device"]  # (`name` is now the last regime's)
+    print(f"{args.model} on {dev} ({dtype}, torch {torch.__version__}), best of {args.repeats} after a warm-up:")
     print("| what | model calls | seconds | x one forward | speed-up vs teacher | peak GiB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        if "computed_hours" in r:
+            print(f"| {r['what']} | | {r['computed_hours']:.2f} hours on {dev}, computed | | | |")
+            continue
         if "gpu_hours" in r:
-            print(f"| {r['what']} | | {r['gpu_hours']:.1f} GPU hours ({name}) | | {r['fraction_of_paper']:.2f} of "
+            print(f"| {r['what']} | | {r['gpu_hours']:.1f} GPU hours ({dev}) | | {r['fraction_of_paper']:.2f} of "
                   f"the paper's {r['paper_gpu_hours']} A100 hours | |")
             continue
         mem = f"{r['peak_GiB']:.1f}" if r["peak_GiB"] is not None else "not measured (CPU)"
@@ -633,6 +708,9 @@ def main(argv=None):
             x += f" (floor {r['floor']:.1f}: {r['x_floor']:.2f}x it)"
         speedup = f"{r['speedup_vs_teacher']:.1f}" if "speedup_vs_teacher" in r else (
             f"L-LPIPS {r['x_llpips']:.1f}x cheaper" if "x_llpips" in r else "-")
+        if "seconds_per_patch" in r or "seconds_per_triplet" in r:  # llpips-train's rows
+            per = "patch" if "seconds_per_patch" in r else "triplet"
+            speedup = f"{r[f'seconds_per_{per}'] * 1e3:.3f} ms per {per}"
         if "bytes_per_prompt" in r:  # an encode row
             speedup = f"{r['prompts_per_second']:.1f} prompts/s, {r['bytes_per_prompt'] / 2 ** 20:.3f} MiB per prompt"
         print(f"| {r['what']} | {r['calls'] or '-'} | {r['seconds']:.4f} | {x} | {speedup} | {mem} |")

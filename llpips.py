@@ -7,8 +7,12 @@ the latent channels (4 for SDXL's VAE, 16 for FLUX's, 1 for the embedded digits 
 max-pools are removed (latents are already 8x smaller than pixels; the fourth pool stays); w_l are 1x1 linear
 heads. Trunk and heads are trained from scratch on 2AFC judgments, as LPIPS was (Zhang et al. 2018):
 
-    python llpips.py --bapps DIR --teacher sdxl --upsample 4 --out llpips_sdxl.safetensors
-    python bench.py --model sdxl --what llpips   # its cost against VAE decode + pixel LPIPS (bench.py)
+    python llpips.py --bapps DIR --teacher sdxl --out llpips_sdxl.safetensors   # or --teacher flux, a folder, a hub id
+    python bench.py --model sdxl --what llpips         # its cost against VAE decode + pixel LPIPS (bench.py)
+    python bench.py --model sdxl --what llpips-train   # a training step, an encode, the paper's budget computed
+
+Only the teacher's VAE is loaded; every patch is encoded once (cached on disk, float16); the run ends with its 2AFC
+score on each BAPPS val subset beside the original pixel LPIPS-VGG's (lpips package) on the same triplets.
 
 `pixel=True` builds the original pixel-space LPIPS-VGG (3 channels, all pools, LPIPS's input scaling): the tests
 check it against the `lpips` package, same weights in, same distances out.
@@ -115,11 +119,20 @@ class RankNet(nn.Module):
         return self.net(torch.cat([d0, d1, d0 - d1, d0 / (d1 + eps), d1 / (d0 + eps)], 1)).flatten()  # logits
 
 
+# BAPPS 2AFC triplets per subset, as the dataset's README rounds them (github.com/richzhang/PerceptualSimilarity):
+# what bench.py's computed budget counts. Train has 2 judgments per triplet, val 5.
+BAPPS_TRIPLETS = {"train": {"traditional": 56_600, "cnn": 38_100, "mix": 56_600},
+                  "val": {"traditional": 4_700, "cnn": 4_700, "superres": 10_900, "deblur": 9_400, "color": 4_700,
+                          "frameinterp": 1_900}}
+ENCODE_BATCH = 64  # patches per VAE call when encoding BAPPS
+
+
 def read_bapps(root, split):
     """{subset: (ref, p0, p1, judge) file lists} of root/2afc/<split>/<subset>/{ref,p0,p1,judge}; clear errors."""
     base = os.path.join(root, "2afc", split)
     if not os.path.isdir(base):
-        raise ValueError(f"{base} is missing: expected the BAPPS layout 2afc/{{train,val}}/<subset>/{{ref,p0,p1,judge}}")
+        raise ValueError(f"{base} is missing: expected the BAPPS layout "
+                         "2afc/{train,val}/<subset>/{ref,p0,p1,judge}")
     out = {}
     for subset in sorted(os.listdir(base)):
         folders = [os.path.join(base, subset, k) for k in ("ref", "p0", "p1", "judge")]
@@ -137,29 +150,139 @@ def read_bapps(root, split):
     return out
 
 
-def load_subset(files, encode, upsample):
-    """Latents of ref / p0 / p1 patches (images upsampled by `upsample`, then encoded) and the judgments."""
+def read_images(paths):
+    """Patches as LPIPS reads them: RGB, (N, 3, H, W) in [-1, 1], at their stored size (BAPPS's: 64 px)."""
     import numpy as np
     from PIL import Image
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)) for p in paths])
+    return x.permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def read_judges(paths):
+    """The judges' share preferring p1, one number per triplet (BAPPS's judge/*.npy)."""
+    import numpy as np
+    return torch.tensor([float(np.load(p).reshape(-1)[0]) for p in paths])
+
+
+def load_subset(files, encode, upsample, batch=ENCODE_BATCH, desc=None):
+    """Latents of the ref / p0 / p1 patches (upsampled by `upsample`, then encoded, `batch` patches at a time) in
+    float16, and the judgments. A chunk at a time because BAPPS train as 256 px pixels would be 350 GB; float16
+    because its latents are kept in RAM for training (they are cast to fp32 a batch at a time)."""
+    from tqdm import tqdm
     ref, p0, p1, judge = files
     out = {}
-    for k, paths in (("ref", ref), ("p0", p0), ("p1", p1)):
-        x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)) for p in paths])
-        x = x.permute(0, 3, 1, 2) / 127.5 - 1
-        if upsample != 1:
-            x = F.interpolate(x, scale_factor=upsample, mode="bilinear", align_corners=False)
-        out[k] = torch.cat([encode(c) for c in x.split(64)])
-    out["judge"] = torch.tensor([float(np.load(p).reshape(-1)[0]) for p in judge])  # share preferring p1
+    with tqdm(total=3 * len(ref), unit="patch", desc=desc, disable=desc is None) as bar:
+        for k, paths in (("ref", ref), ("p0", p0), ("p1", p1)):
+            for i in range(0, len(paths), batch):
+                x = read_images(paths[i:i + batch])
+                if upsample != 1:
+                    x = F.interpolate(x, scale_factor=upsample, mode="bilinear", align_corners=False)
+                z = encode(x).to("cpu", torch.float16)
+                if i == 0:
+                    out[k] = z.new_empty((len(paths), *z.shape[1:]))
+                out[k][i:i + len(z)] = z
+                bar.update(len(z))
+    out["judge"] = read_judges(judge)
     return out
 
 
-def two_afc(net, data, batch=256):
-    """2AFC score: agreement with the judges, sum of (d0 < d1) (1 - judge) + (d1 < d0) judge (+ 1/2 for ties)."""
+def agreement(d0, d1, judge):
+    """2AFC score of d0 = d(ref, p0), d1 = d(ref, p1): the share of the judges a distance agrees with (LPIPS's)."""
+    # mean of (d0 < d1) (1 - judge) + (d1 < d0) judge + (d0 == d1) / 2,   judge = share preferring p1
+    return ((d0 < d1) * (1 - judge) + (d1 < d0) * judge + (d0 == d1) * 0.5).float().mean().item()
+
+
+def two_afc(net, data, batch=256, device="cpu"):
+    """2AFC score of a distance on latents over (ref, p0, p1, judge) tensors, cast to fp32 a batch at a time."""
+    d0, d1 = [], []
     with torch.no_grad():
-        d0 = torch.cat([net(r, a) for r, a in zip(data["ref"].split(batch), data["p0"].split(batch))])
-        d1 = torch.cat([net(r, b) for r, b in zip(data["ref"].split(batch), data["p1"].split(batch))])
-    j = data["judge"]
-    return ((d0 < d1) * (1 - j) + (d1 < d0) * j + (d0 == d1) * 0.5).float().mean().item()
+        for i in range(0, len(data["judge"]), batch):
+            ref, p0, p1 = (data[k][i:i + batch].to(device, torch.float32) for k in ("ref", "p0", "p1"))
+            d0.append(net(ref, p0).flatten().cpu())
+            d1.append(net(ref, p1).flatten().cpu())
+    return agreement(torch.cat(d0), torch.cat(d1), data["judge"])
+
+
+def pixel_two_afc(files, net, batch=50, device="cpu"):
+    """2AFC score of a pixel distance (the lpips package's LPIPS-VGG) on the same triplets, read from their PNGs."""
+    ref, p0, p1, judge = files
+    d0, d1 = [], []
+    with torch.no_grad():
+        for i in range(0, len(ref), batch):
+            r, a, b = (read_images(paths[i:i + batch]).to(device) for paths in (ref, p0, p1))
+            d0.append(net(r, a).flatten().cpu())
+            d1.append(net(r, b).flatten().cpu())
+    return agreement(torch.cat(d0), torch.cat(d1), read_judges(judge))
+
+
+def pixel_lpips(device):
+    """The original LPIPS-VGG (lpips.LPIPS(net="vgg"): ImageNet VGG16 and its trained linear heads) to compare
+    with, or None and one line saying why: the package needs torchvision and downloads VGG16's weights."""
+    try:
+        import lpips
+        return lpips.LPIPS(net="vgg", verbose=False).to(device).eval()
+    except Exception as e:  # ImportError without torchvision, URLError / OSError offline, ...
+        said = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        print(f"LPIPS-VGG (pixels) not compared: {type(e).__name__}: {said}")
+        return None
+
+
+def report(net, val, files, pixel, device):
+    """The table a training run ends with: each val subset's triplets, L-LPIPS's 2AFC and, when the lpips package
+    loaded, pixel LPIPS-VGG's on the same triplets. Returns {subset: (triplets, L-LPIPS 2AFC, LPIPS-VGG 2AFC)}."""
+    rows = {}
+    for subset, data in val.items():
+        theirs = pixel_two_afc(files[subset], pixel, device=device) if pixel is not None else None
+        rows[subset] = (len(data["judge"]), two_afc(net, data, device=device), theirs)
+    print("BAPPS val, 2AFC (agreement with the judges):")
+    print("| subset | triplets | L-LPIPS 2AFC | LPIPS-VGG 2AFC |")
+    print("|---|---|---|---|")
+    for subset, (n, ours, theirs) in rows.items():
+        print(f"| {subset} | {n} | {ours:.4f} | {'-' if theirs is None else f'{theirs:.4f}'} |")
+    return rows
+
+
+def encoder(name, device, variant=None, revision=None):
+    """(identity, images -> latents) of the teacher whose latents L-LPIPS compares. SDXL / FLUX / a pipeline folder
+    or hub id: its VAE alone (teachers.load_vae), not the pipeline. The embedded layout ("digits"): the teacher itself
+    (its "VAE" is the identity: cheap)."""
+    from teachers import TEACHERS, load_teacher, load_vae, vae_encode
+    path = TEACHERS.get(name, name)
+    if name == "digits" or os.path.exists(os.path.join(path, "prompt_embeds.safetensors")):
+        if variant or revision:
+            raise ValueError("--variant / --revision choose the files of a diffusers VAE; the embedded teacher has "
+                             "none")
+        teacher = load_teacher(name, device)
+        return teacher.id, lambda x: teacher.encode_images(x.to(device))
+    vae = load_vae(name, device, variant, revision)
+    return name, lambda x: vae_encode(vae, x.to(device))
+
+
+def train_step(net, ranker, opt, ref, p0, p1, judge):
+    """One 2AFC training step, LPIPS's: both distances, the ranking net, BCE against the judges, Adam, w_l >= 0."""
+    d0, d1 = net(ref, p0), net(ref, p1)
+    # BCE between the ranking net's P(judge prefers p1 | d0, d1) and the judges' share
+    loss = F.binary_cross_entropy_with_logits(ranker(d0, d1), judge)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    net.clamp_heads()
+    return loss
+
+
+def gather(paths, n):
+    """The cached subsets in `paths` as one set of n triplets, filled in place: the train latents exist once in RAM
+    (float16: SDXL 3.7 GB, FLUX 14.9 GB for BAPPS train), never twice as a concatenation would hold them."""
+    out, at = None, 0
+    for path in paths:
+        part = lora.load(path)[0]
+        if out is None:
+            out = {k: v.new_empty((n, *v.shape[1:])) for k, v in part.items()}
+        for k, v in part.items():
+            out[k][at:at + len(v)] = v
+        at += len(part["judge"])
+        del part
+    return out
 
 
 def main(argv=None):
@@ -169,11 +292,15 @@ def main(argv=None):
     from tqdm import tqdm
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bapps", help="BAPPS root: 2afc/{train,val}/<subset>/{ref,p0,p1,judge}")
-    p.add_argument("--teacher", default="sdxl", help="whose VAE encodes the patches (digits, sdxl, flux, folder)")
+    p.add_argument("--teacher", default="sdxl", help="whose VAE encodes the patches: sdxl, flux, a diffusers pipeline "
+                   "folder or hub id (only its vae/ is loaded), or digits / an embedded-layout folder")
+    p.add_argument("--variant", default=None, help="the VAE's weight files variant, as from_pretrained's (e.g. fp16)")
+    p.add_argument("--revision", default=None, help="the hub revision (branch, tag or commit) of the VAE")
     p.add_argument("--upsample", type=float, default=4, help="patch upsampling before encoding (64 px x 4 -> "
                    "256 px -> 32 x 32 SDXL latents)")
     p.add_argument("--width", type=float, default=1.0, help="trunk width multiplier (1 = VGG16's)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs at the full learning rate")
+    p.add_argument("--epochs", type=int, default=5, help="epochs at the full learning rate (5, then --decay-epochs 5: "
+                   "the paper's 10 epochs, LPIPS's schedule)")
     p.add_argument("--decay-epochs", type=int, default=5, help="then epochs with linear decay to 0")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -187,38 +314,48 @@ def main(argv=None):
 
     # the trainer alone needs a teacher (its VAE) and the shared checkpoint helpers
     from runs import load_optimizer, optimizer_tensors, state_path
-    from teachers import CACHE, default_device, load_teacher
+    from teachers import CACHE, default_device
     device = args.device or default_device()
+    # every bad input stops here, before a patch is encoded
     try:
         splits = {s: read_bapps(args.bapps, s) for s in ("train", "val")}
-        teacher = load_teacher(args.teacher, device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    try:
+        resumed = lora.load(state_path(args.out)) if args.resume else None
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: cannot resume: {e}")
+    try:
+        teacher, encode = encoder(args.teacher, device, args.variant, args.revision)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    # encode every patch once, cached on disk
-    data = {}
+
+    # encode every patch once, cached on disk: keyed by the VAE (teacher, variant, revision), the upsampling and
+    # every file's path, size and mtime, so edited data or another VAE is encoded anew
+    cached = {}
     for split, subsets in splits.items():
         for subset, files in subsets.items():
-            # keyed by teacher, upsampling and every file's path, size and mtime: edited data is encoded anew
             stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for fs in files for f in fs]
-            key = hashlib.sha1(repr((teacher.id, args.upsample, stamp)).encode()).hexdigest()[:16]
+            vae = (teacher, args.variant, args.revision, args.upsample)
+            key = hashlib.sha1(repr((*vae, stamp)).encode()).hexdigest()[:16]
             path = os.path.join(CACHE, "bapps", f"{key}.safetensors")
             if not os.path.exists(path):
-                with torch.no_grad():
-                    lora.save(path, load_subset(files, lambda x: teacher.encode_images(x.to(device)).cpu(),
-                                                args.upsample), {})
-            data[split, subset] = lora.load(path)[0]
-    train = {k: torch.cat([v[k] for (s, _), v in data.items() if s == "train"]) for k in ("ref", "p0", "p1", "judge")}
+                lora.save(path, load_subset(files, encode, args.upsample, desc=f"encode {split}/{subset}"),
+                          {"teacher": teacher, "variant": args.variant, "revision": args.revision,
+                           "upsample": args.upsample, "subset": f"{split}/{subset}"})
+            cached[split, subset] = path
+    del encode  # the VAE is done: its memory goes back before training
+    train = gather([p for (s, _), p in cached.items() if s == "train"],
+                   sum(len(files[0]) for files in splits["train"].values()))
+    val = {sub: lora.load(p)[0] for (s, sub), p in cached.items() if s == "val"}
     channels = train["ref"].shape[1]
 
     torch.manual_seed(args.seed)
     net, ranker = LLPIPS(channels, args.width).to(device), RankNet().to(device)
     opt = torch.optim.Adam(list(net.parameters()) + list(ranker.parameters()), lr=args.lr, betas=(0.5, 0.999))
     epochs, epoch = args.epochs + args.decay_epochs, 0
-    if args.resume:
-        try:
-            state, meta = lora.load(state_path(args.out))
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: cannot resume: {e}")
+    if resumed:
+        state, meta = resumed
         net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
         ranker.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rank.")})
         load_optimizer(opt, state)
@@ -232,25 +369,23 @@ def main(argv=None):
         order = torch.randperm(len(train["judge"]), generator=gen)
         bar = tqdm(order.split(args.batch), desc=f"epoch {epoch + 1}/{epochs}")
         for idx in bar:
-            ref, p0, p1, judge = (train[k][idx].to(device) for k in ("ref", "p0", "p1", "judge"))
-            d0, d1 = net(ref, p0), net(ref, p1)
-            # BCE between the ranking net's P(judge prefers p1 | d0, d1) and the judges' share
-            loss = F.binary_cross_entropy_with_logits(ranker(d0, d1), judge)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            net.clamp_heads()  # w_l >= 0
+            # the cache stays float16 in RAM; a batch is cast to fp32 on its way to the device
+            ref, p0, p1, judge = (train[k][idx].to(device, torch.float32) for k in ("ref", "p0", "p1", "judge"))
+            loss = train_step(net, ranker, opt, ref, p0, p1, judge)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         net.eval()
-        scores = {f"2afc_{sub}": two_afc(net, {k: v.to(device) for k, v in d.items()})
-                  for (s, sub), d in data.items() if s == "val"}
+        scores = {f"2afc_{sub}": two_afc(net, d, device=device) for sub, d in val.items()}
         print(f"epoch {epoch + 1}: val 2AFC " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in scores.items()))
         lora.save(state_path(args.out), {**{f"net.{k}": v for k, v in net.state_dict().items()},
                                          **{f"rank.{k}": v for k, v in ranker.state_dict().items()},
                                          **optimizer_tensors(opt)}, {"epoch": epoch + 1})
-        save(args.out, net, {"teacher": teacher.id, "upsample": args.upsample, "epoch": epoch + 1,
+        save(args.out, net, {"teacher": teacher, "variant": args.variant or "", "revision": args.revision or "",
+                             "upsample": args.upsample, "epoch": epoch + 1,
                              **{k: f"{v:.4f}" for k, v in scores.items()}})
     print(f"wrote {args.out}")
+    # what it reached, beside the original pixel LPIPS-VGG on the same val triplets
+    net.eval()
+    return report(net, val, splits["val"], pixel_lpips(device), device)
 
 
 if __name__ == "__main__":

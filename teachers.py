@@ -254,8 +254,7 @@ class SDXLTeacher(DDPMTeacher):
         return x.clamp(-1, 1)
 
     def encode_images(self, x):
-        with torch.no_grad():
-            return self.vae.encode(x.float()).latent_dist.mean * self.vae.config.scaling_factor
+        return vae_encode(self.vae, x)
 
 
 class FluxTeacher(Teacher):
@@ -335,9 +334,45 @@ class FluxTeacher(Teacher):
         return x.clamp(-1, 1)
 
     def encode_images(self, x):
-        c = self.vae.config
-        with torch.no_grad():
-            return (self.vae.encode(x.float()).latent_dist.mean - (c.shift_factor or 0.0)) * c.scaling_factor
+        return vae_encode(self.vae, x)
+
+
+# ---- a teacher's VAE alone: what L-LPIPS needs of a teacher (llpips.py encodes BAPPS with it) ----------------------
+
+def vae_encode(vae, x):
+    """Images (B, 3, H, W) in [-1, 1] -> the latents the denoiser sees. The one images -> latents rule of SDXL and
+    FLUX (the teachers' encode_images and llpips.py call it): the posterior's mean, not a sample, so that one image
+    always has one latent."""
+    c = vae.config
+    with torch.no_grad():
+        # z = (mean - shift_factor) * scaling_factor      (SDXL has no shift_factor; FLUX's is 0.1159)
+        return (vae.encode(x.float()).latent_dist.mean - (c.shift_factor or 0.0)) * c.scaling_factor
+
+
+def load_vae(name_or_dir, device=None, variant=None, revision=None):
+    """The AutoencoderKL of a teacher (sdxl, flux, a diffusers pipeline folder or hub id) without the rest of its
+    pipeline -- no UNet, no 12B transformer, no text encoders --, fp32 (SDXL's VAE overflows in fp16), frozen.
+    variant / revision are from_pretrained's (e.g. fp16, a commit hash)."""
+    from diffusers import AutoencoderKL
+    path = TEACHERS.get(name_or_dir, name_or_dir)
+    if os.path.isdir(path):
+        if not (os.path.exists(os.path.join(path, "model_index.json")) and os.path.isdir(os.path.join(path, "vae"))):
+            raise ValueError(f"{path} is not a diffusers pipeline folder with a VAE: expected model_index.json and "
+                             "vae/")
+    elif "/" not in path:
+        raise ValueError(f"unknown teacher {name_or_dir!r}: use digits, sdxl, flux, a pipeline folder or a hub id")
+    elif os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # a hub id is owner/name
+        raise ValueError(f"{path}: no such folder")
+    try:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, revision=revision,
+                                            dtype=torch.float32)
+    except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError or hub errors here
+        where = "" if os.path.isdir(path) else (f"; offline or gated? download it first (hf download {path} "
+                                                "--local-dir DIR) and pass DIR")
+        first = str(e).strip().splitlines()[0][:150] if str(e).strip() else ""
+        raise ValueError(f"cannot load the VAE of {path!r} (variant {variant}, revision {revision}): "
+                         f"{type(e).__name__}: {first}{where}") from None
+    return vae.to(device or default_device()).eval().requires_grad_(False)
 
 
 def locate(name_or_dir="digits", revision=None):

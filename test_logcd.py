@@ -2448,16 +2448,33 @@ def _synthetic_bapps(root, n_train=192, n_val=96, seed=0):
                 np.save(os.path.join(d, "judge", f"{i:04d}.npy"), np.array([votes[i].item()]))
 
 
-def test_llpips_learns_2afc_on_synthetic_bapps(tmp_path):
+def _two_afc_by_hand(d0, d1, judge):
+    """2AFC as the LPIPS paper defines it, per triplet: the share of judges who agree with the metric's choice."""
+    import numpy as np
+    d0, d1, judge = np.asarray(d0), np.asarray(d1), np.asarray(judge)
+    return float(np.mean(np.where(d0 < d1, 1 - judge, np.where(d1 < d0, judge, 0.5))))
+
+
+def test_llpips_learns_2afc_on_synthetic_bapps(tmp_path, monkeypatch, capsys):
+    """Training lifts 2AFC above untrained and pixel MSE; the closing table's LPIPS-VGG column is the lpips
+    package's net on the same val PNGs, scored here by hand."""
+    import numpy as np
+    from PIL import Image
     root = str(tmp_path / "bapps")
     _synthetic_bapps(root)
     files = llpips.read_bapps(root, "val")["mixed"]
     val = llpips.load_subset(files, load_teacher("digits", "cpu").encode_images, 1)
     torch.manual_seed(0)
     untrained = llpips.two_afc(llpips.LLPIPS(1, width=0.125).eval(), val)
+    # the original LPIPS-VGG (random trunk: torchvision and its weights are not here; the package's linear heads)
+    monkeypatch.setitem(sys.modules, "torchvision", _torchvision_stub())
+    import lpips
+    torch.manual_seed(1)
+    vgg = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    monkeypatch.setattr(llpips, "pixel_lpips", lambda device: vgg)
     out = str(tmp_path / "l.safetensors")
-    llpips.main(["--bapps", root, "--teacher", "digits", "--upsample", "1", "--width", "0.125", "--epochs", "4",
-                 "--decay-epochs", "2", "--batch", "16", "--lr", "1e-3", "--out", out])
+    table = llpips.main(["--bapps", root, "--teacher", "digits", "--upsample", "1", "--width", "0.125", "--epochs", "4",
+                         "--decay-epochs", "2", "--batch", "16", "--lr", "1e-3", "--out", out])
     net = llpips.load(out)
     trained = llpips.two_afc(net, val)
     assert float(net.meta["2afc_mixed"]) == pytest.approx(trained, abs=1e-4)
@@ -2465,17 +2482,151 @@ def test_llpips_learns_2afc_on_synthetic_bapps(tmp_path):
     mse = llpips.two_afc(lambda x, y: (x - y).pow(2).flatten(1).mean(1), val)
     assert trained > max(untrained, mse) + 0.05 and trained > 0.75, (untrained, mse, trained)
 
+    def png(p):
+        return torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 255 * 2 - 1
+    ref, p0, p1, judge = files
+    with torch.no_grad():
+        d = [[vgg(png(r)[None], png(x)[None]).item() for r, x in zip(ref, px)] for px in (p0, p1)]
+    theirs = _two_afc_by_hand(*d, [np.load(j).item() for j in judge])
+    assert table == {"mixed": (96, pytest.approx(trained, abs=1e-6), pytest.approx(theirs, abs=1e-6))}
+    assert f"| mixed | 96 | {trained:.4f} | {theirs:.4f} |" in capsys.readouterr().out
 
-def test_llpips_training_resumes(tmp_path):
+
+def test_llpips_training_resumes(tmp_path, capsys, monkeypatch):
+    """--resume continues at the next epoch. Without torchvision the pixel LPIPS-VGG column is skipped with one line
+    that says why, and the run still ends with its table."""
+    for name in [m for m in sys.modules if m == "lpips" or m.startswith("lpips.")]:  # as imported by another test
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # not installable here anyway: import fails
     root, out = str(tmp_path / "b"), str(tmp_path / "l.safetensors")
     _synthetic_bapps(root, n_train=32, n_val=16)
     common = ["--bapps", root, "--teacher", "digits", "--upsample", "1", "--width", "0.0625", "--batch", "16",
               "--out", out]
     llpips.main([*common, "--epochs", "1", "--decay-epochs", "0"])
-    llpips.main([*common, "--epochs", "1", "--decay-epochs", "1", "--resume"])
+    capsys.readouterr()
+    table = llpips.main([*common, "--epochs", "1", "--decay-epochs", "1", "--resume"])
     assert llpips.load(out).meta["epoch"] == "2"
+    said = capsys.readouterr().out
+    assert said.count("epoch 2: val 2AFC") == 1 and "epoch 1:" not in said
+    why = [line for line in said.splitlines() if line.startswith("LPIPS-VGG (pixels) not compared: ")]
+    assert len(why) == 1 and "torchvision" in why[0], said
+    assert table["mixed"][0] == 16 and table["mixed"][2] is None and "| mixed | 16 |" in said
     with pytest.raises(SystemExit, match="cannot resume"):
         llpips.main([*common[:-1], str(tmp_path / "other.safetensors"), "--resume"])
+
+
+def _vae_only_pipeline(pipe, folder):
+    """A diffusers pipeline folder holding only model_index.json and vae/: no denoiser, no text encoders."""
+    os.makedirs(folder)
+    shutil.copy(os.path.join(pipe, "model_index.json"), folder)
+    shutil.copytree(os.path.join(pipe, "vae"), os.path.join(folder, "vae"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_llpips_trains_through_the_teachers_vae_alone(family, tiny_sdxl, tiny_flux, tmp_path, monkeypatch):
+    """--teacher <pipeline folder> loads its VAE and nothing else (the folder has no unet / transformer, and
+    load_teacher is never called); the cached latents are float16 copies of diffusers' own encoding of the
+    upsampled patches, (mean - shift_factor) * scaling_factor (FLUX's tiny VAE has a shift); a second run encodes
+    nothing."""
+    from diffusers import AutoencoderKL
+    folder = _vae_only_pipeline(tiny_sdxl if family == "sdxl" else tiny_flux, tmp_path / "pipe")
+    root, out = str(tmp_path / "b"), str(tmp_path / "l.safetensors")
+    _synthetic_bapps(root, n_train=16, n_val=8)
+
+    def no_pipeline(*a, **k):
+        raise AssertionError("llpips.py loaded the whole teacher")
+    monkeypatch.setattr(teachers, "load_teacher", no_pipeline)
+    args = ["--bapps", root, "--teacher", folder, "--upsample", "2", "--width", "0.0625", "--epochs", "1",
+            "--decay-epochs", "0", "--batch", "8", "--out", out]
+    llpips.main(args)
+    assert llpips.load(out).channels == 4
+    cache = os.path.join(teachers.CACHE, "bapps")
+    cached = {lora.load(os.path.join(cache, f))[1]["subset"]: lora.load(os.path.join(cache, f))[0]
+              for f in os.listdir(cache)}
+    assert sorted(cached) == ["train/mixed", "val/mixed"]
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
+    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    assert (family == "flux") == (shift != 0)
+    for k, paths in zip(("ref", "p0", "p1"), llpips.read_bapps(root, "val")["mixed"]):
+        x = torch.nn.functional.interpolate(llpips.read_images(paths), scale_factor=2, mode="bilinear",
+                                            align_corners=False)
+        with torch.no_grad():
+            z = (vae.encode(x).latent_dist.mean - shift) * scale
+        assert cached["val/mixed"][k].dtype == torch.float16 and cached["val/mixed"][k].shape == (8, 4, 16, 16)
+        torch.testing.assert_close(cached["val/mixed"][k].float(), z, rtol=2e-3, atol=2e-3)
+
+    def no_encoding(*a, **k):
+        raise AssertionError("encoded again")
+    monkeypatch.setattr(teachers, "vae_encode", no_encoding)
+    llpips.main(args)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_teachers_encode_images_is_the_vae_posterior_mean_scaled(family, tiny_sdxl, tiny_flux):
+    """SDXLTeacher / FluxTeacher.encode_images (teachers.vae_encode): (mean - shift_factor) * scaling_factor of the
+    pipeline's own VAE, computed here with diffusers."""
+    teacher = load_teacher(tiny_sdxl if family == "sdxl" else tiny_flux, "cpu")
+    c = teacher.vae.config
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = (teacher.vae.encode(x).latent_dist.mean - (c.shift_factor or 0.0)) * c.scaling_factor
+    assert (family == "flux") == bool(c.shift_factor)
+    torch.testing.assert_close(teacher.encode_images(x), z)
+
+
+def test_llpips_gathers_the_train_subsets_into_one_set(tmp_path):
+    """gather fills one set from several cached subsets, in order: the same as concatenating them."""
+    parts = [{"ref": torch.randn(n, 4, 2, 2).half(), "judge": torch.rand(n)} for n in (3, 5, 2)]
+    paths = [str(tmp_path / f"{i}.safetensors") for i in range(3)]
+    for part, path in zip(parts, paths):
+        lora.save(path, part, {})
+    out = llpips.gather(paths, 10)
+    for k in ("ref", "judge"):
+        assert torch.equal(out[k], torch.cat([p[k] for p in parts]))
+    assert out["ref"].dtype == torch.float16
+
+
+def test_llpips_bad_teachers_stop_before_encoding(tmp_path, tiny_sdxl, capsys):
+    """A --teacher that is not there, a pipeline folder without vae/, a folder that is no pipeline, or --variant
+    with the embedded teacher: one line `error: ...` and nothing encoded."""
+    root = str(tmp_path / "b")
+    _synthetic_bapps(root, n_train=4, n_val=4)
+    no_vae = tmp_path / "no_vae"
+    no_vae.mkdir()
+    shutil.copy(os.path.join(tiny_sdxl, "model_index.json"), no_vae)
+    for teacher, extra, match in [(str(tmp_path / "nowhere"), [], "no such folder"),
+                                  (str(no_vae), [], "with a VAE: expected model_index.json and vae/"),
+                                  (str(tmp_path / "b"), [], "not a diffusers pipeline folder"),
+                                  ("sdxl-typo", [], "unknown teacher"),
+                                  ("digits", ["--variant", "fp16"], "embedded teacher has none")]:
+        with pytest.raises(SystemExit, match=match) as e:
+            llpips.main(["--bapps", root, "--teacher", teacher, *extra, "--out", str(tmp_path / "l.safetensors")])
+        assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    assert not os.path.exists(os.path.join(teachers.CACHE, "bapps"))
+
+
+def test_llpips_hub_teacher_reaches_from_pretrained_and_fails_in_one_line(tmp_path, monkeypatch):
+    """--teacher sdxl asks diffusers for the hub id's vae/ alone, with --variant and --revision; when the hub cannot
+    answer (offline, gated: an OSError from diffusers) it is one line naming the id and how to download it."""
+    from diffusers import AutoencoderKL
+    root = str(tmp_path / "b")
+    _synthetic_bapps(root, n_train=2, n_val=2)
+    asked = []
+
+    def offline(path, **kw):
+        asked.append((path, kw))
+        raise OSError(f"{path} does not appear to have a file named config.json.")
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", offline)
+    with pytest.raises(SystemExit) as e:
+        llpips.main(["--bapps", root, "--teacher", "sdxl", "--variant", "fp16", "--revision", "abc123"])
+    assert asked == [("stabilityai/stable-diffusion-xl-base-1.0",
+                      dict(subfolder="vae", variant="fp16", revision="abc123", dtype=torch.float32))]
+    said = str(e.value)
+    assert said.startswith("error: cannot load the VAE of 'stabilityai/stable-diffusion-xl-base-1.0'")
+    assert "\n" not in said
+    assert "hf download stabilityai/stable-diffusion-xl-base-1.0" in said
+    assert not os.path.exists(os.path.join(teachers.CACHE, "bapps"))
 
 
 def test_bapps_bad_layouts(tmp_path):
@@ -2608,6 +2759,22 @@ def test_bench_llpips_and_projection():
     assert rows[1]["x_llpips"] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"])
     p = bench.projection(step1=1.0, step2=2.0)  # 4 GPUs x (12K x 1 s + 3K x 2 s) = 20 GPU hours
     assert p["gpu_hours"] == pytest.approx(20.0) and p["fraction_of_paper"] == pytest.approx(20 / 70)
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_bench_llpips_train_counts_its_parts_and_computes_the_budget(model):
+    """--what llpips-train: a training step is two L-LPIPS calls on 50 triplets and one Adam step, on latents of the
+    model's channels; the VAE encoder makes latents of those channels; the budget is the paper's 10 epochs of BAPPS
+    train (151.3K triplets) plus each epoch's val scoring (36.3K) plus every patch encoded once, from the rows."""
+    import bench
+    step, val, enc, budget = bench.main(["--model", model, "--what", "llpips-train", "--repeats", "1", "--json"])
+    C = 16 if model == "tiny-flux" else 4
+    assert step["calls"] == 2 and step["adam_steps"] == 1 and f"batch 50, {C}x8x8 latents" in step["what"]
+    assert val["calls"] == 2 and enc["calls"] == 1 and enc["latent"] == [C, 8, 8]
+    assert budget["steps"] == 10 * 3026 and budget["patches"] == 3 * (151_300 + 36_300)
+    assert budget["seconds"] == pytest.approx(30_260 * step["seconds"] + 10 * 36_300 * val["seconds_per_triplet"]
+                                              + 562_800 * enc["seconds_per_patch"])
+    assert budget["computed_hours"] == pytest.approx(budget["seconds"] / 3600) and "COMPUTED" in budget["what"]
 
 
 def test_bench_projects_the_recipe_once_per_regime(monkeypatch):
