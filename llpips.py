@@ -246,9 +246,8 @@ def encoder(name, device, variant=None, revision=None):
     """(identity, images -> latents) of the teacher whose latents L-LPIPS compares. SDXL / FLUX / a pipeline folder
     or hub id: its VAE alone (teachers.load_vae), not the pipeline. The embedded layout ("digits"): the teacher itself
     (its "VAE" is the identity: cheap)."""
-    from teachers import TEACHERS, load_teacher, load_vae, vae_encode
-    path = TEACHERS.get(name, name)
-    if name == "digits" or os.path.exists(os.path.join(path, "prompt_embeds.safetensors")):
+    from teachers import load_teacher, load_vae, locate, vae_encode
+    if locate(name, revision)[0] == "digits":
         if variant or revision:
             raise ValueError("--variant / --revision choose the files of a diffusers VAE; the embedded teacher has "
                              "none")

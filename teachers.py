@@ -354,24 +354,18 @@ def load_vae(name_or_dir, device=None, variant=None, revision=None):
     pipeline -- no UNet, no 12B transformer, no text encoders --, fp32 (SDXL's VAE overflows in fp16), frozen.
     variant / revision are from_pretrained's (e.g. fp16, a commit hash)."""
     from diffusers import AutoencoderKL
-    path = TEACHERS.get(name_or_dir, name_or_dir)
-    if os.path.isdir(path):
-        if not (os.path.exists(os.path.join(path, "model_index.json")) and os.path.isdir(os.path.join(path, "vae"))):
-            raise ValueError(f"{path} is not a diffusers pipeline folder with a VAE: expected model_index.json and "
-                             "vae/")
-    elif "/" not in path:
-        raise ValueError(f"unknown teacher {name_or_dir!r}: use digits, sdxl, flux, a pipeline folder or a hub id")
-    elif os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # a hub id is owner/name
-        raise ValueError(f"{path}: no such folder")
+    family, path = locate(name_or_dir, revision)
+    if family == "digits":
+        raise ValueError(f"{path}: the embedded layout has no VAE (its latents are its images)")
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, revision=revision,
                                             dtype=torch.float32)
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError or hub errors here
-        where = "" if os.path.isdir(path) else (f"; offline or gated? download it first (hf download {path} "
-                                                "--local-dir DIR) and pass DIR")
+        if not os.path.isdir(path):
+            raise hub_error(path, e) from None
         first = str(e).strip().splitlines()[0][:150] if str(e).strip() else ""
         raise ValueError(f"cannot load the VAE of {path!r} (variant {variant}, revision {revision}): "
-                         f"{type(e).__name__}: {first}{where}") from None
+                         f"{type(e).__name__}: {first}") from None
     return vae.to(device or default_device()).eval().requires_grad_(False)
 
 
@@ -392,19 +386,28 @@ def locate(name_or_dir="digits", revision=None):
     elif name_or_dir == "digits":
         raise FileNotFoundError(f"the embedded teacher is missing at {path}: restore it with `git checkout toy/teacher` "
                                 "or retrain it with `python -m toy.train_teacher`")
+    elif name_or_dir in ("sdxl", "flux"):
+        return name_or_dir, path  # the hub's SDXL base / FLUX.1-dev
     elif "/" not in path:
         raise ValueError(f"unknown teacher {name_or_dir!r}: use digits, sdxl, flux, a teacher folder or a hub id")
+    elif os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:  # a hub id is owner/name
+        raise ValueError(f"{path}: no such folder")
     from diffusers import DiffusionPipeline
     try:
         cls = DiffusionPipeline.load_config(path, revision=revision)["_class_name"]
     except Exception as e:
-        raise ValueError(f"cannot read the pipeline config of {path!r} ({type(e).__name__}); offline or gated? "
-                         f"download it first (hf download {path} --local-dir DIR) and pass DIR") from None
+        raise hub_error(path, e) from None
     if "StableDiffusionXL" in cls:
         return "sdxl", path
     if "Flux" in cls:
         return "flux", path
     raise ValueError(f"{path} is a {cls}; LogCD supports SDXL-style UNets, FLUX transformers and the embedded layout")
+
+
+def hub_error(path, e):
+    """What a user reads when the hub cannot give a teacher's files: one line, and the way round it."""
+    return ValueError(f"cannot read {path!r} from the hub ({type(e).__name__}); offline or gated? download it first "
+                      f"(hf download {path} --local-dir DIR) and pass DIR")
 
 
 def download(name_or_dir, variant=None, revision=None):
@@ -414,7 +417,10 @@ def download(name_or_dir, variant=None, revision=None):
     family, path = locate(name_or_dir, revision)
     if family != "digits" and not os.path.isdir(path):
         from diffusers import DiffusionPipeline
-        DiffusionPipeline.download(path, variant=variant, revision=revision)
+        try:
+            DiffusionPipeline.download(path, variant=variant, revision=revision)
+        except Exception as e:
+            raise hub_error(path, e) from None
 
 
 def denoiser_size(name_or_dir, rank, resolution=1024, revision=None):
@@ -454,13 +460,18 @@ def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None,
     # from_pretrained maps the weight files and builds every model straight in `dtype`: a bf16 file is used in place
     # (the page cache holds one copy for all ranks), an fp32 one (SDXL's unet) costs one private bf16 copy. No fp32
     # model is ever built (bench.py --what load measures it).
-    hub = {"dtype": dtype, "variant": variant, "revision": revision}
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline
+    try:
+        pipe = (StableDiffusionXLPipeline if family == "sdxl" else FluxPipeline).from_pretrained(
+            path, dtype=dtype, variant=variant, revision=revision)
+    except Exception as e:
+        if os.path.isdir(path):  # a local folder's own fault: diffusers says it best
+            raise
+        raise hub_error(path, e) from None
     if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
-        teacher = SDXLTeacher(StableDiffusionXLPipeline.from_pretrained(path, **hub), device, name_or_dir, resolution)
+        teacher = SDXLTeacher(pipe, device, name_or_dir, resolution)
     else:
-        from diffusers import FluxPipeline
-        teacher = FluxTeacher(FluxPipeline.from_pretrained(path, **hub), device, name_or_dir, resolution, true_cfg)
+        teacher = FluxTeacher(pipe, device, name_or_dir, resolution, true_cfg)
     teacher.variant, teacher.revision = variant, revision  # a checkpoint records them: its student loads the same
     return teacher
 
