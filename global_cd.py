@@ -366,7 +366,7 @@ def parse_args(argv=None):
     a("--w-target", type=weight, default=None, help="the teacher target's CFG scale alone, the DMD real score keeping "
       "--w (default: --w, the paper's one w; issue 20: more guidance in the target buys alignment at FD's cost)")
     a("--distance", "--d", dest="d", choices=["mse", "llpips"], default=None, help=DISTANCE_HELP)
-    a("--llpips", default=None, help=LLPIPS_HELP)
+    a("--llpips", type=os.path.abspath, default=None, help=LLPIPS_HELP)
     a("--lambda0", type=weight, default=1.0, help="lambda0: weight of the consistency term L_GoCD (the paper: 1; 0: "
       "off, the DMD2-style baseline)")
     a("--lambda1", type=weight, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")

@@ -344,7 +344,7 @@ def parse_args(argv=None):
     a("--w", type=weight, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
       "(paper: 7 for SDXL; FLUX.1-dev: its guidance embedding, 3.5; embedded teacher: its measured default)")
     a("--distance", "--d", dest="d", choices=["mse", "llpips"], default=None, help=DISTANCE_HELP)
-    a("--llpips", default=None, help=LLPIPS_HELP)
+    a("--llpips", type=os.path.abspath, default=None, help=LLPIPS_HELP)
     a("--rank", type=count, default=64, help="LoRA rank r (alpha = r)")
     a("--lr", type=positive, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
     a("--batch", type=count, default=None, help="training pairs per iteration, rank and micro-batch")

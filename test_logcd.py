@@ -3658,3 +3658,94 @@ def test_dmd_moves_samples_toward_the_guided_teacher():
     assert 0.4 < p0 < 0.75, report  # the start is what w = 0.5 gives: neither random nor sure
     assert p_down > 0.85 and a_down >= 0.85, report
     assert p_up < 0.3, report
+
+
+# ---- the README's GPU recipe, rehearsed whole ---------------------------------------------------------------------
+
+def _readme_recipe():
+    """The command lines of the README's GPU recipe (the first bash block under its heading), continuation lines
+    joined, comments dropped: what the rehearsal runs, so that the README and the test cannot drift apart."""
+    import shlex
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("\n## From zero to a LoRA on GPUs")[1].split("```bash\n")[1].split("\n```")[0]
+    return [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()
+            if shlex.split(line, comments=True)]
+
+
+# each script's flags that make a GPU line a CPU rehearsal: tiny sizes, 2 iterations, bf16 as a GPU runs it
+_SHRINK = {"llpips.py": ["--upsample", "1", "--width", "0.0625", "--epochs", "1", "--decay-epochs", "0", "--batch",
+                         "8"],
+           "local_cd.py": ["--iters", "2", "--batch", "1", "--trajectories", "1", "--M", "4", "--skip", "50", "--rank",
+                           "4", "--dtype", "bfloat16", "--val-every", "0"],
+           "global_cd.py": ["--iters", "2", "--batch", "1", "--fake-rank", "4", "--dtype", "bfloat16", "--val-every",
+                            "0"],
+           "sample.py": ["--dtype", "bfloat16", "--out", "sample.png"]}
+
+
+def test_the_readme_gpu_recipe_runs_end_to_end_on_tiny_sdxl_and_flux(tmp_path, tiny_sdxl, tiny_flux):
+    """The README's recipe, line by line as written, with the teachers swapped for tiny SDXL and FLUX folders (SDXL's
+    with its fp16 variant files, FLUX's as `hf download` leaves it), sizes shrunk by appended flags, torchrun at 2
+    ranks on the CPU in bf16: training prompts from a COCO-format captions file without the scored ones, an L-LPIPS
+    per teacher from a BAPPS-format folder through its VAE, stage 1 and stage 2 with that L-LPIPS, sampling; then each
+    student in its stock diffusers pipeline."""
+    import numpy as np
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline
+    from PIL import Image
+    lines = _readme_recipe()
+    scripts = [next((w for w in line if w.endswith(".py")), line[0]) for line in lines]
+    assert scripts[0] == "hf" and {"eval.py", "llpips.py", "local_cd.py", "global_cd.py", "sample.py"} <= set(scripts)
+    # the inputs a user downloads, in the layouts the recipe reads: COCO captions and images, BAPPS, the teachers
+    os.makedirs(tmp_path / "annotations")
+    os.makedirs(tmp_path / "val2017")
+    val = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2)],
+           "annotations": [{"id": 1, "image_id": 1, "caption": "a cat"}, {"id": 2, "image_id": 2, "caption": "a dog"}]}
+    for i in (1, 2):
+        Image.new("RGB", (12, 10), (i * 90, 20, 20)).save(tmp_path / "val2017" / f"{i}.jpg")
+    train = {"annotations": [{"id": i, "image_id": i, "caption": c} for i, c in
+                             enumerate(["a red car", "a cat", "a  red car", "two birds\non a wire", "a dog"])]}
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(val))
+    (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps(train))
+    teachers_ = {"sdxl": str(tmp_path / "sdxl"), "FLUX.1-dev": str(tmp_path / "FLUX.1-dev")}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.save_pretrained(teachers_["sdxl"], variant="fp16")  # the hub's SDXL has fp16 variant files: --variant fp16
+    res = {"sdxl": "16", "FLUX.1-dev": "32"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGCD_CACHE": str(tmp_path / "cache")}
+    ports = iter(range(29531, 29600))
+    for line, script in zip(lines, scripts):
+        if script == "hf":  # hf download black-forest-labs/FLUX.1-dev --local-dir FLUX.1-dev: the gated teacher
+            assert line[:3] == ["hf", "download", "black-forest-labs/FLUX.1-dev"] and line[-2:] == ["--local-dir",
+                                                                                                   "FLUX.1-dev"]
+            shutil.copytree(tiny_flux, tmp_path / "FLUX.1-dev")
+            continue
+        if script == "llpips.py":  # the BAPPS folder the LPIPS authors' download script leaves
+            bapps = line[line.index("--bapps") + 1]
+            if not os.path.exists(tmp_path / bapps):
+                _synthetic_bapps(str(tmp_path / bapps), n_train=16, n_val=8)
+        argv = [teachers_.get(w, w) for w in line]
+        if "--teacher" in line:
+            argv += ["--resolution", res[line[line.index("--teacher") + 1]]] * (script == "local_cd.py")
+        argv += _SHRINK.get(script, [])
+        if argv[0] == "torchrun":
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(next(ports)), *argv[argv.index(script):]]
+            assert line[1:3] == ["--nproc_per_node", "4"]
+        else:
+            assert argv[0] == "python", line
+            argv[0] = sys.executable
+        argv[argv.index(script)] = os.path.join(HERE, script)
+        r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, (line, r.stdout[-1500:], r.stderr[-3000:])
+    prompts = (tmp_path / "prompts.txt").read_text().splitlines()
+    assert prompts == ["a red car", "two birds on a wire"]  # deduplicated, the scored "a cat" / "a dog" left out
+    for family, cls in (("sdxl", StableDiffusionXLPipeline), ("flux", FluxPipeline)):
+        meta = lora.metadata(str(tmp_path / f"{family}_global.safetensors"))
+        local = lora.metadata(str(tmp_path / f"{family}_local.safetensors"))
+        assert meta["stage"] == "global" and meta["d"] == local["d"] == "llpips", (family, meta["d"], local["d"])
+        assert meta["llpips"] == local["llpips"] == str(tmp_path / f"llpips_{family}.safetensors")
+        assert llpips.load(meta["llpips"]).meta["teacher"] in teachers_.values()
+        stock = cls.from_pretrained(meta["teacher"], dtype=torch.bfloat16, variant=meta["variant"] or None)
+        stock.load_lora_weights(str(tmp_path / f"{family}_global.safetensors"))
+        image = stock("a photo of a cat", output_type="np",
+                      **sample.diffusers_args(str(tmp_path / f"{family}_global.safetensors"), 3)).images[0]
+        assert image.shape == (int(meta["resolution"]),) * 2 + (3,) and np.isfinite(image).all()
