@@ -370,7 +370,9 @@ def parse_args(argv=None):
     a("--lambda0", type=weight, default=1.0, help="lambda0: weight of the consistency term L_GoCD (the paper: 1; 0: "
       "off, the DMD2-style baseline)")
     a("--lambda1", type=weight, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
-    a("--lambda2", type=weight, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score)")
+    a("--lambda2", type=weight, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score). 1 for "
+      "every teacher; for FLUX.1-dev a departure: the paper set 0 there, DMD being out of its memory, and here the "
+      "fake score is an adapter on the one base copy (34 GiB at batch 1)")
     a("--fake-rank", type=count, default=None, help="LoRA rank of the fake score (default: the "
       "student's; embedded preset: 16)")
     a("--jump", choices=["adjacent", "any"], default="adjacent", help="t_n: adjacent, the milestone below t_m (the "

@@ -235,11 +235,12 @@ class TrajectoryBuffer:
             setattr(self, k, int(v))
 
 
-DISTANCE_HELP = ("d: the consistency distance. llpips: L-LPIPS, the paper's recipe in both stages (--llpips FILE alone "
-                 "means it); mse: the paper's MSE row of Table 3. SDXL / FLUX.1-dev have no default: give one of the "
-                 "two (train an L-LPIPS with llpips.py). The embedded teacher: mse in stage 1, measured (its L-LPIPS "
-                 "was unstable there at the preset lr), llpips with toy/llpips.safetensors in stage 2. --d is the same "
-                 "flag, but not under torchrun, which takes --d for its own --duplicate-* flags")
+DISTANCE_HELP = ("d: the consistency distance. llpips: L-LPIPS, the paper's recipe in both stages, Table 3's last row "
+                 "(--llpips FILE alone means it); mse: the paper's MSE row of Table 3. SDXL / FLUX.1-dev have no "
+                 "default: give one of the two (train an L-LPIPS with llpips.py). The embedded teacher: mse in stage 1, "
+                 "measured (its L-LPIPS was unstable there at the preset lr), llpips with toy/llpips.safetensors in "
+                 "stage 2. --d is the same flag, but not under torchrun, which takes --d for its own --duplicate-* "
+                 "flags")
 LLPIPS_HELP = ("the L-LPIPS of this teacher's VAE (llpips.py writes one); given alone, it makes d = llpips (embedded "
                "teacher: toy/llpips.safetensors)")
 
@@ -342,7 +343,8 @@ def parse_args(argv=None):
     a("--M", type=count, default=8, help="M: number of segments; milestones t^s = s T / M")
     a("--skip", type=positive, default=20, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
     a("--w", type=weight, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
-      "(paper: 7 for SDXL; FLUX.1-dev: its guidance embedding, 3.5; embedded teacher: its measured default)")
+      "(SDXL: 7, the paper's; FLUX.1-dev: 3.5 in its guidance embedding, one pass, its own default -- a departure: "
+      "the paper gives w = 7, a CFG scale; embedded teacher: 1.5, measured)")
     a("--distance", "--d", dest="d", choices=["mse", "llpips"], default=None, help=DISTANCE_HELP)
     a("--llpips", type=os.path.abspath, default=None, help=LLPIPS_HELP)
     a("--rank", type=count, default=64, help="LoRA rank r (alpha = r)")

@@ -1726,6 +1726,35 @@ def test_gradient_sync_overlapped_with_backward_is_the_flat_all_reduce(tmp_path)
     assert len(buckets) == 3 and buckets[0] == 1 and buckets[-1] > 2, said
 
 
+_RANK_ZERO_FIRST = r"""
+import sys, time, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import diffusers, runs, teachers
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+def fetch(path, **kw):  # the hub, played: a slow first download; the cache answers every later call at once
+    print(f"rank {rank} fetches {path} {kw} from {time.time():.3f}", flush=True)
+    time.sleep(1.0)
+    print(f"rank {rank} done at {time.time():.3f}", flush=True)
+diffusers.DiffusionPipeline.download = fetch
+with runs.rank_zero_first(True):
+    teachers.download("sdxl", "fp16", "abc")
+dist.barrier()
+"""
+
+
+def test_rank_zero_downloads_a_hub_teacher_before_the_other_ranks_start(tmp_path):
+    """Under torchrun the stages fetch a hub teacher inside runs.rank_zero_first: rank 0's download has ended before
+    any other rank asks for it (then a cache hit), with the variant and revision given."""
+    (tmp_path / "first.py").write_text(_RANK_ZERO_FIRST)
+    out = _torchrun(tmp_path, 29519, str(tmp_path / "first.py"), HERE)
+    said = {int(line.split()[1]): float(line.split()[-1]) for line in out.splitlines() if " fetches " in line}
+    done = {int(line.split()[1]): float(line.split()[-1]) for line in out.splitlines() if " done at " in line}
+    assert "stabilityai/stable-diffusion-xl-base-1.0 {'variant': 'fp16', 'revision': 'abc'}" in out
+    assert sorted(said) == [0, 1] and said[1] >= done[0], out
+
+
 def test_stage1_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
     """Two ranks, bf16 base on tiny SDXL (the GPU regime), two micro-batches each: every rank ends with rank 0's LoRA,
     the batch is global (1 x 2 ranks x 2 micro-batches)."""
