@@ -1707,21 +1707,44 @@ for bucket_mb in (1e-4, 0.01, 25):  # a bucket per parameter, a few, one
     print(bucket_mb, len(sync.buckets), torch.equal(got, flat), bool((got != torch.cat([mine, got[len(mine):]])).any()),
           file=said)
     # (its hooks stay on the parameters, unarmed: the next sync's backward runs beside them, as stage 2's do)
+
+# --grad-accum: two micro-batches add up locally, and the ranks average their sum in the last one's backward, with
+# one all-reduce per bucket, not one per micro-batch
+halves = x[:2], x[2:]
+for p in params:
+    p.grad = None
+for h in halves:
+    (net(h).square().mean() / 2).backward()
+summed = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]) / world
+dist.all_reduce(summed)
+calls, all_reduce = [], dist.all_reduce
+dist.all_reduce = lambda *a, **k: calls.append(1) or all_reduce(*a, **k)
+sync = GradientSync(params, world, 0.01)
+for p in params:
+    p.grad = None
+for i, h in enumerate(halves):
+    with sync.backward(last=i == 1):
+        (net(h).square().mean() / 2).backward()
+got = torch.cat([p.grad.flatten() for p in params])
+print("accumulated", len(sync.buckets), len(calls), torch.allclose(got, summed, rtol=1e-6, atol=1e-9), file=said)
 """
 
 
 def test_gradient_sync_overlapped_with_backward_is_the_flat_all_reduce(tmp_path):
     """runs.GradientSync on 2 gloo ranks with their own data: gradients equal to one flat all-reduce after backward,
     bit for bit, with a bucket per parameter, a few buckets or one; a parameter backward never reaches comes out as
-    zeros; the averaged gradients differ from the rank's own."""
+    zeros; the averaged gradients differ from the rank's own. Two micro-batches (--grad-accum) are averaged as their
+    sum, with one all-reduce per bucket in all."""
     (tmp_path / "sync.py").write_text(_GRADIENT_SYNC)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            str(tmp_path / "sync.py"), HERE, str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     said = (tmp_path / "rank0.txt").read_text() + (tmp_path / "rank1.txt").read_text()
-    lines = [line.split() for line in said.splitlines()]
+    lines = [line.split() for line in said.splitlines() if not line.startswith("accumulated")]
     assert len(lines) == 6 and all(line[2:] == ["True", "True"] for line in lines), said
+    accumulated = [line.split()[1:] for line in said.splitlines() if line.startswith("accumulated")]
+    assert len(accumulated) == 2 and all(b == n and ok == "True" for b, n, ok in accumulated), said
     buckets = sorted({int(line[1]) for line in lines})
     assert len(buckets) == 3 and buckets[0] == 1 and buckets[-1] > 2, said
 
@@ -1827,7 +1850,17 @@ def test_stage2_grad_accum_steps_each_part_once_on_all_its_micro_batches(tmp_pat
     _run2(tmp_path, "--iters", "2", "--fake-updates", "2", out="whole.safetensors")
     whole, steps_whole = lora.metadata(str(tmp_path / "whole.safetensors")), dict(steps)
     steps.clear()
+    real = global_cd.iteration
+    sizes = set()
+
+    def sized(teacher, *a, **k):  # the batch of every model call with gradients: a micro-batch's, never the whole's
+        with lora.count_forwards(teacher.denoiser, grad=True) as calls:
+            out = real(teacher, *a, **k)
+        sizes.update(n for _, n, grad in calls if grad)
+        return out
+    monkeypatch.setattr(global_cd, "iteration", sized)
     _run2(tmp_path, "--iters", "2", "--fake-updates", "2", "--batch", "2", "--grad-accum", "2", out="micro.safetensors")
+    assert sizes == {2} or sizes == {2, 4}, sizes  # 4: the discriminator's pair (real and fake) in one pass
     micro = lora.metadata(str(tmp_path / "micro.safetensors"))
     assert micro["forwards"] == whole["forwards"] and micro["batch"] == whole["batch"] == "4"
     assert dict(steps) == steps_whole and sorted(steps.values()) == [2, 2, 4]  # student, heads: 2; fake score: 2 x 2
@@ -2388,11 +2421,13 @@ def test_stage2_bad_inputs(tmp_path, monkeypatch):
 
 def test_stage2_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
     """Two ranks, bf16 base on tiny SDXL, GAN and DMD on, the adapters from bf16 copies (their bf16 gradients
-    averaged): student, heads and fake score agree on every rank; resumed in one process under autocast."""
+    averaged), two micro-batches each: student, heads and fake score agree on every rank; resumed in one process under
+    autocast."""
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
     _stage1(tmp_path / "local.safetensors", tiny_sdxl, 16, M=4, w=3.0)
     out = _torchrun(tmp_path, 29518, "global_cd.py", "--prompts", str(tmp_path / "prompts.txt"), "--dtype",
-                    "bfloat16", "--adapters", "base", "--distance", "mse", "--batch", "2", "--fake-rank", "4", "--iters", "2",
+                    "bfloat16", "--adapters", "base", "--distance", "mse", "--batch", "1", "--grad-accum", "2",
+                    "--fake-rank", "4", "--iters", "2",
                     "--init", str(tmp_path / "local.safetensors"), "--out", str(tmp_path / "g.safetensors"))
     assert "student, heads and fake score identical on all 2 ranks: max difference 0" in out
     meta = read_checkpoint(str(tmp_path / "g.safetensors"))[1]
@@ -3740,7 +3775,7 @@ def test_the_readme_gpu_recipe_runs_end_to_end_on_tiny_sdxl_and_flux(tmp_path, t
     pipe.save_pretrained(teachers_["sdxl"], variant="fp16")  # the hub's SDXL has fp16 variant files: --variant fp16
     res = {"sdxl": "16", "FLUX.1-dev": "32"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGCD_CACHE": str(tmp_path / "cache")}
-    ports = iter(range(29531, 29600))
+    ports = iter(range(29541, 29600))
     for line, script in zip(lines, scripts):
         if script == "hf":  # hf download black-forest-labs/FLUX.1-dev --local-dir FLUX.1-dev: the gated teacher
             assert line[:3] == ["hf", "download", "black-forest-labs/FLUX.1-dev"] and line[-2:] == ["--local-dir",
