@@ -237,10 +237,10 @@ class TrajectoryBuffer:
 
 DISTANCE_HELP = ("d: the consistency distance. llpips: L-LPIPS, the paper's recipe in both stages, Table 3's last row "
                  "(--llpips FILE alone means it); mse: the paper's MSE row of Table 3. SDXL / FLUX.1-dev have no "
-                 "default: give one of the two (train an L-LPIPS with llpips.py). The embedded teacher: mse in stage 1, "
-                 "measured (its L-LPIPS was unstable there at the preset lr), llpips with toy/llpips.safetensors in "
-                 "stage 2. --d is the same flag, but not under torchrun, which takes --d for its own --duplicate-* "
-                 "flags")
+                 "default: give one of the two (train an L-LPIPS with llpips.py). The embedded teacher: mse in "
+                 "stage 1, measured (its L-LPIPS was unstable there at the preset lr), llpips with "
+                 "toy/llpips.safetensors in stage 2. --d is the same flag, but not under torchrun, which takes --d "
+                 "for its own --duplicate-* flags")
 LLPIPS_HELP = ("the L-LPIPS of this teacher's VAE (llpips.py writes one); given alone, it makes d = llpips (embedded "
                "teacher: toy/llpips.safetensors)")
 
@@ -497,7 +497,8 @@ def main(argv=None):
         save_checkpoint(args.out, teacher, "local", meta)
 
     log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
-        f"lr={args.lr:g} batch={args.batch}x{world}x{args.grad_accum} iters={args.iters} ({sum(p.numel() for p in params) / 1e6:.2f}M "
+        f"lr={args.lr:g} batch={args.batch}x{world}x{args.grad_accum} iters={args.iters} "
+        f"({sum(p.numel() for p in params) / 1e6:.2f}M "
         f"LoRA parameters; {precision_said(dtype, adapter_dtype)})")
     planned = buffer.planned_refills(args.iters - step, args.batch * args.grad_accum) * args.trajectories
     log(f"prompts: {len(prompts)}; each rank draws about {planned} more ({args.trajectories} per pool refill), "

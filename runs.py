@@ -94,8 +94,8 @@ def choose_distance(args, preset, teacher):
     if args.d == "llpips" and not args.llpips:
         args.llpips = preset.get("llpips")
         if not args.llpips:
-            raise SystemExit("error: --distance llpips needs the L-LPIPS of this teacher's VAE: --llpips FILE (train it "
-                             "with llpips.py), or --distance mse")
+            raise SystemExit("error: --distance llpips needs the L-LPIPS of this teacher's VAE: --llpips FILE "
+                             "(train it with llpips.py), or --distance mse")
 
 
 # ---- before any model loads: every input checked, on every rank -------------------------------------------------
@@ -133,9 +133,9 @@ def check_inputs(args, latent, pair_bytes, n_lora):
         raise SystemExit(f"error: --out {args.out}: cannot write into {folder} ({e.strerror})") from None
     need, free = pair_bytes * 1.1 + 2 ** 26, shutil.disk_usage(folder).free
     if free < need:
-        raise SystemExit(f"error: --out {args.out}: its disk has {free / 2 ** 30:.2f} GiB free, and a checkpoint pair of "
-                         f"this run takes about {need / 2 ** 30:.2f} GiB ({n_lora / 1e6:.1f}M LoRA parameters: the LoRA, "
-                         "and for --resume its copy and AdamW state); free some space or choose another --out")
+        raise SystemExit(f"error: --out {args.out}: its disk has {free / 2 ** 30:.2f} GiB free, and a checkpoint pair "
+                         f"of this run takes about {need / 2 ** 30:.2f} GiB ({n_lora / 1e6:.1f}M LoRA parameters: the "
+                         "LoRA, and for --resume its copy and AdamW state); free some space or choose another --out")
 
 
 def pair_bytes_local(n_lora, latent, buffer):
