@@ -390,7 +390,7 @@ z_{t_n} is one teacher solver step with CFG from z_{t_m}; z_{t_m} comes from tea
 noise (image-free), reused across many training pairs. Stop-gradient target, no EMA; only the LoRA trains.
 
   python local_cd.py                                    # the embedded teacher, minutes on a CPU
-  torchrun --nproc_per_node 4 local_cd.py --teacher sdxl --prompts prompts.txt
+  torchrun --nproc_per_node 4 local_cd.py --teacher sdxl --prompts prompts.txt --llpips llpips_sdxl.safetensors
   python sample.py --ckpt local.safetensors --steps 4
 """
 
