@@ -392,9 +392,10 @@ def parse_args(argv=None):
     a("--lr-aux", type=positive, default=None, help="learning rate of the discriminator heads and the fake score")
     a("--batch", type=count, default=None, help="samples per iteration, rank and micro-batch")
     a("--grad-accum", type=count, default=1, help="micro-batches per iteration: each rank draws N x --batch prompts "
-      "and their image-free inputs (no gradients), then the student's, the discriminator's and the fake score's steps "
-      "each run over the N micro-batches and step once on their mean: the recipe's batch on fewer GPUs (batch x ranks "
-      "x N) in the memory of one micro-batch")
+      "and their image-free inputs (the q-step rollout, no gradients, at that size), then the student's, the "
+      "discriminator's and the fake score's steps each run over the N micro-batches and step once on their mean: the "
+      "recipe's batch on fewer GPUs (batch x ranks x N), every gradient of one micro-batch's size. With --adapters "
+      "base the micro-batches' gradients add up in bf16")
     a("--iters", type=count, default=None, help="iterations (paper: 3K SDXL, 6K FLUX)")
     a("--out", default="global.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
     a("--save-every", type=count, default=None)
@@ -450,9 +451,14 @@ def main(argv=None):
                 if from_teacher else checkpoint_meta(source, stages))
         if args.teacher is not None and args.teacher != meta["teacher"]:
             raise ValueError(f"{source} was distilled from teacher {meta['teacher']!r}, not {args.teacher!r}")
+        for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's
+            if getattr(args, key) not in (None, int(meta[key])):
+                raise ValueError(f"--{key} {getattr(args, key)} differs from the run's {key} = {meta[key]}")
+        if not 1 <= args.q <= int(meta["M"]):
+            raise ValueError(f"--q: the student samples in 1..{meta['M']} steps, not {args.q}")
         hub = {"variant": meta.get("variant") or None, "revision": meta.get("revision") or None}
         family = locate(meta["teacher"], hub["revision"])[0]
-        prompts = run_prompts(args, run, meta["teacher"])
+        prompts = run_prompts(args, run)
         fill_presets(args, PRESETS[family]["global"], meta["teacher"])  # and d: L-LPIPS, MSE, or a refusal
         rank_ = int(meta["rank"])
         n_lora, latent = denoiser_size(meta["teacher"], rank_, int(meta.get("resolution", 1024)), hub["revision"])
@@ -463,10 +469,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}{hint}")
     args.fake_rank = args.fake_rank or int(meta.get("fake_rank", 0) if args.resume else 0) or rank_
     fake_lora = n_lora * args.fake_rank // rank_ if args.lambda2 > 0 else 0
-    check_inputs(args, latent, pair_bytes_global(n_lora, fake_lora), n_lora)
-    with rank_zero_first(ddp):  # a hub teacher: rank 0 downloads it, the other ranks wait, then all load it
-        download(meta["teacher"], **hub)
+    check_inputs(args, prompts, family, latent, pair_bytes_global(n_lora, fake_lora), n_lora)
+    d = distance(args.d, args.llpips, device)  # L-LPIPS: read whole now, a broken file said before the teacher loads
     try:
+        with rank_zero_first(ddp):  # a hub teacher: rank 0 downloads it, the other ranks wait, then all load it
+            download(meta["teacher"], **hub)
         if from_teacher:
             teacher = load_teacher(meta["teacher"], device, dtype=dtype)
             torch.manual_seed(args.seed)  # the LoRA's A: the same init for the same --seed (B = 0)
@@ -476,22 +483,15 @@ def main(argv=None):
             teacher, tensors, meta = load_student(source, device, stages, dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {'cannot resume: ' if args.resume else ''}{e}")
-    for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's
-        if getattr(args, key) not in (None, int(meta[key])):
-            raise SystemExit(f"error: cannot resume: --{key} {getattr(args, key)} differs from the run's {key} = "
-                             f"{meta[key]}")
     M = int(meta["M"])
     args.w = float(meta["w"]) if args.w is None else args.w
     args.w_target = args.w if args.w_target is None else args.w_target
     try:
-        if not 1 <= args.q <= M:
-            raise ValueError(f"--q: the student samples in 1..{M} steps, not {args.q}")
         prompts = prompts or read_prompts(None, teacher)
         teacher.check_prompts(prompts)
         shown = val_prompts(args.val_prompts, teacher, prompts)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    d = distance(args.d, args.llpips, device)
 
     torch.manual_seed(args.seed)  # the same initial heads and fake adapter on every rank
     params = lora.parameters(teacher.denoiser, "student")

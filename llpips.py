@@ -329,13 +329,16 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 
-    # encode every patch once, cached on disk: keyed by the VAE (teacher, variant, revision), the upsampling and
-    # every file's path, size and mtime, so edited data or another VAE is encoded anew
+    # encode every patch once, cached on disk: keyed by the VAE (teacher, a local folder's vae/ files, variant,
+    # revision), the upsampling and every patch file's path, size and mtime: edited data or another VAE is encoded anew
     cached = {}
+    folder = os.path.join(os.path.abspath(teacher), "vae") if os.path.isdir(teacher) else ""
+    weights = [(f, os.stat(os.path.join(folder, f)).st_size, os.stat(os.path.join(folder, f)).st_mtime_ns)
+               for f in sorted(os.listdir(folder))] if os.path.isdir(folder) else []  # a local VAE, as it is now
     for split, subsets in splits.items():
         for subset, files in subsets.items():
             stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for fs in files for f in fs]
-            vae = (teacher, args.variant, args.revision, args.upsample)
+            vae = (teacher, folder, weights, args.variant, args.revision, args.upsample)
             key = hashlib.sha1(repr((*vae, stamp)).encode()).hexdigest()[:16]
             path = os.path.join(CACHE, "bapps", f"{key}.safetensors")
             if not os.path.exists(path):

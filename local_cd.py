@@ -251,7 +251,10 @@ def distance(name, llpips_path=None, device="cpu"):
     if name == "mse":
         return lambda x, y: (x.float() - y.float()).pow(2).flatten(1).mean(1)
     import llpips
-    net = llpips.load(llpips_path, device)
+    try:
+        net = llpips.load(llpips_path, device)
+    except (ValueError, RuntimeError) as e:  # a truncated file, or weights of another shape than its metadata says
+        raise SystemExit(f"error: --llpips {llpips_path}: {str(e).strip().splitlines()[0][:200]}") from None
 
     def d(x, y):
         # in fp32, outside autocast: the loss compares nearly equal latents, whose L-LPIPS under bf16 autocast is
@@ -352,7 +355,8 @@ def parse_args(argv=None):
     a("--batch", type=count, default=None, help="training pairs per iteration, rank and micro-batch")
     a("--grad-accum", type=count, default=1, help="micro-batches per iteration: each rank runs N micro-batches of "
       "--batch pairs and takes one AdamW step on their mean, what one batch N times as large trains (to float "
-      "rounding) in the memory of one micro-batch: the recipe's batch on fewer GPUs (batch x ranks x N)")
+      "rounding) in the memory of one micro-batch: the recipe's batch on fewer GPUs (batch x ranks x N). With "
+      "--adapters base the micro-batches' gradients add up in bf16")
     a("--iters", type=count, default=None, help="iterations (paper: 12K SDXL, 6K FLUX)")
     a("--trajectories", type=count, default=None, help="teacher trajectories per buffer refill (per rank)")
     a("--buffer", type=count, default=None, help="capacity of the pair pool")
@@ -414,16 +418,17 @@ def main(argv=None):
         take_run_values(args, run, RUN_VALUES)
         take_run_batch(args, run, world)
     try:  # every input checked before any model loads: the teacher's configs are read, not its weights
-        prompts = run_prompts(args, run, args.teacher)
+        prompts = run_prompts(args, run)
         family = locate(args.teacher, args.revision)[0]
         fill_presets(args, PRESETS[family]["local"], args.teacher)  # and d: L-LPIPS, MSE, or a refusal
         n_lora, latent = denoiser_size(args.teacher, args.rank, args.resolution, args.revision)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    check_inputs(args, latent, pair_bytes_local(n_lora, latent, args.buffer), n_lora)
-    with rank_zero_first(ddp):  # a hub teacher: rank 0 downloads it, the other ranks wait, then all load it
-        download(args.teacher, args.variant, args.revision)
+    check_inputs(args, prompts, family, latent, pair_bytes_local(n_lora, latent, args.buffer), n_lora)
+    d = distance(args.d, args.llpips, device)  # L-LPIPS: read whole now, a broken file said before the teacher loads
     try:
+        with rank_zero_first(ddp):  # a hub teacher: rank 0 downloads it, the other ranks wait, then all load it
+            download(args.teacher, args.variant, args.revision)
         teacher = load_teacher(args.teacher, device, args.resolution, dtype, variant=args.variant,
                                revision=args.revision)
         prompts = prompts or read_prompts(None, teacher)
@@ -432,7 +437,6 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     args.w = teacher.default_w if args.w is None else args.w
-    d = distance(args.d, args.llpips, device)
 
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
     params = add_student(teacher, args.rank)

@@ -14,12 +14,14 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 
 import torch
 
 import lora
-from teachers import PromptFile, default_device, locate, prompt_file, read_checkpoint
+from teachers import PromptFile, default_device, prompt_file, read_checkpoint
 
 
 # ---- the command line -----------------------------------------------------------------------------------------
@@ -100,14 +102,14 @@ def choose_distance(args, preset, teacher):
 
 # ---- before any model loads: every input checked, on every rank -------------------------------------------------
 
-def check_inputs(args, latent, pair_bytes, n_lora):
+def check_inputs(args, prompts, family, latent, pair_bytes, n_lora):
     """What a run would otherwise find late (after the teacher has loaded, or at its first save), said in one line
-    before any model loads: an L-LPIPS that is missing, not one, or for other latents (latent: the teacher's (C, H,
-    W)); a --val-prompts file that cannot be read; an --out that cannot be written; a disk without room for a
-    checkpoint pair of this run (pair_bytes; n_lora: the student's LoRA parameters, for the message). Every rank
-    checks."""
-    import shutil
-    import tempfile
+    before any model loads: no prompts for a teacher with a text encoder (family); an L-LPIPS that is missing, not
+    one, or for other latents (latent: the teacher's (C, H, W)); a --val-prompts file that cannot be read; an --out
+    that cannot be written; a disk without room for a checkpoint pair of this run (pair_bytes; n_lora: the student's
+    LoRA parameters, for the message). Every rank checks."""
+    if prompts is None and family != "digits":
+        raise SystemExit("error: --prompts is required for this teacher (a text file, one prompt per line)")
     if args.d == "llpips":
         try:
             meta = lora.header(args.llpips)[1]
@@ -152,14 +154,30 @@ def pair_bytes_global(n_lora, fake_lora):
 
 
 @contextlib.contextmanager
-def rank_zero_first(ddp):
-    """Rank 0 runs the block first (a download: one, not one per rank); the other ranks run it once rank 0 has."""
+def rank_zero_first(ddp, hours=12):
+    """Rank 0 runs the block first (a download: one, not one per rank, into a hub cache the ranks share); the other
+    ranks run it once rank 0 has. They wait at a barrier of a gloo group of its own, whose timeout outlasts a download
+    of tens of GB (NCCL's default, 10 minutes, would not) and which no GPU watchdog counts."""
+    import datetime
     import torch.distributed as dist
-    if ddp and dist.get_rank() > 0:
-        dist.barrier()
-    yield
-    if ddp and dist.get_rank() == 0:
-        dist.barrier()
+    if not ddp:
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=hours))
+    ok = torch.ones(1)
+    if dist.get_rank() > 0:
+        dist.broadcast(ok, 0, group=group)  # waits for rank 0's block to end, and hears how
+        if not ok.item():
+            raise SystemExit(1)  # rank 0 says why
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        ok.zero_()
+        raise
+    finally:
+        dist.broadcast(ok, 0, group=group)
 
 
 # ---- fresh runs and resumed ones -------------------------------------------------------------------------------
@@ -211,15 +229,13 @@ def take_run_batch(args, meta, world):
     args.batch = total // per
 
 
-def run_prompts(args, meta, teacher):
+def run_prompts(args, meta):
     """A training run's prompts file (a PromptFile, or None for the embedded teacher's own), checked whole before any
     model loads. With --resume (meta: the run's checkpoint metadata) --prompts left out is the run's own file, and a
     --prompts given must hold the run's captions, byte for byte (the file may have moved)."""
     if args.resume and args.prompts is None:
         args.prompts = meta.get("prompts") or None
     prompts = args.prompts and prompt_file(args.prompts)
-    if prompts is None and locate(teacher)[0] != "digits":
-        raise ValueError("--prompts is required for this teacher (a text file, one prompt per line)")
     if args.resume and meta.get("prompts_sha1", "") != (prompts.sha1 if prompts else ""):
         raise ValueError(f"cannot resume: --prompts {args.prompts} does not hold the run's captions (those of "
                          f"{meta.get('prompts') or 'the embedded teacher'}); give the run's prompts file")

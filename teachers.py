@@ -434,13 +434,19 @@ def denoiser_size(name_or_dir, rank, resolution=1024, revision=None):
     else:
         cls, sub = (FluxTransformer2DModel, "transformer") if family == "flux" else (UNet2DConditionModel, "unet")
         targets, hub = (FluxTeacher if family == "flux" else DDPMTeacher).lora_targets, {"revision": revision}
-    config = cls.load_config(path, subfolder=sub, **hub)
+    try:
+        config = cls.load_config(path, subfolder=sub, **hub)
+        vae = {} if family == "digits" else AutoencoderKL.load_config(path, subfolder="vae", **hub)
+    except Exception as e:
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: cannot read its {sub}/ or vae/ config ({type(e).__name__})") from None
+        raise hub_error(path, e) from None
     with torch.device("meta"):
         model = cls.from_config(config)
     n = sum(p.numel() for p in lora.inject(model, targets, "student", rank))
     if family == "digits":
         return n, (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    f = 2 ** (len(AutoencoderKL.load_config(path, subfolder="vae", **hub)["block_out_channels"]) - 1)
+    f = 2 ** (len(vae["block_out_channels"]) - 1)
     channels = model.config.in_channels // 4 if family == "flux" else model.config.in_channels
     return n, (channels, resolution // f, resolution // f)
 
@@ -465,8 +471,9 @@ def load_teacher(name_or_dir="digits", device=None, resolution=1024, dtype=None,
         pipe = (StableDiffusionXLPipeline if family == "sdxl" else FluxPipeline).from_pretrained(
             path, dtype=dtype, variant=variant, revision=revision)
     except Exception as e:
-        if os.path.isdir(path):  # a local folder's own fault: diffusers says it best
-            raise
+        if os.path.isdir(path):  # a local folder's own fault: diffusers' first line says which
+            said = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise ValueError(f"cannot load the teacher in {path} ({type(e).__name__}: {said})") from None
         raise hub_error(path, e) from None
     if family == "sdxl":
         teacher = SDXLTeacher(pipe, device, name_or_dir, resolution)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import types
+import unittest.mock
 
 import pytest
 import torch
@@ -1644,6 +1645,11 @@ def test_stage1_bad_inputs(tmp_path):
         _run(tmp_path, "--d", "llpips", "--llpips", str(tmp_path / "rgb.safetensors"))
     with pytest.raises(SystemExit, match="not an L-LPIPS weights file"):
         _run(tmp_path, "--d", "llpips", "--llpips", os.path.join(HERE, "toy", "classifier.safetensors"))
+    toy = open(os.path.join(HERE, "toy", "llpips.safetensors"), "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(toy[:len(toy) // 2])  # its header whole, half its weights
+    with pytest.raises(SystemExit, match=r"--llpips.*cut.safetensors.*(corrupt|truncated)"):
+        with unittest.mock.patch.object(local_cd, "load_teacher", side_effect=AssertionError("a model was loaded")):
+            _run(tmp_path, "--llpips", str(tmp_path / "cut.safetensors"))
     with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
         _run(tmp_path, "--resume")
     _zero_student(tmp_path / "g.safetensors", stage="global")
@@ -1655,8 +1661,9 @@ def test_stage1_bad_inputs(tmp_path):
 def test_stage1_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_path):
     path, res = (tiny_sdxl, 16) if family == "sdxl" else (tiny_flux, 32)
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
-    with pytest.raises(SystemExit, match="--prompts is required"):
-        _run(tmp_path, "--teacher", path, "--resolution", str(res), "--iters", "2")
+    with pytest.raises(SystemExit, match="--prompts is required"):  # said before the teacher loads
+        with unittest.mock.patch.object(local_cd, "load_teacher", side_effect=AssertionError("a model was loaded")):
+            _run(tmp_path, "--teacher", path, "--resolution", str(res), "--iters", "2", "--distance", "mse")
     _run(tmp_path, "--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res),
          "--iters", "2", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50", "--grad-checkpointing",
          "--distance", "mse")
@@ -1764,19 +1771,30 @@ diffusers.DiffusionPipeline.download = fetch
 with runs.rank_zero_first(True):
     teachers.download("sdxl", "fp16", "abc")
 dist.barrier()
+
+def offline(path, **kw):
+    raise OSError("offline")
+diffusers.DiffusionPipeline.download = offline
+try:  # rank 0's download fails: it says why, and every other rank stops too, instead of waiting for it
+    with runs.rank_zero_first(True):
+        teachers.download("sdxl")
+except (ValueError, SystemExit) as e:
+    print(f"rank {rank} stops: {type(e).__name__} {e}", flush=True)
 """
 
 
 def test_rank_zero_downloads_a_hub_teacher_before_the_other_ranks_start(tmp_path):
     """Under torchrun the stages fetch a hub teacher inside runs.rank_zero_first: rank 0's download has ended before
-    any other rank asks for it (then a cache hit), with the variant and revision given."""
+    any other rank asks for it (then a cache hit), with the variant and revision given; when it fails, rank 0 says
+    why in one line and the other ranks stop with it."""
     (tmp_path / "first.py").write_text(_RANK_ZERO_FIRST)
     out = _torchrun(tmp_path, 29519, str(tmp_path / "first.py"), HERE)
     said = {int(line.split()[1]): float(line.split()[-1]) for line in out.splitlines() if " fetches " in line}
     done = {int(line.split()[1]): float(line.split()[-1]) for line in out.splitlines() if " done at " in line}
     assert "stabilityai/stable-diffusion-xl-base-1.0 {'variant': 'fp16', 'revision': 'abc'}" in out
     assert sorted(said) == [0, 1] and said[1] >= done[0], out
-
+    assert "rank 0 stops: ValueError cannot read 'stabilityai/stable-diffusion-xl-base-1.0' from the hub" in out
+    assert "rank 1 stops: SystemExit 1" in out
 
 def test_stage1_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
     """Two ranks, bf16 base on tiny SDXL (the GPU regime), two micro-batches each: every rank ends with rank 0's LoRA,
@@ -1786,7 +1804,7 @@ def test_stage1_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
                     "--resolution", "16", "--dtype", "bfloat16", "--batch", "1", "--grad-accum", "2", "--trajectories",
                     "1", "--M", "4", "--skip", "50", "--rank", "4", "--iters", "3", "--distance", "mse", "--out",
                     str(tmp_path / "l.safetensors"))
-    # each rank's two micro-batches add up before the ranks average them: a rank that synced early would differ
+    # each rank's two micro-batches add up, then the ranks average them: a rank that never synced would differ
     assert "LoRA identical on all 2 ranks: max difference 0" in out
     meta = read_checkpoint(str(tmp_path / "l.safetensors"))[1]
     assert meta["batch"] == "4" and meta["dtype"] == "bfloat16" and meta["step"] == "3"
@@ -1973,9 +1991,8 @@ def test_the_papers_recipe_needs_an_llpips_or_distance_mse_before_any_model_load
     said = "--llpips FILE .* or --distance mse for the paper's MSE row"
     with pytest.raises(SystemExit, match=said):
         local_cd.main(stage1)
-    with pytest.raises(Exception) as e:  # past the check, the weights are read: the loader fails
+    with pytest.raises(SystemExit, match="cannot load the teacher in .*broken"):  # past the check, weights are read
         local_cd.main([*stage1, "--distance", "mse"])
-    assert "--distance mse" not in str(e.value)
     # stage 2: the stage-1 checkpoint names the teacher; its weights are never read before the refusal either
     _stage1(tmp_path / "local.safetensors", pipe, int(res), M=4)
     tensors, meta = lora.load(str(tmp_path / "local.safetensors"))
