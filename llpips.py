@@ -312,10 +312,11 @@ def main(argv=None):
         p.error("--bapps DIR is required (to time L-LPIPS against VAE decode + LPIPS: python bench.py --what llpips)")
 
     # the trainer alone needs a teacher (its VAE) and the shared checkpoint helpers
-    from runs import load_optimizer, optimizer_tensors, state_path
+    from runs import load_optimizer, optimizer_tensors, state_path, writable_folder
     from teachers import CACHE, default_device
     device = args.device or default_device()
     # every bad input stops here, before a patch is encoded
+    writable_folder(args.out)
     try:
         splits = {s: read_bapps(args.bapps, s) for s in ("train", "val")}
     except ValueError as e:

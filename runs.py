@@ -126,18 +126,25 @@ def check_inputs(args, prompts, family, latent, pair_bytes, n_lora):
             prompt_file(args.val_prompts[0])
         except ValueError as e:
             raise SystemExit(f"error: --val-prompts: {e}") from None
-    folder = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(folder):  # atomic writes create the missing folders
-        folder = os.path.dirname(folder)
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise SystemExit(f"error: --out {args.out}: cannot write into {folder} ({e.strerror})") from None
+    folder = writable_folder(args.out)
     need, free = pair_bytes * 1.1 + 2 ** 26, shutil.disk_usage(folder).free
     if free < need:
         raise SystemExit(f"error: --out {args.out}: its disk has {free / 2 ** 30:.2f} GiB free, and a checkpoint pair "
                          f"of this run takes about {need / 2 ** 30:.2f} GiB ({n_lora / 1e6:.1f}M LoRA parameters: the "
                          "LoRA, and for --resume its copy and AdamW state); free some space or choose another --out")
+
+
+def writable_folder(out):
+    """The folder --out will be written into (its nearest existing one: atomic writes create the rest), or one line
+    and exit if nothing can be written there."""
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot write into {folder} ({e.strerror})") from None
+    return folder
 
 
 def pair_bytes_local(n_lora, latent, buffer):

@@ -2686,8 +2686,8 @@ def test_llpips_gathers_the_train_subsets_into_one_set(tmp_path):
 
 
 def test_llpips_bad_teachers_stop_before_encoding(tmp_path, tiny_sdxl, capsys):
-    """A --teacher that is not there, a pipeline folder without vae/, a folder that is no pipeline, or --variant
-    with the embedded teacher: one line `error: ...` and nothing encoded."""
+    """A --teacher that is not there, a pipeline folder without vae/, a folder that is no pipeline, --variant with
+    the embedded teacher, or an --out that cannot be written: one line `error: ...` and nothing encoded."""
     root = str(tmp_path / "b")
     _synthetic_bapps(root, n_train=4, n_val=4)
     no_vae = tmp_path / "no_vae"
@@ -2701,6 +2701,9 @@ def test_llpips_bad_teachers_stop_before_encoding(tmp_path, tiny_sdxl, capsys):
         with pytest.raises(SystemExit, match=match) as e:
             llpips.main(["--bapps", root, "--teacher", teacher, *extra, "--out", str(tmp_path / "l.safetensors")])
         assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="--out .*cannot write into"):  # found before hours of encoding, not after
+        llpips.main(["--bapps", root, "--teacher", "digits", "--out", str(tmp_path / "file" / "l.safetensors")])
     assert not os.path.exists(os.path.join(teachers.CACHE, "bapps"))
 
 
