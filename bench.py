@@ -10,7 +10,7 @@ does not depend on weight values, so nothing is downloaded). Runs unchanged on C
     python bench.py --model sdxl --what load --dtype bfloat16  # host memory of loading the UNet (a CPU will do)
     python bench.py --model flux --what encode --batch 32      # prompts per second, bytes stored per prompt
     python bench.py --model sdxl --what all --json       # every row of the README's GPU table, and the projection
-    python bench.py --model sdxl --what step1 --batch 4 --regime autocast base base+compile --profile  # issue 19
+    python bench.py --model sdxl --what step1 --batch 4 --regime autocast base base+compile --profile  # kernel launches
     python bench.py --model tiny-sdxl --what all         # what CI runs (tiny shapes, CPU)
 
 Timings are the best of --repeats runs after one warm-up (which, compiled, is when the compiler runs); peak memory is
@@ -218,7 +218,7 @@ OP_KINDS = {  # operator names by kind, as torch.profiler reports them (on CPU a
 def profiled(what, f, device):
     """One run of f under torch.profiler, as a row: the operators it calls by kind (dtype casts of tensors --
     autocast's and the adapters' --, matmuls and convolutions, normalisations, all aten operators) and, on CUDA, its
-    GPU kernels and their busy time against the wall time: what shows whether a step is launch-bound (issue 19)."""
+    GPU kernels and their busy time against the wall time: what shows whether a step is launch-bound."""
     from torch.profiler import ProfilerActivity, profile
     cuda = str(device).startswith("cuda")
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, record_shapes=True) as prof:
@@ -270,7 +270,7 @@ def one_forward(teacher, cond, batch, repeats, device):
 
 def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, student_steps=(2, 3, 4), M=8):
     """Teacher n-step sampling with CFG against the student's k-step sampling (LoRA rank 64 merged, no CFG pass).
-    Target (issue 6): k steps cost k model calls and no more; SDXL 2 steps >= 12x faster than 25 steps with CFG."""
+    Target: k steps cost k model calls and no more; SDXL 2 steps >= 12x faster than 25 steps with CFG."""
     z, c = teacher.noise(batch), cond(batch)
     w = teacher.default_w
     add_student(teacher, rank=64)
@@ -312,7 +312,7 @@ def bench_step1(teacher, cond, batch, repeats, device, r, M=8, skip=20, checkpoi
     """A stage-1 iteration: the update (local_loss forward + backward + fused AdamW, rank-64 LoRA, in regime r:
     training's --adapters and --compile) and the teacher's share (one TrajectoryBuffer refill at the family's
     preset, timed once, divided by the iterations it feeds), against one plain forward at the same batch. Target
-    (issue 6): the update at batch 4 <= 3.5x one forward."""
+    (the target): the update at batch 4 <= 3.5x one forward."""
     from local_cd import PRESETS, TrajectoryBuffer, local_loss, milestones, segment
     rows = [one_forward(teacher, cond, batch, repeats, device)]
     one = rows[0]["seconds"]
@@ -364,7 +364,7 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
     """A stage-2 iteration exactly as global_cd.py runs it (global_cd.iteration: q = 4 student steps for the
     image-free inputs, p = 3 teacher CFG steps, student forward + backward, GAN generator and discriminator steps,
     DMD with the real and fake scores, 2 fake-score updates), with the student, the fake score (rank 64 each) and the
-    discriminator's backbone all on ONE copy of the base weights. Target (issue 6): FLUX.1-dev with DMD at batch 1
+    discriminator's backbone all on ONE copy of the base weights. Target: FLUX.1-dev with DMD at batch 1
     fits one 80 GB GPU (with gradient checkpointing)."""
     import global_cd
     rows = [one_forward(teacher, cond, batch, repeats, device)]

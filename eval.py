@@ -8,9 +8,9 @@ paper's tables at toy scale, and the paper's Table 1 metrics (CLIP score, FID) f
                                            # (LCM-, PCM-, DMD2-style, each tuned on seed 3), stage 1 only, LogCD
     python eval.py --table ablation     # Table 3: local MSE -> local L-LPIPS -> + global -> + GAN -> + DMD
     python eval.py --table M            # Tables 4-6: M in {4, 8, 16}; --table p: p in 1..4; --table q: q in 1..4
-    python eval.py --table terms --jobs 2  # issue 20: each stage-2 term's alignment and FD, at 1 to 4 steps
-    python eval.py --table onestep --jobs 2   # issue 20's 1-step options;  --table targets: its targets, the options
-    python eval.py --table second --jobs 2 --teacher toy/teacher_w24   # issue 20: recipe and best option, 2nd teacher
+    python eval.py --table terms --jobs 2  # each stage-2 term's alignment and FD, at 1 to 4 steps
+    python eval.py --table onestep --jobs 2   # the 1-step options;  --table targets: its targets, the options
+    python eval.py --table second --jobs 2 --teacher toy/teacher_w24   # recipe and best option, 2nd teacher
     python eval.py --table main --quick # the same code on tiny trainings and 40 samples per row (CI: the table's shape)
     python eval.py --clip-score openai/clip-vit-large-patch14 --samples s.safetensors   # real teachers (below)
     python eval.py --prepare-coco captions_val2017.json val2017/ --out coco5k      # MSCOCO-2017 5K (below)
@@ -176,9 +176,9 @@ QUICK2 = [*QUICK, "--batch", "4"]
 STEPS = (4, 3, 2, 1)  # every student row: its model(s) at 4, 3, 2 and 1 steps
 TEACHER_STEPS = (25, 4, 3, 2, 1)
 SHARE = 1.0  # the share of the machine a training here has: 1 / --jobs
-TEACHER = "digits"  # the tables' teacher (--teacher): the embedded one, or another of its layout (issue 20)
+TEACHER = "digits"  # the tables' teacher (--teacher): the embedded one, or another of its layout
 
-# ---- Table 1's baselines, and LogCD's stage 2, each tuned on TUNE_SEED (issue 21) ----
+# ---- Table 1's baselines, and LogCD's stage 2, each tuned on TUNE_SEED ----------
 # Each baseline gets LogCD's training budget in model forwards (a CFG step counts 2): about 138K per seed at the
 # embedded presets (stage 1 + stage 2; the tables' forwards column has each run's count). Stage 1 with M <= 4 spends
 # about 164 forwards an iteration (64 pairs, 2.56 each), the DMD2-style stage 2 about 1256 (32 samples, 39 each: its
@@ -237,7 +237,7 @@ TABLES = {
                  ("+ global CD (consistency only)", "llpips", "cons", "psi", STEPS),
                  ("+ GAN (lambda1 = 0.1)", "llpips", "gan", "psi", STEPS),
                  ("+ DMD (lambda2 = 1): LogCD with L-LPIPS in both stages", "llpips", "full", "psi", STEPS)],
-    # issue 20: what each stage-2 term does to alignment and FD, from the README's stage 1 (MSE), at 1 to 4 steps
+    # what each stage-2 term does to alignment and FD, from the README's stage 1 (MSE), at 1 to 4 steps
     "terms": [TEACHER4, STAGE1_ONLY,
               ("+ global consistency only", "mse", "cons", "psi", STEPS),
               ("+ GAN (lambda1 = 0.1), no DMD", "mse", "gan", "psi", STEPS),
@@ -252,14 +252,14 @@ TABLES = {
               ("LogCD, sampled with fresh noise at each step (sample.py --sampler lcm)", "mse", "full", "lcm", STEPS),
               ("LogCD, trained on the student samplers' own steps (--inputs sampler)", "mse", "sampler", "psi",
                STEPS)],
-    # issue 20: the options for a 1-step student, beside the paper's recipe
+    # the options for a 1-step student, beside the paper's recipe
     "onestep": [TEACHER4,
                 ("LogCD (the README's recipe: DMD on x0 at t_m)", "mse", "full", "psi", STEPS),
                 ("LogCD, DMD on the 1-step sample (--dmd-input one_step)", "mse", "dmd1", "psi", STEPS),
                 ("LogCD, t_n any lower milestone (--jump any)", "mse", "any", "psi", STEPS),
                 ("LogCD, lr 1e-4 (preset: 3e-5)", "mse", "lr1e4", "psi", STEPS),
                 ("LogCD, lr 1e-4, DMD on the 1-step sample", "mse", "lr1e4_dmd1", "psi", STEPS)],
-    # issue 20: its targets, on the embedded teacher; and on a second one (--teacher toy/teacher_w24) the paper's
+    # the 1-4-step targets, on the embedded teacher; and on a second one (--teacher toy/teacher_w24) the paper's
     # recipe and the option best at 1 and 4 steps on the embedded one
     "targets": [TEACHER4, STAGE1_ONLY, RECIPE,
                 ("LogCD, --inputs sampler", "mse", "sampler", "psi", STEPS),

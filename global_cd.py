@@ -1,7 +1,7 @@
 """LogCD stage 2, global consistency distillation: the stage-1 student becomes ONE LoRA that samples in 2, 3 or 4 steps.
 
 Paper: "LogCD: Local-to-global Consistency Distillation for Few-step Image Generation" (CVPR 2026), Method 2 and 4.
-DESIGN.md section 5. The method's common ground (time, milestones, Psi, solve, CFG, the distance d) is in
+The method's common ground (time, milestones, Psi, solve, CFG, the distance d) is in
 local_cd.py, the teachers and checkpoints in teachers.py, the run's plumbing (arguments, resume, torchrun) in runs.py.
 This file: the image-free inputs and the milestone consistency loss, the GAN (the frozen teacher as backbone,
 trainable heads), DMD (a fake-score adapter on the same base), one iteration of all of them, and the training loop.
@@ -55,7 +55,7 @@ def student_samples(teacher, cond, q, M, gen):
 
 @torch.no_grad()
 def sampler_steps(teacher, cond, q, M, gen):
-    """(z_{t_m}, t_m, t_n) for --inputs sampler (issue 20; DMD2's backward simulation): the steps the student's own
+    """(z_{t_m}, t_m, t_n) for --inputs sampler (DMD2's backward simulation): the steps the student's own
     k-step sampler takes, k uniform in 1..q (one k per iteration), one of its k steps per sample, uniform: the state
     z_{t_m} it calls the student at and the time t_n it jumps to. A sampler's later states carry its own earlier
     predictions (Psi re-uses their eps_hat), which fresh noise does not."""
@@ -225,7 +225,7 @@ def fake_score_loss(teacher, x0, cond, gen):
 
 def milestone_pairs(s, M, jump, gen):
     """(t_m, t_n, k) of an iteration: t_m = s T/M for milestone indices s (B of them, in 1..M), and t_n = max(t_m -
-    k T/M, 0), k segments below. jump "adjacent" (the paper's): k = 1, adjacent milestones. jump "any" (issue 20): k
+    k T/M, 0), k segments below. jump "adjacent" (the paper's): k = 1, adjacent milestones. jump "any" (an option): k
     uniform in 1..M, drawn once per iteration (one solver length for the batch), so the jumps a 1-step (k = M, t_m =
     T) or 2-step sampler makes are trained directly too."""
     k = 1 if jump == "adjacent" else int(torch.randint(1, M + 1, (1,), generator=gen))
@@ -364,7 +364,7 @@ def parse_args(argv=None):
     a("--w", type=weight, default=None, help="w: CFG scale of the teacher target and the DMD real score "
       "(default: the stage-1 checkpoint's)")
     a("--w-target", type=weight, default=None, help="the teacher target's CFG scale alone, the DMD real score keeping "
-      "--w (default: --w, the paper's one w; issue 20: more guidance in the target buys alignment at FD's cost)")
+      "--w (default: --w, the paper's one w; more guidance in the target buys alignment at FD's cost)")
     a("--distance", "--d", dest="d", choices=["mse", "llpips"], default=None, help=DISTANCE_HELP)
     a("--llpips", type=os.path.abspath, default=None, help=LLPIPS_HELP)
     a("--lambda0", type=weight, default=1.0, help="lambda0: weight of the consistency term L_GoCD (the paper: 1; 0: "
@@ -377,15 +377,15 @@ def parse_args(argv=None):
       "student's; embedded preset: 16)")
     a("--jump", choices=["adjacent", "any"], default="adjacent", help="t_n: adjacent, the milestone below t_m (the "
       "paper's), or any, k segments below (k uniform in 1..M per iteration, t_n >= 0) with p teacher steps per "
-      "segment: the 1-step sampler's T -> 0 jump trained directly (issue 20; about (M + 1) / 2 times the teacher's "
+      "segment: the 1-step sampler's T -> 0 jump trained directly (about (M + 1) / 2 times the teacher's "
       "solver steps)")
     a("--inputs", choices=["renoise", "sampler"], default="renoise", help="the image-free inputs z_{t_m}: renoise, "
       "the student's q-step samples re-noised with fresh noise to a random milestone (the paper's), or sampler, a "
       "state the student's own k-step sampler calls it at, t_n the milestone it jumps to (k uniform in 1..q; --jump "
-      "does not apply; issue 20: trains the very steps sampling takes, DMD2's backward simulation)")
+      "does not apply; trains the very steps sampling takes, DMD2's backward simulation)")
     a("--dmd-input", choices=["x0_m", "one_step"], default="x0_m", help="what DMD moves: x0_m, the student's x0 at "
       "the iteration's milestone t_m (the paper's), or one_step, its 1-step sample x0_theta(z_T, T) from fresh noise "
-      "(one more student forward and backward; issue 20: a 1-step student); the fake score learns the same samples")
+      "(one more student forward and backward; toward a 1-step student); the fake score learns the same samples")
     a("--fake-updates", type=lambda x: number(x, int, 0), default=None,
       help="fake-score updates per student update (DMD2's two time-scales)")
     a("--lr", type=positive, default=None, help="AdamW learning rate of the student (paper: 1e-5)")

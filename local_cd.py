@@ -225,7 +225,7 @@ class TrajectoryBuffer:
 
     def load(self, tensors, counters):
         if "buffer.t_m" in tensors and "buffer.traj" not in tensors:
-            raise ValueError("its trajectory pool was saved before prompt streams (git log: issue 15); start a new run")
+            raise ValueError("its trajectory pool was saved by an older version (before prompt streams); start a new run")
         dev = self.teacher.device
         self.pool = {k[len("buffer."):]: v.to(dev) for k, v in tensors.items() if k.startswith("buffer.")} or None
         self.conds = {k[len("buffer_cond."):]: v.to(dev) for k, v in tensors.items() if k.startswith("buffer_cond.")}

@@ -266,7 +266,7 @@ def read_state(path, meta, lora_prefix):
     """(state tensors, state metadata, where the student LoRA to resume is, its key prefix) of the run saved at `path`
     (checkpoint metadata `meta`). The state file holds the student LoRA too (prefix "student"), so a save interrupted
     between its two files (state written, checkpoint not) still resumes, at the state's step. A state without it
-    (runs before issue 16) must be of the checkpoint's step, and the LoRA comes from the checkpoint."""
+    (runs of older versions) must be of the checkpoint's step, and the LoRA comes from the checkpoint."""
     state, smeta = lora.load(state_path(path))
     if smeta.get("run", meta.get("run")) != meta.get("run"):
         raise ValueError(f"{state_path(path)} belongs to another run than {path} (run {smeta.get('run')}, not "
@@ -385,7 +385,7 @@ class GradientSync:
 
 COMPILE_HELP = ("torch.compile the denoiser by region: each repeated block (SDXL's transformer blocks, FLUX.1's double "
                 "and single blocks; the embedded teacher: the whole net) compiled with its adapters inside, one graph "
-                "shared by the blocks alike; the first iterations wait for the compiler (issue 19)")
+                "shared by the blocks alike; the first iterations wait for the compiler")
 
 
 def compile_blocks(model, backend="inductor"):

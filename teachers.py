@@ -1,6 +1,6 @@
 """The teachers LogCD distils, behind one interface: the embedded digits teacher, SDXL and FLUX.1-dev.
 
-What every stage needs of a teacher (DESIGN.md sections 3, 7, 8, 11, 12), and nothing of the method itself:
+What every stage needs of a teacher, and nothing of the method itself:
   - one time axis t in [0, T], T = 1000, for every teacher; t = 0 is the clean latent (alpha = 1, sigma = 0).
     DDPM teachers (SDXL, the digits toy): t = k is the training index k - 1 (so t = T is index 999, "trailing").
     Flow teachers (FLUX): sigma = shift(t / T), alpha = 1 - sigma;
@@ -164,7 +164,7 @@ class DDPMTeacher(Teacher):
 
 
 class DigitsTeacher(DDPMTeacher):
-    """A folder in the embedded layout (DESIGN.md section 8): the prompts are rows of a table, the latent is the image."""
+    """A folder in the embedded layout: the prompts are rows of a table, the latent is the image."""
     embedded = True
     family = "digits"
     default_w = 1.5  # measured on the embedded teacher: README, "The embedded teacher"
@@ -178,7 +178,7 @@ class DigitsTeacher(DDPMTeacher):
         self.embeds = tensors["embeds"].to(device)
         n = self.embeds.shape[0] - 1
         self.prompts = meta.get("prompts", "|".join([str(i) for i in range(n)] + [""])).split("|")
-        if len(self.prompts) != n + 1 or self.prompts[-1] != "":  # the rows ARE the prompts (DESIGN.md 8)
+        if len(self.prompts) != n + 1 or self.prompts[-1] != "":  # the rows ARE the prompts
             raise ValueError(f"{folder}/prompt_embeds.safetensors has {n + 1} rows (the last one the empty prompt) "
                              f"but its metadata names {len(self.prompts)} prompts, '|'-separated; fix or drop the "
                              "metadata")
@@ -487,7 +487,7 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# ---- precision: what runs in which dtype (DESIGN.md section 11), decided here for every script --------------------
+# ---- precision: what runs in which dtype, decided here for every script ---------------------------------------
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype; fp16 would need loss scaling: not offered
 DTYPE_HELP = "dtype of the frozen base weights: bfloat16 (default on CUDA) or float32 (default on a CPU)"
@@ -495,7 +495,7 @@ ADAPTERS = ("autocast", "base")  # --adapters
 ADAPTERS_HELP = ("how the fp32 LoRA meets a bf16 base in training: autocast (default) casts the adapters to bf16 in "
                  "every layer and forward under torch.autocast, which also runs norms in fp32; base keeps bf16 copies "
                  "of them that the forwards use, the fp32 masters in AdamW (refreshed after each step), and no "
-                 "autocast: fewer kernels per step (issue 19); the same LoRA files. No effect on an fp32 base")
+                 "autocast: fewer kernels per step; the same LoRA files. No effect on an fp32 base")
 
 
 def precision(device, name=None, adapters="autocast"):

@@ -807,7 +807,7 @@ def test_classifier_reads_real_digits():
 
 
 def test_paper_tables_train_and_sample_the_teacher_given(tmp_path, monkeypatch):
-    """eval.py --table X --teacher FOLDER (issue 20: a second teacher of the embedded layout): every stage-1 training
+    """eval.py --table X --teacher FOLDER (a second teacher of the embedded layout): every stage-1 training
     and every teacher row uses that teacher, its trainings go to <--runs>/<folder name>/, and stage 2 starts from
     them (its teacher comes with the stage-1 checkpoint). Trainings and scores stubbed: the plumbing only."""
     import eval as ev
@@ -2782,7 +2782,7 @@ def test_bench_profile_counts_the_casts_the_bf16_regimes_add():
     """--profile: one update under torch.profiler, operators by kind. The same update in fp32 and in the two GPU
     regimes (bf16 base, fp32 adapters: under autocast, or from bf16 copies, --adapters base) runs the same matmuls and
     norms. Autocast adds dtype casts -- at least the adapters' A and B, to bf16 in the forward and back to fp32 in the
-    backward --, the launches issue 19 is about; the bf16 copies add a few, however many layers the LoRA wraps."""
+    backward --, the launches a launch-bound step pays; the bf16 copies add a few, however many layers the LoRA wraps."""
     import bench
     runs = {}
     for dtype, adapters in (("float32", "autocast"), ("bfloat16", "autocast"), ("bfloat16", "base")):
@@ -2931,7 +2931,7 @@ def test_out_of_memory_is_one_line_with_the_flags_that_help(monkeypatch):
     assert "\n" not in msg
 
 
-# ---- the GPU path on a CPU: bf16 base weights, fp32 adapters, autocast (DESIGN.md section 11) ----------------------
+# ---- the GPU path on a CPU: bf16 base weights, fp32 adapters, autocast -----------------------------------------
 
 @pytest.mark.parametrize("fold", [True, False])
 def test_bf16_base_needs_autocast_for_an_active_adapter(fold, monkeypatch):
@@ -3009,7 +3009,7 @@ def test_bf16_both_stages_resume_and_sample_on_tiny_sdxl_and_flux(family, tiny_s
     assert "rank 0 encoded 0 and read 2 back from the cache" in capsys.readouterr().out  # no prompt encoded again
     assert all(torch.equal(two[k], g[k]) for k in two) and any(not torch.equal(g[k], local[k]) for k in g)
     two_base = _run2(tmp_path, *common2, "--iters", "2", "--adapters", "base", "--jump", "any", "--dmd-input",
-                     "one_step", out="two_base.safetensors")  # issue 20's options on the GPU path too
+                     "one_step", out="two_base.safetensors")  # the 1-4-step options on the GPU path too
     assert any(not torch.equal(two_base[k], local[k]) for k in two_base)  # (its GAN heads ran fp32, not bf16)
     two_sampler = _run2(tmp_path, *common2, "--iters", "2", "--inputs", "sampler", "--w-target", "2",
                         out="two_sampler.safetensors")  # and the other two, under autocast
@@ -3350,7 +3350,7 @@ def test_retraining_the_teacher_replaces_it_whole_or_not_at_all(tmp_path, monkey
     after = _files(tmp_path)
     assert set(after) == set(before) and after != before
     assert load_teacher(str(folder), "cpu").prompts == load_teacher("digits", "cpu").prompts
-    with pytest.raises(SystemExit, match="--width 12 is not a multiple of 8"):  # a second teacher (issue 20): before
+    with pytest.raises(SystemExit, match="--width 12 is not a multiple of 8"):  # a second teacher: before
         train("--overwrite", "--width", "12")                                    # any training
     assert _files(tmp_path) == after
     train("--overwrite", "--width", "16")

@@ -1,1 +1,1 @@
-"""The embedded teacher: a tiny class-conditional diffusion model of scikit-learn's digits (DESIGN.md section 8)."""
+"""The embedded teacher: a tiny class-conditional diffusion model of scikit-learn's digits."""

@@ -33,7 +33,7 @@ p.add_argument("--ema", type=weight, default=0.999, help="EMA decay of the saved
 p.add_argument("--tokens", type=count, default=4, help="L: tokens per prompt embedding")
 p.add_argument("--dim", type=count, default=32, help="D: prompt embedding width (the UNet's cross_attention_dim)")
 p.add_argument("--width", type=count, default=32, help="the UNet's channels at full resolution (x2 below it; a multiple "
-               "of 8): 32 is the embedded teacher, another width a second teacher of the same layout (issue 20)")
+               "of 8): 32 is the embedded teacher, another width a second teacher of the same layout")
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
 if args.width % 8:  # norm_num_groups = 8
