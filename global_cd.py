@@ -460,15 +460,15 @@ def main(argv=None):
         family = locate(meta["teacher"], hub["revision"])[0]
         prompts = run_prompts(args, run)
         fill_presets(args, PRESETS[family]["global"], meta["teacher"])  # and d: L-LPIPS, MSE, or a refusal
-        rank_ = int(meta["rank"])
-        n_lora, latent = denoiser_size(meta["teacher"], rank_, int(meta.get("resolution", 1024)), hub["revision"])
+        lora_rank = int(meta["rank"])
+        n_lora, latent = denoiser_size(meta["teacher"], lora_rank, int(meta.get("resolution", 1024)), hub["revision"])
     except (ValueError, FileNotFoundError) as e:
         if args.resume:
             raise SystemExit(f"error: cannot resume: {e}")
         hint = " (run stage 1 first: python local_cd.py)" if isinstance(e, FileNotFoundError) else ""
         raise SystemExit(f"error: {e}{hint}")
-    args.fake_rank = args.fake_rank or int(meta.get("fake_rank", 0) if args.resume else 0) or rank_
-    fake_lora = n_lora * args.fake_rank // rank_ if args.lambda2 > 0 else 0
+    args.fake_rank = args.fake_rank or int(meta.get("fake_rank", 0) if args.resume else 0) or lora_rank
+    fake_lora = n_lora * args.fake_rank // lora_rank if args.lambda2 > 0 else 0
     check_inputs(args, prompts, family, latent, pair_bytes_global(n_lora, fake_lora), n_lora)
     d = distance(args.d, args.llpips, device)  # L-LPIPS: read whole now, a broken file said before the teacher loads
     try:
@@ -477,7 +477,7 @@ def main(argv=None):
         if from_teacher:
             teacher = load_teacher(meta["teacher"], device, dtype=dtype)
             torch.manual_seed(args.seed)  # the LoRA's A: the same init for the same --seed (B = 0)
-            add_student(teacher, rank_)
+            add_student(teacher, lora_rank)
             meta["w"] = teacher.default_w
         else:
             teacher, tensors, meta = load_student(source, device, stages, dtype=dtype)
