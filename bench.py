@@ -92,7 +92,7 @@ def build(model, device, dtype):
             unet = UNet2DConditionModel(**(TINY_SDXL_UNET if tiny else SDXL_UNET))
         teacher = DDPMTeacher(unet, SD_SCHEDULE, device)
         size = unet.config.sample_size
-        teacher.latent_shape, teacher.default_w, teacher.id = (4, size, size), 7.0, model
+        teacher.latent_shape, teacher.id = (4, size, size), model
         text, pooled, res = (32, 16, 16) if tiny else (2048, 1280, 1024)
 
         def cond(n):  # both text encoders' embeddings, the pooled one, and SDXL's micro-conditioning time_ids
@@ -332,7 +332,7 @@ def bench_step1(teacher, cond, batch, repeats, device, r, M=8, skip=20, checkpoi
 
     def update():
         with lora.adapter(teacher.denoiser, "student"), r.autocast():
-            loss, _, _ = local_loss(teacher, mse, z_m, t_m, z_n, t_n, t_s, c)
+            loss, _ = local_loss(teacher, mse, z_m, t_m, z_n, t_n, t_s, c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         work.step(opt)
@@ -345,7 +345,7 @@ def bench_step1(teacher, cond, batch, repeats, device, r, M=8, skip=20, checkpoi
     if profile:
         rows.append(profiled(f"stage-1 update, batch {batch}{ckpt}", update, device))
     # the teacher's share: one refill of trajectories at the preset; each pair is then served `reuse` times
-    pre = PRESETS[teacher.family]["local"]
+    pre = PRESETS[teacher.family]
     prompts = types.SimpleNamespace(take=lambda n: (cond(n), torch.zeros(n, dtype=torch.long)), drawn=0)  # random
     buf = TrajectoryBuffer(teacher, prompts, M, skip, teacher.default_w,
                            pre["trajectories"], pre["buffer"], pre["reuse"], g)
@@ -369,11 +369,7 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
     import global_cd
     rows = [one_forward(teacher, cond, batch, repeats, device)]
     params = add_student(teacher, rank=64)
-    a = global_cd.parse_args([])
-    a.lambda1, a.lambda2, a.w = lambda1, lambda2, teacher.default_w
-    a.w_target = a.w  # the paper's one w (global_cd.main's default)
-    a.d = "mse"  # the distance is timed apart: the llpips row
-    global_cd.fill_presets(a, global_cd.PRESETS[teacher.family]["global"], teacher.id)
+    pre = global_cd.PRESETS[teacher.family]  # its p, q, fake updates and learning rates
     disc = global_cd.Discriminator(teacher) if lambda1 > 0 else None
     fake = lora.inject(teacher.denoiser, teacher.student_lora["lora_targets"], "fake", 64) if lambda2 > 0 else None
     if checkpointing:
@@ -381,15 +377,15 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
     if r.compile:
         compile_blocks(teacher.denoiser)
     fused = str(device).startswith("cuda") or None
-    opts = {"student": torch.optim.AdamW(params, lr=a.lr, fused=fused)}
+    opts = {"student": torch.optim.AdamW(params, lr=pre["lr"], fused=fused)}
     if disc:
-        opts["disc"] = torch.optim.AdamW(disc.parameters(), lr=a.lr_aux, betas=(0.0, 0.99), fused=fused)
+        opts["disc"] = torch.optim.AdamW(disc.parameters(), lr=pre["lr_aux"], betas=(0.0, 0.99), fused=fused)
     if fake:
-        opts["fake"] = torch.optim.AdamW(fake, lr=a.lr_aux, fused=fused)
+        opts["fake"] = torch.optim.AdamW(fake, lr=pre["lr_aux"], fused=fused)
     work = {k: lora.Plain(disc.parameters()) if k == "disc" else lora.Working(teacher.denoiser, k, r.adapter_dtype)
             for k in opts}
 
-    def update(name, losses):  # global_cd.main's, on one rank, without its checks
+    def update(name, losses):  # runs.Trainer.update's, on one rank, without its checks
         opts[name].zero_grad(set_to_none=True)
         for loss in losses:
             loss.backward()
@@ -398,11 +394,14 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
 
     gen, c = torch.Generator().manual_seed(0), cond(batch)
     d = distance("mse")  # L-LPIPS on latents costs ~1% of this (the llpips row)
+    method = global_cd.GlobalCD(teacher, d, disc, M=8, p=pre["p"], q=pre["q"], w=teacher.default_w, lambda1=lambda1,
+                                lambda2=lambda2, fake_updates=pre["fake_updates"])
+
     def iteration():
-        global_cd.iteration(teacher, c, d, disc, fake is not None, update, a, 8, gen, r.autocast)
+        method.iteration(c, update, 1, gen, r.autocast)
     floor = forward_floor(teacher.denoiser, iteration, batch)
     sec, mem = timed(iteration, repeats, device)
-    parts = f"lambda1={lambda1:g} lambda2={lambda2:g}, {a.fake_updates} fake updates"
+    parts = f"lambda1={lambda1:g} lambda2={lambda2:g}, {pre['fake_updates']} fake updates"
     ckpt = ", grad checkpointing" * checkpointing + r.label
     one = rows[0]["seconds"]
     rows.append(row(f"stage-2 iteration, batch {batch}, {parts}{ckpt}", sec, one, None, mem, floor=floor,
@@ -414,18 +413,22 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
 
 def bench_val(teacher, cond, repeats, device, r, model, prompts=4, M=8):
     """A validation grid as the training scripts draw one: the student (rank-64 adapter, under autocast) at 2, 4 and
-    M steps from fixed noise on 4 prompts (local_cd.validation_latents), then the decodes, by a VAE of SDXL's size
+    M steps from fixed noise on 4 prompts (as runs.validation samples them), then the decodes, by a VAE of SDXL's size
     built here (FLUX's: 16 latent channels; the bench teachers' own VAEs are stand-ins). Its share of training: the
     grid's seconds over the preset's --val-every stage-1 iterations (the step1 row)."""
     from diffusers import AutoencoderKL
 
-    from local_cd import PRESETS, validation_latents
+    from local_cd import PRESETS, student_sample
     add_student(teacher, rank=64)
     lora.Working(teacher.denoiser, "student", r.adapter_dtype)  # as training computes it
     one = one_forward(teacher, cond, prompts, repeats, device)
     steps, c, z_T = (2, 4, M), cond(prompts), teacher.noise(prompts)
-    sec, mem, calls = timed_calls(teacher.denoiser, prompts,
-                                  lambda: validation_latents(teacher, c, z_T, steps, M, r.autocast), repeats, device)
+    @torch.no_grad()
+    def rows():
+        for k in steps:
+            with r.autocast():
+                student_sample(teacher, c, z_T, k, M)
+    sec, mem, calls = timed_calls(teacher.denoiser, prompts, rows, repeats, device)
     tiny = model.startswith("tiny")
     config = {**SDXL_VAE, "latent_channels": 16 if teacher.family == "flux" else 4}
     if tiny:
@@ -435,7 +438,7 @@ def bench_val(teacher, cond, repeats, device, r, model, prompts=4, M=8):
     z = torch.randn(1, config["latent_channels"], side, side, device=device)
     with torch.no_grad():
         dec, dec_mem = timed(lambda: vae.decode(z).sample, repeats, device)
-    every = PRESETS[teacher.family]["local"]["val_every"]
+    every = PRESETS[teacher.family]["val_every"]
     n = len(steps) * prompts
     return [one, row(f"validation grid: {prompts} prompts at {'/'.join(map(str, steps))} steps (the student)", sec,
                      one["seconds"], calls, mem),

@@ -1,13 +1,13 @@
 """LogCD stage 2, global consistency distillation: the stage-1 student becomes ONE LoRA that samples in 2, 3 or 4 steps.
 
 Paper: "LogCD: Local-to-global Consistency Distillation for Few-step Image Generation" (CVPR 2026), Method 2 and 4.
-The method's common ground (time, milestones, Psi, solve, CFG, the distance d) is in
-local_cd.py, the teachers and checkpoints in teachers.py, the run's plumbing (arguments, resume, torchrun) in runs.py.
-This file: the image-free inputs and the milestone consistency loss, the GAN (the frozen teacher as backbone,
-trainable heads), DMD (a fake-score adapter on the same base), one iteration of all of them, and the training loop.
+This file, top to bottom: the paper's values; the image-free inputs and the milestone consistency loss; the GAN (the
+frozen teacher as backbone, trainable heads); DMD (a fake-score adapter on the same base); one iteration of all of
+them; the training loop (main). The method's common ground (time, milestones, Psi, solve, CFG, the distance d) is in
+local_cd.py; what surrounds the loop (arguments, resume, torchrun, logs) is runs.py's; the teachers, prompts and
+checkpoints are teachers.py's. Options the paper does not have are in options.py, joined to this file in main.
 """
 import argparse
-import collections
 import math
 import os
 
@@ -16,17 +16,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from local_cd import (DISTANCE_HELP, LLPIPS_HELP, PRESETS, cfg, distance, milestones, solve, student_sample,
-                      student_times, val_prompts, validation)
-from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, check_inputs, compile_blocks,
-                  count, explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
-                  mean_over_ranks, new_run_id, number, optimizer_tensors, pair_bytes_global, positive, prompts_meta,
-                  rank_difference, rank_zero_first, read_state, resumed_late, run_prompts, state_path, take_run_batch,
-                  take_run_values, weight)
-from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, T, FluxTeacher, add_student, checkpoint_meta,
-                      cond_cat, cond_index, denoiser_size, download, load_student, load_teacher, locate,
-                      open_prompt_stream, precision, precision_said, prompts_seen, read_prompts, save_checkpoint)
+import runs
+import teachers
+from local_cd import (DISTANCE_HELP, LLPIPS_HELP, TOY_LLPIPS, cfg, distance, milestones, solve, student_sample,
+                      student_times)
+from teachers import T
 
+# ---- the paper's values, per teacher family (every flag left out takes its family's; --help shows them) -----------
+
+PAPER = dict(p=3, q=4, lambda1=0.1, lambda2=1.0, lr=1e-5, lr_aux=1e-5, fake_updates=2, fake_rank=None, d=None,
+             llpips=None)  # Method 2 and 4; w and M are the stage-1 checkpoint's; fake_rank None: the student's
+PRESETS = {
+    # the embedded teacher: ours, sized to finish in minutes on a CPU
+    "digits": {**PAPER, "lr": 3e-5, "lr_aux": 1e-3, "fake_rank": 16, "batch": 32, "iters": 120, "save_every": 40,
+               "val_every": 20, "d": "llpips", "llpips": TOY_LLPIPS},
+    "sdxl": {**PAPER, "batch": 4, "iters": 3000, "save_every": 250, "val_every": 250},
+    # FLUX.1-dev with DMD (lambda2 = 1) is a departure: the paper set 0 there, DMD being out of its memory; here the
+    # fake score is an adapter on the one base copy
+    "flux": {**PAPER, "batch": 2, "iters": 6000, "save_every": 250, "val_every": 500},
+}
 DMD_T = (0.02 * T, 0.98 * T)  # noise levels of the DMD score terms and the fake-score loss (DMD2's range)
 GAN_T = (0.0, 0.5 * T)  # noise levels the discriminator sees its inputs at (low: it should judge detail)
 
@@ -48,44 +56,45 @@ def renoise(teacher, x0, t, eps):
 # ---- image-free inputs and the milestone consistency loss --------------------------------------------------------
 
 @torch.no_grad()
-def student_samples(teacher, cond, q, M, gen):
-    """hat z_0: the current student's own q-step samples from pure noise (Psi sampler on the milestone grid)."""
-    return student_sample(teacher, cond, teacher.noise(len(next(iter(cond.values()))), gen), q, M)
+def image_free_inputs(teacher, cond, q, M, gen, autocast, pair=None):
+    """(z_{t_m}, t_m, t_n) of a batch, no gradients: the current student's q-step samples hat z_0 from pure noise,
+    re-noised with fresh noise to a random milestone t_m; t_n = t_m - T/M, the milestone below it (pair: --jump
+    any's choice of t_n, an option)."""
+    B = len(next(iter(cond.values())))
+    with autocast():
+        x0_q = student_sample(teacher, cond, teacher.noise(B, gen), q, M)
+    s = torch.randint(1, M + 1, (B,), generator=gen)  # t_m = t^s, s uniform in 1..M
+    t_m, t_n = (pair or milestone_pair)(s, M, gen)
+    t_m, t_n = t_m.to(teacher.device), t_n.to(teacher.device)
+    eps = randn_like(x0_q, gen)
+    # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
+    # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
+    z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
+    return z_m, t_m, t_n
+
+
+def milestone_pair(s, M, gen):
+    """(t_m, t_n) = (t^s, t^{s-1}): adjacent milestones, the paper's. (options.py's --jump any replaces this.)"""
+    return milestones(M)[s].float(), milestones(M)[s - 1].float()
 
 
 @torch.no_grad()
-def sampler_steps(teacher, cond, q, M, gen):
-    """(z_{t_m}, t_m, t_n) for --inputs sampler (DMD2's backward simulation): the steps the student's own
-    k-step sampler takes, k uniform in 1..q (one k per iteration), one of its k steps per sample, uniform: the state
-    z_{t_m} it calls the student at and the time t_n it jumps to. A sampler's later states carry its own earlier
-    predictions (Psi re-uses their eps_hat), which fresh noise does not."""
-    B = len(next(iter(cond.values())))
-    k = int(torch.randint(1, q + 1, (1,), generator=gen))
-    ts = student_times(k, M)  # the milestones the k-step sampler visits, T first, 0 last
-    i = torch.randint(0, k, (B,), generator=gen)  # which of its steps each sample takes
-    z, states = teacher.noise(B, gen), []
-    with lora.adapter(teacher.denoiser, "student"):
-        for j in range(int(i.max()) + 1):  # the sampler's steps, up to the latest state any sample needs
-            states.append(z)
-            z = solve(lambda z_, t_: teacher.x0(z_, t_, cond), z, ts[j:j + 2], teacher.alpha_sigma)
-    ts = torch.tensor(ts, dtype=torch.float32)
-    return torch.stack(states)[i, torch.arange(B)], ts[i], ts[i + 1]
+def teacher_target(teacher, z_m, t_m, t_n, cond, w, p):
+    """hat z_{t_n} = Psi o ... o Psi (z_{t_m}): p steps of the teacher with CFG w, t_m -> t_n in equal parts."""
+    ts = [t_m + (t_n - t_m) * i / p for i in range(p + 1)]
+    with lora.adapter(teacher.denoiser, None):
+        return solve(lambda z, t: cfg(teacher, z, t, cond, w), z_m, ts, teacher.alpha_sigma)
 
 
-def global_loss(teacher, d, z_m, t_m, t_n, cond, w, p):
-    """d(x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)]) between milestones t_m > t_n (adjacent, t_n = t_m -
-    T/M, unless --jump any or --inputs sampler), where hat z_{t_n} comes from z_{t_m} by p teacher solver steps with
-    CFG. Returns (loss per sample, x0_m with grad, x0_n = the target). At t_n = 0 the target is hat z_0 itself (the
-    boundary condition; no student forward)."""
-    with torch.no_grad(), lora.adapter(teacher.denoiser, None):
-        # hat z_{t_n} = Psi o ... o Psi (z_{t_m}): p steps of the teacher with CFG, t_m -> t_n in equal parts
-        ts = [t_m + (t_n - t_m) * i / p for i in range(p + 1)]
-        z_n = solve(lambda z, t: cfg(teacher, z, t, cond, w), z_m, ts, teacher.alpha_sigma)
+def global_loss(teacher, d, z_m, t_m, z_n, t_n, cond):
+    """L_GoCD = d(x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)]) per sample, hat z_{t_n} the teacher's
+    target. Returns (loss per sample, x0_m with grad, x0_n = the target). At t_n = 0 the target is hat z_0 itself
+    (the boundary condition; no student forward)."""
     with lora.adapter(teacher.denoiser, "student"):
         with torch.no_grad():
             x0_n, inner = z_n.clone(), (t_n > 0).nonzero().flatten()
             if len(inner):
-                x0_n[inner] = teacher.x0(z_n[inner], t_n[inner], cond_index(cond, inner)).to(x0_n.dtype)
+                x0_n[inner] = teacher.x0(z_n[inner], t_n[inner], teachers.cond_index(cond, inner)).to(x0_n.dtype)
         x0_m = teacher.x0(z_m, t_m, cond)
     return d(x0_m, x0_n), x0_m, x0_n
 
@@ -100,7 +109,7 @@ def feature_blocks(teacher):
     """Where the discriminator reads the teacher: a UNet's down blocks and mid block (its encoder); for a FLUX
     transformer, 4 evenly spaced double-stream blocks (its first third)."""
     net = teacher.denoiser
-    if isinstance(teacher, FluxTeacher):
+    if isinstance(teacher, teachers.FluxTeacher):
         n = len(net.transformer_blocks)
         return [net.transformer_blocks[i] for i in sorted({max(round(n * (j + 1) / 4) - 1, 0) for j in range(4)})]
     return [*net.down_blocks, net.mid_block]
@@ -109,13 +118,11 @@ def feature_blocks(teacher):
 def teacher_features(teacher, z, t, cond):
     """Feature maps (B, C, h, w) of the frozen teacher (no adapter active) at feature_blocks, for z at time t. The
     network stops after the last of them. Gradients flow to z (the generator step needs them)."""
-    blocks, feats, collecting = feature_blocks(teacher), [], [True]
+    blocks, feats = feature_blocks(teacher), []
     H, W = z.shape[-2:]
 
     def hook(module, inputs, output):
-        if not collecting[0]:
-            return  # a gradient-checkpointed block recomputing itself during backward
-        if isinstance(teacher, FluxTeacher):  # image tokens (B, HW/4, D) -> a (B, D, H/2, W/2) map
+        if isinstance(teacher, teachers.FluxTeacher):  # image tokens (B, HW/4, D) -> a (B, D, H/2, W/2) map
             h = output[1]  # FluxTransformerBlock returns (encoder_hidden_states, hidden_states)
             h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], H // 2, W // 2)
         else:
@@ -130,8 +137,7 @@ def teacher_features(teacher, z, t, cond):
             teacher.forward(z, t, cond)
     except _Enough:
         pass
-    finally:
-        collecting[0] = False
+    finally:  # gone before any backward: a gradient-checkpointed block recomputing itself there is not read again
         for h in handles:
             h.remove()
     return feats
@@ -176,7 +182,7 @@ class Discriminator(nn.Module):
 def discriminator_loss(disc, real, fake, t, eps, cond):
     """The heads' hinge loss, max(0, 1 - D(real)) + max(0, 1 + D(fake)): both sides re-noised to the same t with the
     same eps, in one pass."""
-    logits = disc(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([eps, eps]), cond_cat(cond, cond))
+    logits = disc(torch.cat([real, fake]), torch.cat([t, t]), torch.cat([eps, eps]), teachers.cond_cat(cond, cond))
     d_real, d_fake = logits.chunk(2)
     return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
 
@@ -223,100 +229,92 @@ def fake_score_loss(teacher, x0, cond, gen):
     return F.mse_loss(eps_hat.float(), eps)
 
 
-def milestone_pairs(s, M, jump, gen):
-    """(t_m, t_n, k) of an iteration: t_m = s T/M for milestone indices s (B of them, in 1..M), and t_n = max(t_m -
-    k T/M, 0), k segments below. jump "adjacent" (the paper's): k = 1, adjacent milestones. jump "any" (an option): k
-    uniform in 1..M, drawn once per iteration (one solver length for the batch), so the jumps a 1-step (k = M, t_m =
-    T) or 2-step sampler makes are trained directly too."""
-    k = 1 if jump == "adjacent" else int(torch.randint(1, M + 1, (1,), generator=gen))
-    return milestones(M)[s].float(), milestones(M)[(s - k).clamp(min=0)].float(), k
+# ---- one iteration: the student's step, the discriminator's, the fake score's ------------------------------------
 
+class GlobalCD:
+    """Stage 2's iteration with the paper's hyperparameters, by name: M segments (the stage-1 student's milestones),
+    p teacher solver steps from t_m to t_n, q student steps for the image-free inputs, w the CFG scale of the teacher
+    target and of DMD's real score, lambda1 and lambda2 the GAN's and DMD's weights, fake_updates fake-score steps per
+    student step. d: the distance; disc: the Discriminator (None when lambda1 = 0); the fake score is the adapter
+    `fake` on the teacher's denoiser (there when lambda2 > 0)."""
+    lambda0 = 1.0  # the consistency term's weight: 1 in the paper
 
-def one_step(teacher, cond, gen):
-    """x0_theta(z_T, T) from fresh noise, with gradient: the student's 1-step sample (--dmd-input one_step)."""
-    z_T = teacher.noise(len(next(iter(cond.values()))), gen)
-    with lora.adapter(teacher.denoiser, "student"):
-        return teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
+    def __init__(self, teacher, d, disc, *, M, p, q, w, lambda1, lambda2, fake_updates):
+        self.teacher, self.d, self.disc = teacher, d, disc
+        self.M, self.p, self.q, self.w = M, p, q, w
+        self.lambda1, self.lambda2, self.fake_updates = lambda1, lambda2, fake_updates
 
+    def inputs(self, cond, gen, autocast):
+        """(z_{t_m}, t_m, t_n): the image-free inputs."""
+        return image_free_inputs(self.teacher, cond, self.q, self.M, gen, autocast)
 
-def image_free_inputs(teacher, cond, a, M, gen, autocast):
-    """(z_{t_m}, t_m, t_n, k) of a batch: the states the student trains at, the milestones t_m it is at and t_n it
-    jumps to, and the segments k of the longest jump. No gradients."""
-    B, device = len(next(iter(cond.values()))), teacher.device
-    if a.inputs == "renoise":  # image-free inputs: the student's q-step samples, re-noised to a random milestone t_m
-        with autocast():
-            x0_q = student_samples(teacher, cond, a.q, M, gen)
-        t_m, t_n, k = milestone_pairs(torch.randint(1, M + 1, (B,), generator=gen), M, a.jump, gen)
-        t_m, t_n = t_m.to(device), t_n.to(device)
-        eps = randn_like(x0_q, gen)
-        # z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps; at t_m = T the sampler's own input, pure noise (a DDPM's
-        # alpha_T > 0 would leave a trace of hat z_0 that no sampler input has)
-        z_m = torch.where((t_m == T).view(-1, 1, 1, 1), eps, renoise(teacher, x0_q, t_m, eps))
-        return z_m, t_m, t_n, k
-    with autocast():  # --inputs sampler: the steps the student's own samplers take, from the states they are in
-        z_m, t_m, t_n = sampler_steps(teacher, cond, a.q, M, gen)
-    k = round(float((t_m - t_n).max()) * M / T)  # segments in the longest jump: p steps per segment
-    return z_m, t_m.to(device), t_n.to(device), k
+    def target(self, z_m, t_m, t_n, cond):
+        """hat z_{t_n}: p teacher steps with CFG w from z_{t_m}."""
+        return teacher_target(self.teacher, z_m, t_m, t_n, cond, self.w, self.p)
 
+    def dmd_x0(self, x0_m, cond, gen):
+        """What DMD moves: the student's x0 at t_m."""
+        return x0_m
 
-def iteration(teacher, cond, d, disc, fake, update, a, M, gen, autocast):
-    """One stage-2 iteration on the prompts `cond`: the student step, then one discriminator step (if disc) and
-    a.fake_updates fake-score steps (if fake). Each step runs over a.grad_accum micro-batches of `cond`:
-    update(name, losses) takes one optimizer step of `name` on the mean of `losses`, a generator that makes each
-    micro-batch's loss after the last one's backward. a holds p, q, w, w_target, lambda0, lambda1, lambda2,
-    fake_updates, jump, inputs, dmd_input, grad_accum; every forward runs inside autocast() (teachers.precision), every
-    backward outside it. Returns the losses to log (tensors: no GPU sync here)."""
-    B, device, logs = len(next(iter(cond.values()))), teacher.device, collections.defaultdict(float)
-    z_m, t_m, t_n, k = image_free_inputs(teacher, cond, a, M, gen, autocast)  # the whole batch's: no gradients
-    micro = torch.arange(B, device=device).split(B // a.grad_accum)
-    kept = []  # per micro-batch: its rows, and x0_m, x0_n, x0_dmd without gradients, for the other two steps
+    def iteration(self, cond, update, grad_accum, gen, autocast):
+        """One stage-2 iteration on the prompts `cond`: the student's step, then one discriminator step (lambda1 > 0)
+        and fake_updates fake-score steps (lambda2 > 0). Each step runs over grad_accum micro-batches: update(name,
+        losses) takes one optimizer step of part `name` on the mean of `losses`, a generator that makes each
+        micro-batch's loss after the last one's backward (runs.Trainer.update). Every forward runs inside
+        autocast(), every backward outside it. Returns the losses to log, as tensors."""
+        teacher, B = self.teacher, len(next(iter(cond.values())))
+        z_m, t_m, t_n = self.inputs(cond, gen, autocast)  # the whole batch's, no gradients
+        micro = torch.arange(B, device=teacher.device).split(B // grad_accum)
+        logs, kept = {"cons": 0.0}, []  # kept, per micro-batch: its prompts, x0_m, x0_n and DMD's x0, detached
 
-    def student():  # L = lambda0 L_GoCD + lambda1 L_GAN + lambda2 L_DMD (the paper's lambda0 = 1)
-        for i in micro:
-            c, n = cond_index(cond, i), len(i)
-            with autocast():
-                l_cons, x0_m, x0_n = global_loss(teacher, d, z_m[i], t_m[i], t_n[i], c, a.w_target, a.p * k)
-                loss = a.lambda0 * l_cons.mean()  # p teacher steps a segment
-                logs["cons"] += l_cons.mean().detach() / len(micro)
-                if disc:
-                    l_gan = generator_loss(disc, x0_m, uniform(n, *GAN_T, gen, device), randn_like(x0_m, gen), c)
-                    logs["gan"] += l_gan.detach() / len(micro)
-                    loss = loss + a.lambda1 * l_gan
-                x0_dmd = x0_m
-                if fake:
-                    x0_dmd = x0_m if a.dmd_input == "x0_m" else one_step(teacher, c, gen)
-                    l_dmd = dmd_loss(teacher, x0_dmd, c, a.w, gen)
-                    logs["dmd"] += l_dmd.detach() / len(micro)
-                    loss = loss + a.lambda2 * l_dmd
-            kept.append((c, x0_m.detach(), x0_n, x0_dmd.detach()))
-            yield loss
+        def student():  # L = lambda0 L_GoCD + lambda1 L_GAN + lambda2 L_DMD
+            for i in micro:
+                c, n = teachers.cond_index(cond, i), len(i)
+                with autocast():
+                    z_n = self.target(z_m[i], t_m[i], t_n[i], c)
+                    l_cons, x0_m, x0_n = global_loss(teacher, self.d, z_m[i], t_m[i], z_n, t_n[i], c)
+                    loss = self.lambda0 * l_cons.mean()
+                    logs["cons"] += l_cons.mean().detach() / len(micro)
+                    if self.disc:
+                        l_gan = generator_loss(self.disc, x0_m, uniform(n, *GAN_T, gen, teacher.device),
+                                               randn_like(x0_m, gen), c)
+                        logs["gan"] = logs.get("gan", 0.0) + l_gan.detach() / len(micro)
+                        loss = loss + self.lambda1 * l_gan
+                    x0_dmd = x0_m
+                    if self.lambda2 > 0:
+                        x0_dmd = self.dmd_x0(x0_m, c, gen)
+                        l_dmd = dmd_loss(teacher, x0_dmd, c, self.w, gen)
+                        logs["dmd"] = logs.get("dmd", 0.0) + l_dmd.detach() / len(micro)
+                        loss = loss + self.lambda2 * l_dmd
+                kept.append((c, x0_m.detach(), x0_n, x0_dmd.detach()))
+                yield loss
 
-    def discriminator():  # real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
-        for c, x0_m, x0_n, _ in kept:
-            with autocast():
-                t_g, eps = uniform(len(x0_m), *GAN_T, gen, device), randn_like(x0_m, gen)
-                l_d = discriminator_loss(disc, x0_n, x0_m, t_g, eps, c)
-            yield l_d
+        def discriminator():  # real = sg[x0 at t_n], fake = sg[x0 at t_m], re-noised alike
+            for c, x0_m, x0_n, _ in kept:
+                with autocast():
+                    t_g, eps = uniform(len(x0_m), *GAN_T, gen, teacher.device), randn_like(x0_m, gen)
+                    l_d = discriminator_loss(self.disc, x0_n, x0_m, t_g, eps, c)
+                yield l_d  # outside autocast: the trainer runs its backward before the next is made
 
-    def fake_score():  # the fake score follows the distribution DMD moves
-        for c, _, _, x0_dmd in kept:
-            with autocast():
-                l_f = fake_score_loss(teacher, x0_dmd, c, gen)
-            yield l_f
+        def fake_score():  # the fake score follows the distribution DMD moves
+            for c, _, _, x0_dmd in kept:
+                with autocast():
+                    l_f = fake_score_loss(teacher, x0_dmd, c, gen)
+                yield l_f
 
-    logs["loss"] = update("student", student())
-    if disc:
-        logs["disc"] = update("disc", discriminator())
-    for _ in range(a.fake_updates if fake else 0):
-        logs["fake"] = update("fake", fake_score())
-    return {name: v.detach() if torch.is_tensor(v) else v for name, v in logs.items()}
+        logs["loss"] = update("student", student())
+        if self.disc:
+            logs["disc"] = update("disc", discriminator())
+        for _ in range(self.fake_updates if self.lambda2 > 0 else 0):
+            logs["fake"] = update("fake", fake_score())
+        return logs
 
 
 # ---- the training script ------------------------------------------------------------------------------------------
 
-RUN_VALUES = dict(w=float, w_target=float, p=int, q=int, d=str, llpips=str, lambda0=float, lambda1=float, lambda2=float,
-                  fake_updates=int, jump=str, inputs=str, dmd_input=str, fake_rank=int, lr=float, lr_aux=float,
-                  seed=int)  # what --resume keeps
+RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
+                  fake_rank=int, lr=float, lr_aux=float, seed=int,  # what --resume keeps; and the options':
+                  w_target=float, lambda0=float, jump=str, inputs=str, dmd_input=str)
 
 STAGE2 = """
 Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
@@ -324,23 +322,18 @@ sampler visits. Starting from a stage-1 student (--init), each iteration:
 
   image-free inputs:  hat z_0 = the current student's q-step samples (no grad), re-noised with fresh noise
                       z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps at a random milestone t_m (pure noise at
-                      t_m = T, as the sampler starts), t_n = t_m - T/M (--jump any: k T/M below, k in 1..M);
-                      --inputs sampler: z_{t_m} = a state a k-step student sampler calls it at (k in 1..q),
-                      t_n = the milestone that sampler jumps to
-  teacher target:     hat z_{t_n} = p teacher solver steps with CFG from z_{t_m} (Psi, DDIM / Euler; CFG at
-                      --w-target if given)
+                      t_m = T, as the sampler starts), t_n = t_m - T/M
+  teacher target:     hat z_{t_n} = p teacher solver steps with CFG from z_{t_m} (Psi: DDIM / Euler)
   consistency:        L_GoCD  = d( x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)] )   (hat z_0 at t_n = 0)
   GAN (lambda1):      hinge; D = frozen teacher encoder + trainable heads; real = sg[x0 at t_n], fake = x0 at t_m
   DMD (lambda2):      real score = teacher with CFG, fake score = LoRA adapter `fake` on the same base, trained
-                      online (--fake-updates denoising steps per student step); DMD2's normalised gradient
-                      on x0 at t_m (or on the 1-step sample x0(z_T, T): --dmd-input one_step)
-  total:              L = lambda0 L_GoCD + lambda1 L_GAN + lambda2 L_DMD   (the paper: lambda0 = 1)
+                      online (--fake-updates denoising steps per student step); DMD2's normalised gradient on x0
+  total:              L = L_GoCD + lambda1 L_GAN + lambda2 L_DMD
 
 One copy of the base weights serves the teacher (no adapter), the student (adapter `student`), the fake score
-(adapter `fake`) and the discriminator's backbone. Paper: p = 3, q = 4, lambda1 = 0.1, lambda2 = 1, lr 1e-5;
-3K iterations for SDXL, 6K for FLUX.1-dev. Ablations (the paper's Table 3): --d mse, --lambda1 0, --lambda2 0.
-The DMD2-style baseline (distribution matching + GAN, no consistency term, no stage 1): --init teacher --lambda0 0
---inputs sampler (the student starts as the teacher itself: a fresh LoRA on the milestone grid of --M).
+(adapter `fake`) and the discriminator's backbone. Each flag's value per teacher family is in its help. Ablations
+(the paper's Table 3): --distance mse, --lambda1 0, --lambda2 0. Options the paper does not have (the last group of
+flags) are at the end of this file.
 
   python global_cd.py                                   # after python local_cd.py: the embedded teacher, minutes
   torchrun --nproc_per_node 4 global_cd.py --init local.safetensors --prompts prompts.txt --llpips sdxl_llpips.safetensors
@@ -349,301 +342,275 @@ The DMD2-style baseline (distribution matching + GAN, no consistency term, no st
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__ + STAGE2, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__ + STAGE2, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    presets=PRESETS)
     a = p.add_argument
     a("--init", default="local.safetensors", help="the stage-1 checkpoint to continue (its teacher, M and w are "
-      "used), or teacher: a fresh LoRA on --teacher, the student starting as the teacher (the DMD2-style baseline)")
+      "used); or teacher (an option, below)")
     a("--teacher", default=None, help="optional check: the teacher --init must have been distilled from (with --init "
       "teacher: the teacher, default digits)")
-    a("--M", type=count, default=None, help="with --init teacher: the milestone grid's segments (default 8; a stage-1 "
-      "checkpoint brings its own)")
-    a("--rank", type=count, default=None, help="with --init teacher: the student's LoRA rank (default 64, stage 1's)")
     a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
-    a("--p", type=count, default=3, help="p: teacher solver steps from t_m to t_n")
-    a("--q", type=count, default=4, help="q: student steps that make the image-free inputs")
-    a("--w", type=weight, default=None, help="w: CFG scale of the teacher target and the DMD real score "
+    a("--p", type=runs.count, help="p: teacher solver steps from t_m to t_n")
+    a("--q", type=runs.count, help="q: student steps that make the image-free inputs")
+    a("--w", type=runs.weight, default=None, help="w: CFG scale of the teacher target and the DMD real score "
       "(default: the stage-1 checkpoint's)")
-    a("--w-target", type=weight, default=None, help="the teacher target's CFG scale alone, the DMD real score keeping "
-      "--w (default: --w, the paper's one w; more guidance in the target buys alignment at FD's cost)")
-    a("--distance", "--d", dest="d", choices=["mse", "llpips"], default=None, help=DISTANCE_HELP)
-    a("--llpips", type=os.path.abspath, default=None, help=LLPIPS_HELP)
-    a("--lambda0", type=weight, default=1.0, help="lambda0: weight of the consistency term L_GoCD (the paper: 1; 0: "
-      "off, the DMD2-style baseline)")
-    a("--lambda1", type=weight, default=0.1, help="lambda1: weight of the GAN term (0: off, no discriminator)")
-    a("--lambda2", type=weight, default=1.0, help="lambda2: weight of the DMD term (0: off, no fake score). 1 for "
-      "every teacher; for FLUX.1-dev a departure: the paper set 0 there, DMD being out of its memory, and here the "
-      "fake score is an adapter on the one base copy (34 GiB at batch 1)")
-    a("--fake-rank", type=count, default=None, help="LoRA rank of the fake score (default: the "
-      "student's; embedded preset: 16)")
-    a("--jump", choices=["adjacent", "any"], default="adjacent", help="t_n: adjacent, the milestone below t_m (the "
-      "paper's), or any, k segments below (k uniform in 1..M per iteration, t_n >= 0) with p teacher steps per "
-      "segment: the 1-step sampler's T -> 0 jump trained directly (about (M + 1) / 2 times the teacher's "
-      "solver steps)")
-    a("--inputs", choices=["renoise", "sampler"], default="renoise", help="the image-free inputs z_{t_m}: renoise, "
-      "the student's q-step samples re-noised with fresh noise to a random milestone (the paper's), or sampler, a "
-      "state the student's own k-step sampler calls it at, t_n the milestone it jumps to (k uniform in 1..q; --jump "
-      "does not apply; trains the very steps sampling takes, DMD2's backward simulation)")
-    a("--dmd-input", choices=["x0_m", "one_step"], default="x0_m", help="what DMD moves: x0_m, the student's x0 at "
-      "the iteration's milestone t_m (the paper's), or one_step, its 1-step sample x0_theta(z_T, T) from fresh noise "
-      "(one more student forward and backward; toward a 1-step student); the fake score learns the same samples")
-    a("--fake-updates", type=lambda x: number(x, int, 0), default=None,
-      help="fake-score updates per student update (DMD2's two time-scales)")
-    a("--lr", type=positive, default=None, help="AdamW learning rate of the student (paper: 1e-5)")
-    a("--lr-aux", type=positive, default=None, help="learning rate of the discriminator heads and the fake score")
-    a("--batch", type=count, default=None, help="samples per iteration, rank and micro-batch")
-    a("--grad-accum", type=count, default=1, help="micro-batches per iteration: each rank draws N x --batch prompts "
-      "and their image-free inputs (the q-step rollout, no gradients, at that size), then the student's, the "
+    a("--distance", "--d", dest="d", choices=["mse", "llpips"], help=DISTANCE_HELP)
+    a("--llpips", type=os.path.abspath, help=LLPIPS_HELP)
+    a("--lambda1", type=runs.weight, help="lambda1: weight of the GAN term (0: off, no discriminator)")
+    a("--lambda2", type=runs.weight, help="lambda2: weight of the DMD term (0: off, no fake score)")
+    a("--fake-rank", type=runs.count, help="LoRA rank of the fake score (none: the student's)")
+    a("--fake-updates", type=lambda x: runs.number(x, int, 0), help="fake-score updates per student update (DMD2's "
+      "two time-scales)")
+    a("--lr", type=runs.positive, help="AdamW learning rate of the student")
+    a("--lr-aux", type=runs.positive, help="learning rate of the discriminator heads and the fake score")
+    a("--batch", type=runs.count, help="samples per iteration, rank and micro-batch")
+    a("--grad-accum", type=runs.count, default=1, help="micro-batches per iteration: each rank draws N x --batch "
+      "prompts and their image-free inputs (the q-step rollout, no gradients, at that size), then the student's, the "
       "discriminator's and the fake score's steps each run over the N micro-batches and step once on their mean: the "
       "recipe's batch on fewer GPUs (batch x ranks x N), every gradient of one micro-batch's size. With --adapters "
       "base the micro-batches' gradients add up in bf16")
-    a("--iters", type=count, default=None, help="iterations (paper: 3K SDXL, 6K FLUX)")
+    a("--iters", type=runs.count, help="iterations")
     a("--out", default="global.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
-    a("--save-every", type=count, default=None)
+    a("--save-every", type=runs.count, help="iterations between saves of the checkpoint pair")
     a("--resume", action="store_true", help="continue the run saved at --out (LoRAs, heads, optimizers, step, RNG)")
     a("--overwrite", action="store_true", help="replace an existing --out (a fresh run refuses to, by default)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")
-    a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
-    a("--adapters", choices=ADAPTERS, default="autocast", help=ADAPTERS_HELP)
-    a("--compile", action="store_true", help=COMPILE_HELP)
-    a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
-    a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
+    a("--dtype", choices=list(teachers.DTYPES), default=None, help=teachers.DTYPE_HELP)
+    a("--adapters", choices=teachers.ADAPTERS, default="autocast", help=teachers.ADAPTERS_HELP)
+    a("--compile", action="store_true", help=runs.COMPILE_HELP)
+    a("--encode-batch", type=runs.count, default=32, help="prompts per text-encoder call")
+    a("--encode-chunk", type=runs.count, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
-    a("--log-every", type=count, default=10, help="iterations per line of the metrics log, <out>.log.jsonl")
-    a("--val-every", type=lambda x: number(x, int, 0), default=None, help="iterations between validation grids, "
+    a("--log-every", type=runs.count, default=10, help="iterations per line of the metrics log, <out>.log.jsonl")
+    a("--val-every", type=lambda x: runs.number(x, int, 0), help="iterations between validation grids, "
       "<out>.val/step_<N>.png (the student at 2 and 4 steps from fixed noise; also at the start and the end; 0: none)")
     a("--val-prompts", nargs="+", default=None, help="the validation grid's prompts: a text file or the prompts "
       "(default: the embedded teacher's digits, else the first 4 of --prompts)")
     a("--device", default=None)
+    add_option_arguments(p.add_argument_group("options the paper does not have (end of global_cd.py)"))
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    import torch.distributed as dist
-    from tqdm import tqdm
-    args = parse_args(argv)
-    rank, world, device, ddp = init_distributed(args.device)  # torchrun: one process per GPU (or CPU rank)
-    cuda = str(device).startswith("cuda")
-    master = rank == 0  # only rank 0 logs and saves
-    log = print if master else (lambda *a, **k: None)
-    # precision: the frozen base in `dtype` (bf16 on CUDA); student, fake score and heads fp32 with their AdamW; every
-    # forward of an iteration (rollout, teacher solver, student, GAN, DMD) under autocast(), the backwards outside it
-    # (or the adapters from bf16 copies, --adapters base); the distance d in fp32 (local_cd.distance)
-    dtype, autocast, adapter_dtype = precision(device, args.dtype, args.adapters)
-
-    check_fresh_out(args)
-    run = lora.metadata(args.out) if args.resume else {}
-    if args.resume:  # the run's own p, q, w, lambdas, ...: flags left out are taken from it, flags given must agree
-        take_run_values(args, run, RUN_VALUES)
-        take_run_batch(args, run, world)
-    from_teacher = args.init == "teacher" and not args.resume
-    if (args.M or args.rank) and not (from_teacher or args.resume):
-        raise SystemExit("error: --M and --rank go with --init teacher; a stage-1 checkpoint brings its own")
+def student_meta(args):
+    """(where the student comes from, its checkpoint's metadata), read before any model loads: the stage-1 checkpoint
+    --init, or resuming, this run's own; with --init teacher, the teacher itself (an option). Each mistake one line."""
+    check_options(args)
     if args.lambda0 == args.lambda1 == args.lambda2 == 0:
         raise SystemExit("error: --lambda0, --lambda1 and --lambda2 are all 0: nothing to train")
-    if args.inputs == "sampler" and args.jump != "adjacent":
-        raise SystemExit("error: --jump any: with --inputs sampler, t_n is the milestone the sampler jumps to; leave "
-                         "--jump out")
-    # the student: a stage-1 checkpoint (or, resuming, this stage's own); teacher, M and w come from its metadata.
-    # --init teacher: a fresh LoRA (B = 0), so the student starts as the teacher, on the grid of --M milestones
-    source, stages = (args.out, ("global",)) if args.resume else (args.init, ("local",))
-    try:  # every input checked before any model loads: the checkpoint's metadata and the teacher's configs are read
-        meta = ({"teacher": args.teacher or "digits", "M": args.M or 8, "rank": args.rank or 64, "step": 0, "skip": ""}
-                if from_teacher else checkpoint_meta(source, stages))
+    source, stage = (args.out, "global") if args.resume else (args.init, "local")
+    try:
+        meta = teacher_as_student(args) if args.init == "teacher" and not args.resume else \
+            teachers.checkpoint_meta(source, (stage,))
         if args.teacher is not None and args.teacher != meta["teacher"]:
             raise ValueError(f"{source} was distilled from teacher {meta['teacher']!r}, not {args.teacher!r}")
-        for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's
-            if getattr(args, key) not in (None, int(meta[key])):
-                raise ValueError(f"--{key} {getattr(args, key)} differs from the run's {key} = {meta[key]}")
-        if not 1 <= args.q <= int(meta["M"]):
-            raise ValueError(f"--q: the student samples in 1..{meta['M']} steps, not {args.q}")
-        hub = {"variant": meta.get("variant") or None, "revision": meta.get("revision") or None}
-        family = locate(meta["teacher"], hub["revision"])[0]
-        prompts = run_prompts(args, run)
-        fill_presets(args, PRESETS[family]["global"], meta["teacher"])  # and d: L-LPIPS, MSE, or a refusal
-        lora_rank = int(meta["rank"])
-        n_lora, latent = denoiser_size(meta["teacher"], lora_rank, int(meta.get("resolution", 1024)), hub["revision"])
     except (ValueError, FileNotFoundError) as e:
         if args.resume:
             raise SystemExit(f"error: cannot resume: {e}")
         hint = " (run stage 1 first: python local_cd.py)" if isinstance(e, FileNotFoundError) else ""
         raise SystemExit(f"error: {e}{hint}")
-    args.fake_rank = args.fake_rank or int(meta.get("fake_rank", 0) if args.resume else 0) or lora_rank
-    fake_lora = n_lora * args.fake_rank // lora_rank if args.lambda2 > 0 else 0
-    check_inputs(args, prompts, family, latent, pair_bytes_global(n_lora, fake_lora), n_lora)
-    d = distance(args.d, args.llpips, device)  # L-LPIPS: read whole now, a broken file said before the teacher loads
-    try:
-        with rank_zero_first(ddp):  # a hub teacher: rank 0 downloads it, the other ranks wait, then all load it
-            download(meta["teacher"], **hub)
-        if from_teacher:
-            teacher = load_teacher(meta["teacher"], device, dtype=dtype)
-            torch.manual_seed(args.seed)  # the LoRA's A: the same init for the same --seed (B = 0)
-            add_student(teacher, lora_rank)
-            meta["w"] = teacher.default_w
-        else:
-            teacher, tensors, meta = load_student(source, device, stages, dtype=dtype)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {'cannot resume: ' if args.resume else ''}{e}")
-    M = int(meta["M"])
+    return source, meta
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = runs.Trainer(args, "global", RUN_VALUES)  # torchrun, precision; --resume takes the run's own values
+    source, meta = student_meta(args)  # the student's teacher, M, w, rank: from its checkpoint
+    hub = {"variant": meta.get("variant") or None, "revision": meta.get("revision") or None}
+    lora_rank, M = int(meta["rank"]), int(meta["M"])
+
+    def pair_bytes(n_lora, latent):  # once the presets are in: the fake score's rank is known
+        args.fake_rank = args.fake_rank or lora_rank
+        return runs.pair_bytes_global(n_lora, n_lora * args.fake_rank // lora_rank if args.lambda2 > 0 else 0)
+    run.check(meta["teacher"], hub["revision"], PRESETS, pair_bytes, lora_rank, int(meta.get("resolution", 1024)))
+    if not 1 <= args.q <= M:
+        raise SystemExit(f"error: --q: the student samples in 1..{M} steps, not {args.q}")
+    d = distance(args.d, args.llpips, run.device)  # L-LPIPS read whole now: a broken file is said before the teacher
+    if args.init == "teacher" and not args.resume:  # an option: the student starts as the teacher
+        load = lambda: student_from_teacher(args, meta, run.device, run.dtype)  # noqa: E731
+    else:
+        load = lambda: teachers.load_student(source, run.device, (meta["stage"],), dtype=run.dtype)  # noqa: E731
+    teacher, _, meta = run.load(meta["teacher"], hub, load)
     args.w = float(meta["w"]) if args.w is None else args.w
-    args.w_target = args.w if args.w_target is None else args.w_target
-    try:
-        prompts = prompts or read_prompts(None, teacher)
-        teacher.check_prompts(prompts)
-        shown = val_prompts(args.val_prompts, teacher, prompts)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
 
     torch.manual_seed(args.seed)  # the same initial heads and fake adapter on every rank
-    params = lora.parameters(teacher.denoiser, "student")
     disc = Discriminator(teacher) if args.lambda1 > 0 else None
-    shape = teacher.student_lora
-    fake = lora.inject(teacher.denoiser, shape["lora_targets"], "fake", args.fake_rank) if args.lambda2 > 0 else None
-    # what trains, each with its own AdamW: name -> (parameters, lr, betas); names key the optimizers in the state file
-    trainable = {"student": (params, args.lr, (0.9, 0.999))}
+    parts = {"student": (args.lr, (0.9, 0.999), None)}  # what trains: name -> (lr, betas, module; None: an adapter)
     if disc:
-        trainable["disc"] = (list(disc.parameters()), args.lr_aux, (0.0, 0.99))
-    if fake:
-        trainable["fake"] = (fake, args.lr_aux, (0.9, 0.999))
-    opts = {k: torch.optim.AdamW(ps, lr=lr, betas=b, weight_decay=0.0, fused=cuda or None)
-            for k, (ps, lr, b) in trainable.items()}
-    if args.grad_checkpointing:
-        lora.gradient_checkpointing(teacher.denoiser)
-    if args.compile:  # after the adapters are in (and checkpointing is set): they are compiled with their blocks
-        compile_blocks(teacher.denoiser)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own samples and noise
-    stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
-    hparams = {"M": M, "w": args.w, "w_target": args.w_target, "p": args.p, "q": args.q, "d": args.d,
-               "llpips": args.llpips if args.d == "llpips" else "",
-               "lambda0": args.lambda0, "lambda1": args.lambda1, "lambda2": args.lambda2, "fake_updates": args.fake_updates,
-               "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input,
-               "fake_rank": args.fake_rank if fake else 0, "lr": args.lr,
-               "lr_aux": args.lr_aux, "batch": args.batch * world * args.grad_accum, "seed": args.seed,
-               **prompts_meta(prompts),
-               "run": meta.get("run", new_run_id()) if args.resume else new_run_id(),
+        parts["disc"] = (args.lr_aux, (0.0, 0.99), disc)
+    if args.lambda2 > 0:
+        lora.inject(teacher.denoiser, teacher.student_lora["lora_targets"], "fake", args.fake_rank)
+        parts["fake"] = (args.lr_aux, (0.9, 0.999), None)
+    stream = teachers.open_prompt_stream(teacher, run.prompts, args, run.rank, run.world)  # encoded when drawn
+    run.train(teacher, parts, stream)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + run.rank)  # each rank draws its own samples and noise
+    paper = dict(M=M, p=args.p, q=args.q, w=args.w, lambda1=args.lambda1, lambda2=args.lambda2,
+                 fake_updates=args.fake_updates)
+    if options_chosen(args):  # an option the paper does not have: the iteration with its pieces (end of this file)
+        method = WithOptions(teacher, d, disc, **paper, **option_values(args))
+    else:
+        method = GlobalCD(teacher, d, disc, **paper)
+    hparams = {**paper, "d": args.d, "llpips": args.llpips or "",
+               "fake_rank": args.fake_rank if args.lambda2 > 0 else 0, "lr": args.lr, "lr_aux": args.lr_aux,
+               "batch": args.batch * run.world * args.grad_accum, "iters": args.iters, "seed": args.seed,
+               "run": run.id, **runs.prompts_meta(run.prompts),
                "init": meta.get("init", args.init) if args.resume else args.init,
                "init_step": meta.get("init_step", meta.get("step")) if args.resume else meta.get("step"),
-               "skip": meta.get("skip")}
-    step = forwards = 0  # forwards: model calls x samples (a CFG step counts 2) of this run, all ranks
+               "skip": meta.get("skip"), **option_values(args)}
     if args.resume:
-        try:
-            state, smeta, student, prefix = read_state(args.out, meta, teacher.lora_prefix)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: cannot resume: {e}")
-        if student is not None:  # the state's own copy: newer than the checkpoint if a save was interrupted
-            lora.load_state_dict(teacher.denoiser, "student", student, prefix)
-        if float(smeta.get("lambda1", 0)) != args.lambda1 or float(smeta.get("lambda2", 0)) != args.lambda2:
-            raise SystemExit(f"error: {args.out} was trained with lambda1 = {smeta.get('lambda1')}, lambda2 = "
-                             f"{smeta.get('lambda2')}; resume with the same values")
-        for k, o in opts.items():
-            load_optimizer(o, state, f"{k}_optim")
-        if disc:
-            disc.load_state_dict({k[len("disc."):]: v for k, v in state.items() if k.startswith("disc.")})
-        if fake:
-            lora.load_state_dict(teacher.denoiser, "fake", state, "fake")
-        step, forwards = int(smeta["step"]), int(smeta.get("forwards", 0))
-        if master:  # ranks > 0 continue with fresh random streams; a single-process resume continues exactly
+        state, _ = run.resume()
+        if run.master:  # ranks > 0 continue with fresh random streams; a single-process resume continues exactly
             gen.set_state(state["rng"])
-        stream.drawn = step * args.batch * args.grad_accum  # every rank draws a batch of prompts per iteration
-        log(f"resumed {args.out} at step {step}" + resumed_late(step, meta))
-    if ddp:  # identical student, heads and fake score on every rank
-        for ps, _, _ in trainable.values():
-            for p in ps:
-                dist.broadcast(p.data, 0)
-    # what the forwards use: the adapters' parameters, or bf16 copies of them (--adapters base); the heads as they are
-    work = {k: lora.Plain(ps) if k == "disc" else lora.Working(teacher.denoiser, k, adapter_dtype)
-            for k, (ps, _, _) in trainable.items()}
-    syncs = {k: GradientSync(w.params, world) for k, w in work.items()}
-    metrics = MetricsLog(args.out, step, master)  # <out>.log.jsonl, continued on --resume
-    validate = None
-    if master and args.val_every:  # rank 0 draws the grids; the others go on to the next all-reduce and wait there
-        validate = validation(teacher, shown, sorted({k for k in (2, 4) if k <= M} or {M}), M, autocast, metrics,
-                              os.path.basename(args.out))
-        if step == 0:
-            validate(0)  # where the student starts: the stage-1 student
+        stream.drawn = run.step * args.batch * args.grad_accum  # every rank draws a batch of prompts per iteration
+    run.log(f"stage 2 on {teacher.id} from {source}: {runs.said_all(hparams)}; per rank {args.batch} x "
+            f"{args.grad_accum} micro-batches; {teachers.precision_said(run.dtype, run.adapter_dtype)}")
+    planned = (args.iters - run.step) * args.batch * args.grad_accum
+    run.log(f"prompts: {len(run.prompts)}; each rank draws {planned} more ({args.batch * args.grad_accum} per "
+            f"iteration), {min(planned, stream.share)} distinct (its share: {stream.share}), {planned * run.world} in "
+            "all")
+    run.start(sorted({k for k in (2, 4) if k <= M} or {M}),
+              lambda cond, z_T, k: student_sample(teacher, cond, z_T, k, M))
+    save = lambda: run.save(hparams, {"rng": gen.get_state()})  # noqa: E731
 
-    def save():
-        stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
-        if not master:
-            return
-        tensors = {"rng": gen.get_state(), **lora.state_dict(teacher.denoiser, "student", "student")}
-        for k, o in opts.items():
-            tensors.update(optimizer_tensors(o, f"{k}_optim"))
-        if disc:
-            tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
-        if fake:
-            tensors.update(lora.state_dict(teacher.denoiser, "fake", "fake"))
-        lora.save(state_path(args.out), tensors, {"step": step, "run": hparams["run"], "lambda1": args.lambda1,
-                                                  "lambda2": args.lambda2, "forwards": forwards})
-        save_checkpoint(args.out, teacher, "global", {**hparams, "step": step, "forwards": forwards})
+    while run.step < args.iters:
+        cond, _ = stream.take(args.batch * args.grad_accum)
+        logs = method.iteration(cond, run.update, args.grad_accum, gen, run.autocast)
+        run.next(logs, save)
+    run.end(save)
+    run.log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 2  (or 3, 4)")
 
-    def update(name, losses):
-        """One AdamW step of `name` (student / disc / fake) on the mean of `losses`, one per micro-batch (--grad-accum),
-        each made after the last one's backward: the gradients add up over the micro-batches and are averaged over
-        ranks during the last backward. A non-finite loss stops the run before the step: the last checkpoint on disk
-        stays the last good one."""
-        opts[name].zero_grad(set_to_none=True)
-        loss = 0.0
-        for i, micro_loss in enumerate(losses):
-            with syncs[name].backward(last=i == args.grad_accum - 1):  # under torchrun: the all-reduce, at the last
-                (micro_loss / args.grad_accum).backward()
-            loss = loss + micro_loss.detach() / args.grad_accum
-        if ddp:
-            loss = mean_over_ranks(loss, world)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: the {name} loss is {loss.item()} at step {step}; stopped. {args.out} keeps the "
-                             "last good checkpoint (try a lower --lr / --lr-aux)")
-        work[name].step(opts[name])  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
-        return loss.item()
 
-    log(f"stage 2 on {teacher.id} from {source}: M={M} p={args.p} q={args.q} w={args.w:g} "
-        f"w_target={args.w_target:g} inputs={args.inputs} jump={args.jump} dmd_input={args.dmd_input} d={args.d} "
-        f"lambda1={args.lambda1:g} lambda2={args.lambda2:g} lr={args.lr:g} lr_aux={args.lr_aux:g} "
-        f"batch={args.batch}x{world}x{args.grad_accum} iters={args.iters}; {precision_said(dtype, adapter_dtype)}")
-    planned = (args.iters - step) * args.batch * args.grad_accum
-    log(f"prompts: {len(prompts)}; each rank draws {planned} more ({args.batch * args.grad_accum} per iteration), "
-        f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all")
-    bar = tqdm(total=args.iters, initial=step, disable=not master, desc="global CD")
-    interval = collections.Counter()  # model forwards per adapter (teacher: none) since the last log line, this rank
-    with lora.count_forwards(teacher.denoiser) as calls:  # (adapter, batch) of every model call, for the log
-        while step < args.iters:
-            cond, _ = stream.take(args.batch * args.grad_accum)
-            try:
-                logs = iteration(teacher, cond, d, disc, fake is not None, update, args, M, gen, autocast)
-            except SystemExit:
-                bar.close()
-                raise
-            for adapter, n in calls:
-                interval[adapter or "teacher"] += n
-            forwards += sum(n for _, n in calls) * world  # the run's training budget, all ranks (as rank 0's)
-            calls.clear()
-            step += 1
-            bar.update(1)
-            metrics.add(logs)
-            if step % args.log_every == 0 or step == args.iters:
-                samples = (step - metrics.step) * args.batch * args.grad_accum  # this interval's, on this rank
-                line = metrics.write(step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in opts.items()},
-                                     **{f"fwd_per_sample_{k}": n / samples for k, n in interval.items()},
-                                     forwards=forwards)
-                interval.clear()
-                if master:
-                    bar.set_postfix({k: f"{line[k]:.4g}" for k in logs})
-            if validate and (step % args.val_every == 0 or step == args.iters):
-                validate(step)
-                calls.clear()  # validation's forwards are not training's
-            if step % args.save_every == 0 or step == args.iters:
-                save()
-    bar.close()
-    if lora.metadata(args.out).get("step") != str(step):  # resumed from a state newer than its checkpoint, at the end
-        save()
-    log(prompts_seen(stream, world))
-    log(metrics.close())
-    log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 2  (or 3, 4)")
-    if ddp:  # a cheap guard: every rank must hold rank 0's weights
-        diff = max(rank_difference(ps) for ps, _, _ in trainable.values())
-        log(f"student, heads and fake score identical on all {world} ranks: max difference {diff:.3g}")
-        dist.destroy_process_group()
+# ==== Options the paper does not have ================================================================================
+# Research options, measured in docs/results.md; none is a preset. They join the paper's path at one place each: their
+# flags (add_option_arguments, in parse_args), their checks (student_meta), the student's source (--init teacher, in
+# main) and the iteration (WithOptions, which main builds instead of GlobalCD when an option is chosen).
+
+def add_option_arguments(g):
+    g.add_argument("--M", type=runs.count, default=None, help="with --init teacher: the milestone grid's segments "
+                   "(default 8; a stage-1 checkpoint brings its own)")
+    g.add_argument("--rank", type=runs.count, default=None, help="with --init teacher: the student's LoRA rank "
+                   "(default 64, stage 1's)")
+    g.add_argument("--w-target", type=runs.weight, default=None, help="the teacher target's CFG scale alone, the DMD "
+                   "real score keeping --w (default: --w, the paper's one w; more guidance in the target buys "
+                   "alignment at FD's cost)")
+    g.add_argument("--lambda0", type=runs.weight, default=1.0, help="lambda0: weight of the consistency term L_GoCD "
+                   "(the paper: 1; 0: off, the DMD2-style baseline)")
+    g.add_argument("--jump", choices=["adjacent", "any"], default="adjacent", help="t_n: adjacent, the milestone below "
+                   "t_m (the paper's), or any, k segments below (k uniform in 1..M per iteration, t_n >= 0) with p "
+                   "teacher steps per segment: the 1-step sampler's T -> 0 jump trained directly (about (M + 1) / 2 "
+                   "times the teacher's solver steps)")
+    g.add_argument("--inputs", choices=["renoise", "sampler"], default="renoise", help="the image-free inputs "
+                   "z_{t_m}: renoise, the student's q-step samples re-noised with fresh noise to a random milestone "
+                   "(the paper's), or sampler, a state the student's own k-step sampler calls it at, t_n the milestone "
+                   "it jumps to (k uniform in 1..q; --jump does not apply; trains the very steps sampling takes, "
+                   "DMD2's backward simulation)")
+    g.add_argument("--dmd-input", choices=["x0_m", "one_step"], default="x0_m", help="what DMD moves: x0_m, the "
+                   "student's x0 at the iteration's milestone t_m (the paper's), or one_step, its 1-step sample "
+                   "x0_theta(z_T, T) from fresh noise (one more student forward and backward; toward a 1-step "
+                   "student); the fake score learns the same samples")
+    # --init teacher (see --init): a fresh LoRA on --teacher, the student starting as the teacher itself on the grid
+    # of --M milestones; with --lambda0 0 --inputs sampler, the DMD2-style baseline (no consistency term, no stage 1)
+
+
+def options_chosen(args):
+    """Whether the run departs from the paper's iteration (args.w known)."""
+    return (args.w_target not in (None, args.w) or args.lambda0 != 1 or args.jump != "adjacent"
+            or args.inputs != "renoise" or args.dmd_input != "x0_m")
+
+
+def option_values(args):
+    """The options' values by name (the paper's when none is chosen): WithOptions takes them, a checkpoint records
+    them."""
+    return {"w_target": args.w if args.w_target is None else args.w_target, "lambda0": args.lambda0,
+            "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input}
+
+
+def check_options(args):
+    if (args.M or args.rank) and not (args.init == "teacher" or args.resume):
+        raise SystemExit("error: --M and --rank go with --init teacher; a stage-1 checkpoint brings its own")
+    if args.inputs == "sampler" and args.jump != "adjacent":
+        raise SystemExit("error: --jump any: with --inputs sampler, t_n is the milestone the sampler jumps to; leave "
+                         "--jump out")
+    if args.resume:  # given again on --resume: they must be the run's
+        meta = lora.metadata(args.out)
+        for key in ("M", "rank"):
+            if getattr(args, key) not in (None, int(meta.get(key, 0))):
+                raise SystemExit(f"error: cannot resume: --{key} {getattr(args, key)} differs from the run's {key} = "
+                                 f"{meta.get(key)}")
+
+
+def teacher_as_student(args):
+    """--init teacher: the metadata a stage-1 checkpoint would bring, for a student that starts as the teacher."""
+    return {"teacher": args.teacher or "digits", "M": args.M or 8, "rank": args.rank or 64, "step": 0, "skip": "",
+            "stage": "local"}
+
+
+def student_from_teacher(args, meta, device, dtype):
+    """--init teacher: the teacher with a fresh student LoRA (B = 0: the student is the teacher), the same A for the
+    same --seed; w the stage-1 preset's of its family."""
+    import local_cd
+    teacher = teachers.load_teacher(meta["teacher"], device, dtype=dtype)
+    torch.manual_seed(args.seed)
+    teachers.add_student(teacher, int(meta["rank"]))
+    return teacher, None, {**meta, "w": local_cd.PRESETS[teacher.family]["w"]}
+
+
+class WithOptions(GlobalCD):
+    """The paper's iteration with the options chosen: --inputs sampler, --jump any, --w-target, --dmd-input one_step,
+    --lambda0. What they do not change is GlobalCD's."""
+
+    def __init__(self, teacher, d, disc, *, w_target, lambda0, jump, inputs, dmd_input, **paper):
+        super().__init__(teacher, d, disc, **paper)
+        self.w_target, self.lambda0, self.jump = w_target, lambda0, jump
+        self.sampler, self.one_step = inputs == "sampler", dmd_input == "one_step"
+
+    def inputs(self, cond, gen, autocast):
+        if self.sampler:
+            with autocast():
+                z_m, t_m, t_n = sampler_steps(self.teacher, cond, self.q, self.M, gen)
+            return z_m, t_m.to(self.teacher.device), t_n.to(self.teacher.device)
+        return image_free_inputs(self.teacher, cond, self.q, self.M, gen, autocast,
+                                 pair=any_jump if self.jump == "any" else milestone_pair)
+
+    def target(self, z_m, t_m, t_n, cond):
+        """p teacher steps per segment of the longest jump (--jump any, --inputs sampler jump more than one), at
+        --w-target."""
+        k = round(float((t_m - t_n).max()) * self.M / T)
+        return teacher_target(self.teacher, z_m, t_m, t_n, cond, self.w_target, self.p * k)
+
+    def dmd_x0(self, x0_m, cond, gen):
+        """--dmd-input one_step: x0_theta(z_T, T) from fresh noise, with gradient: the student's 1-step sample."""
+        if not self.one_step:
+            return x0_m
+        z_T = self.teacher.noise(len(x0_m), gen)
+        with lora.adapter(self.teacher.denoiser, "student"):
+            return self.teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
+
+
+def any_jump(s, M, gen):
+    """--jump any: (t_m, t_n) = (t^s, t^{max(s - k, 0)}), k uniform in 1..M drawn once per iteration (one solver
+    length for the batch), so the jumps a 1-step (k = M, t_m = T) or 2-step sampler makes are trained directly too."""
+    k = int(torch.randint(1, M + 1, (1,), generator=gen))
+    return milestones(M)[s].float(), milestones(M)[(s - k).clamp(min=0)].float()
+
+
+@torch.no_grad()
+def sampler_steps(teacher, cond, q, M, gen):
+    """(z_{t_m}, t_m, t_n) for --inputs sampler (DMD2's backward simulation): the steps the student's own
+    k-step sampler takes, k uniform in 1..q (one k per iteration), one of its k steps per sample, uniform: the state
+    z_{t_m} it calls the student at and the time t_n it jumps to. A sampler's later states carry its own earlier
+    predictions (Psi re-uses their eps_hat), which fresh noise does not."""
+    B = len(next(iter(cond.values())))
+    k = int(torch.randint(1, q + 1, (1,), generator=gen))
+    ts = student_times(k, M)  # the milestones the k-step sampler visits, T first, 0 last
+    i = torch.randint(0, k, (B,), generator=gen)  # which of its steps each sample takes
+    states = [teacher.noise(B, gen)]  # the sampler's states: z_T, then one per step
+    with lora.adapter(teacher.denoiser, "student"):
+        for j in range(int(i.max())):  # its steps, up to the latest state a sample is at (not one step beyond)
+            states.append(solve(lambda z_, t_: teacher.x0(z_, t_, cond), states[-1], ts[j:j + 2], teacher.alpha_sigma))
+    ts = torch.tensor(ts, dtype=torch.float32)
+    return torch.stack(states)[i, torch.arange(B)], ts[i], ts[i + 1]
 
 
 if __name__ == "__main__":
-    with explain_out_of_memory(), explain_interrupt("global_cd.py", lambda: parse_args().out):
+    with runs.explain_out_of_memory(), runs.explain_interrupt("global_cd.py", lambda: parse_args().out):
         main()

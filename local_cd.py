@@ -2,9 +2,9 @@
 
 Paper: "LogCD: Local-to-global Consistency Distillation for Few-step Image Generation" (CVPR 2026), Method 1.
 This file holds the method's common ground, which stage 2 and the sampler import too: time and milestones, the
-one solver step Psi, classifier-free guidance; then stage 1 itself: the image-free trajectory buffer, the
-local consistency loss, and its training loop (main, when run as a script). The teachers, prompts and
-checkpoints are in teachers.py, the run's plumbing (arguments, resume, torchrun) in runs.py.
+one solver step Psi, classifier-free guidance, the distance d; then stage 1 itself: the image-free trajectory
+buffer, the local consistency loss, and its training loop (main). What surrounds the loop (arguments, resume,
+torchrun, logs) is runs.py's; the teachers, prompts and checkpoints are teachers.py's.
 
 Time: t in [0, T], T = 1000, for every teacher; t = 0 is the clean latent (alpha = 1, sigma = 0).
   DDPM teachers (SDXL, the digits toy): t = k is the training index k - 1 (so t = T is index 999, "trailing").
@@ -14,19 +14,31 @@ import argparse
 import json
 import math
 import os
-import time
 
 import torch
 
 import lora
-from runs import (COMPILE_HELP, GradientSync, MetricsLog, Parser, check_fresh_out, check_inputs, compile_blocks,
-                  count, explain_interrupt, explain_out_of_memory, fill_presets, init_distributed, load_optimizer,
-                  mean_over_ranks, new_run_id, number, optimizer_tensors, pair_bytes_local, positive, prompts_meta,
-                  rank_difference, rank_zero_first, read_state, resumed_late, run_prompts, state_path, take_run_batch,
-                  take_run_values, weight)
-from teachers import (ADAPTERS, ADAPTERS_HELP, DTYPE_HELP, DTYPES, HERE, T, add_student, cond_index, cond_cat,
-                      denoiser_size, download, load_teacher, locate, open_prompt_stream, precision, precision_said,
-                      prompts_seen, read_checkpoint, read_prompts, save_checkpoint)
+import runs
+import teachers
+from teachers import T
+
+# ---- the paper's values, per teacher family (every flag left out takes its family's; --help shows them) -----------
+
+TOY_LLPIPS = os.path.join(teachers.HERE, "toy", "llpips.safetensors")  # L-LPIPS trained on the embedded teacher
+
+PAPER = dict(M=8, skip=20, rank=64, lr=1e-4, d=None, llpips=None)  # Method 1 and its experiments
+PRESETS = {
+    # the embedded teacher: ours, sized to finish in minutes on a CPU; w and d measured (its L-LPIPS was unstable in
+    # stage 1 at this lr)
+    "digits": {**PAPER, "w": 1.5, "lr": 1e-3, "batch": 64, "iters": 400, "trajectories": 16, "buffer": 4096,
+               "reuse": 4, "save_every": 100, "val_every": 50, "d": "mse", "llpips": TOY_LLPIPS},
+    "sdxl": {**PAPER, "w": 7.0, "batch": 4, "iters": 12000, "trajectories": 4, "buffer": 512, "reuse": 4,
+             "save_every": 500, "val_every": 500},
+    # FLUX.1-dev is guidance-distilled: w = 3.5 enters its guidance embedding (a departure: the paper gives w = 7)
+    "flux": {**PAPER, "w": 3.5, "batch": 2, "iters": 6000, "trajectories": 2, "buffer": 256, "reuse": 4,
+             "save_every": 500, "val_every": 500},
+}
+# SDXL / FLUX have no d: the paper's is an L-LPIPS of the teacher's VAE (llpips.py trains one), or --distance mse
 
 
 # ---- time: milestones and step grids ------------------------------------------------------------------------------
@@ -37,8 +49,10 @@ def milestones(M):
 
 
 def segment(t, M):
-    """s such that t lies in (t^s, t^{s+1}]; t = 0 belongs to segment 0."""
-    return (torch.ceil(torch.as_tensor(t, dtype=torch.float64) * M / T).long() - 1).clamp(0, M - 1)
+    """s such that t lies in (t^s, t^{s+1}]; t = 0 belongs to segment 0. A t within 1e-4 of a segment's width of a
+    milestone is that milestone: t M / T in floating point lands a hair above s + 1 for some milestones (M = 15: t^7
+    = 466.66..., 7.0000000000000009 segments), which would put t^{s+1} into the segment above it."""
+    return (torch.ceil(torch.as_tensor(t, dtype=torch.float64) * M / T - 1e-4).long() - 1).clamp(0, M - 1)
 
 
 def student_times(k, M):
@@ -107,7 +121,8 @@ def cfg(teacher, z, t, cond, w):
     if teacher.guidance_embedded:
         return teacher.x0(z, t, cond, guidance=w)
     # one batched pass for both halves: the prompt and the null prompt
-    x0_c, x0_null = teacher.x0(torch.cat([z, z]), torch.cat([t, t]), cond_cat(cond, teacher.null(len(z)))).chunk(2)
+    x0_c, x0_null = teacher.x0(torch.cat([z, z]), torch.cat([t, t]),
+                               teachers.cond_cat(cond, teacher.null(len(z)))).chunk(2)
     # eps_w = eps(null) + w (eps(c) - eps(null))
     return x0_null + w * (x0_c - x0_null)
 
@@ -120,8 +135,8 @@ def cfg_passes(teacher):
 # ==== Stage 1: local consistency distillation ======================================================================
 
 def local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond):
-    """The stage-1 loss on a batch of pairs, with the student adapter active. Returns (loss, target, student
-    forwards). Pairs whose t_n is the milestone itself need no student forward for their target."""
+    """The stage-1 loss on a batch of pairs, with the student adapter active. Returns (loss, target). Pairs whose t_n
+    is the milestone itself need no student forward for their target."""
     # g_theta(z_{t_m}, t_m, t^s) = Psi(z_{t_m}, x0_theta(z_{t_m}, t_m), t_m, t^s)
     g_m = Psi(z_m, teacher.x0(z_m, t_m, cond), t_m, t_s, teacher.alpha_sigma)
     with torch.no_grad():
@@ -129,9 +144,20 @@ def local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond):
         g_n, inner = z_n.clone(), (t_n > t_s).nonzero().flatten()
         if len(inner):
             zi, ti, si = z_n[inner], t_n[inner], t_s[inner]
-            g_n[inner] = Psi(zi, teacher.x0(zi, ti, cond_index(cond, inner)), ti, si, teacher.alpha_sigma).to(g_n.dtype)
+            x0_i = teacher.x0(zi, ti, teachers.cond_index(cond, inner))
+            g_n[inner] = Psi(zi, x0_i, ti, si, teacher.alpha_sigma).to(g_n.dtype)
     # L = d(g_theta(z_{t_m}, t_m, t^s), sg[g_theta(z_{t_n}, t_n, t^s)])
-    return d(g_m, g_n).mean(), g_n, len(z_m) + len(inner)
+    return d(g_m, g_n).mean(), g_n
+
+
+def local_losses(teacher, d, pairs, micro, autocast):
+    """The loss of each micro-batch of `micro` pairs (--grad-accum), one after the other (the trainer runs each one's
+    backward before the next is made). pairs: (z_m, t_m, z_n, t_n, t_s, cond), as TrajectoryBuffer.sample gives."""
+    for i in torch.arange(len(pairs[0]), device=pairs[0].device).split(micro):
+        z_m, t_m, z_n, t_n, t_s = (x[i] for x in pairs[:5])
+        with lora.adapter(teacher.denoiser, "student"), autocast():
+            loss = local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, teachers.cond_index(pairs[5], i))[0]
+        yield loss  # outside autocast and the adapter: the trainer runs its backward before the next is made
 
 
 def trajectory_times(M, skip, offset=0):
@@ -181,8 +207,9 @@ class TrajectoryBuffer:
         rows = {k: [] for k in ("z_m", "z_n", "t_m", "t_n", "t_s", "prompt", "traj", "depth")}
         for depth, (t, s, keep) in enumerate(zip(ts[:-1], ts[1:], is_pair)):
             t_, s_ = torch.full((n,), t, device=dev), torch.full((n,), s, device=dev)
-            # z_{t_n} = Psi(z_{t_m}, x0_hat_w(z_{t_m}), t_m, t_n): one teacher solver step with CFG
-            z_next = Psi(z, cfg(self.teacher, z, t_, cond, self.w), t_, s_, self.teacher.alpha_sigma)
+            # z_{t_n} = Psi(z_{t_m}, x0_hat_w(z_{t_m}), t_m, t_n): one teacher solver step with CFG (no adapter)
+            with lora.adapter(self.teacher.denoiser, None):
+                z_next = Psi(z, cfg(self.teacher, z, t_, cond, self.w), t_, s_, self.teacher.alpha_sigma)
             self.teacher_forwards += n * self.cfg_passes
             if keep:
                 t_s = float(milestones(self.M)[segment(t, self.M)])
@@ -193,7 +220,7 @@ class TrajectoryBuffer:
         new = {k: torch.cat(v) for k, v in rows.items()}
         self.pool = new if self.pool is None else {k: torch.cat([self.pool[k], new[k]])[-self.capacity:]
                                                    for k in new}
-        self.conds = cond if self.conds is None else cond_cat(self.conds, cond)
+        self.conds = cond if self.conds is None else teachers.cond_cat(self.conds, cond)
         self.made_trajectories += n
         drop = int(self.pool["traj"].min()) - self.first  # trajectories none of whose pairs is left in the pool
         self.conds, self.first = {k: v[drop:] for k, v in self.conds.items()}, self.first + drop
@@ -207,7 +234,7 @@ class TrajectoryBuffer:
         p = {k: v[i] for k, v in self.pool.items()}
         self.served += B
         self.naive_forwards += int(p["depth"].sum()) * self.cfg_passes
-        return p["z_m"], p["t_m"], p["z_n"], p["t_n"], p["t_s"], cond_index(self.conds, p["traj"] - self.first)
+        return p["z_m"], p["t_m"], p["z_n"], p["t_n"], p["t_s"], teachers.cond_index(self.conds, p["traj"] - self.first)
 
     def planned_refills(self, iters, batch):
         """About how many refills `iters` iterations of `batch` pairs take: each makes `trajectories` times the
@@ -235,14 +262,10 @@ class TrajectoryBuffer:
             setattr(self, k, int(v))
 
 
-DISTANCE_HELP = ("d: the consistency distance. llpips: L-LPIPS, the paper's recipe in both stages, Table 3's last row "
-                 "(--llpips FILE alone means it); mse: the paper's MSE row of Table 3. SDXL / FLUX.1-dev have no "
-                 "default: give one of the two (train an L-LPIPS with llpips.py). The embedded teacher: mse in "
-                 "stage 1, measured (its L-LPIPS was unstable there at the preset lr), llpips with "
-                 "toy/llpips.safetensors in stage 2. --d is the same flag, but not under torchrun, which takes --d "
-                 "for its own --duplicate-* flags")
-LLPIPS_HELP = ("the L-LPIPS of this teacher's VAE (llpips.py writes one); given alone, it makes d = llpips (embedded "
-               "teacher: toy/llpips.safetensors)")
+DISTANCE_HELP = ("d: the consistency distance: llpips, the paper's recipe in both stages (Table 3's last row; --llpips "
+                 "FILE alone means it), or mse, Table 3's MSE row. SDXL / FLUX.1-dev: give one (llpips.py trains an "
+                 "L-LPIPS). --d is the same flag, but not under torchrun, which takes --d for its own flags")
+LLPIPS_HELP = "the L-LPIPS of this teacher's VAE (llpips.py writes one); given alone, it makes d = llpips"
 
 
 def distance(name, llpips_path=None, device="cpu"):
@@ -264,124 +287,10 @@ def distance(name, llpips_path=None, device="cpu"):
     return d
 
 
-# ---- watching the student learn: validation grids -----------------------------------------------------------------
-
-VAL_SEED = 0  # the validation noise, the same in every run: two runs' grids compare image by image
-
-
-def val_prompts(spec, teacher, prompts):
-    """The validation prompts: --val-prompts (a file or the prompts; at most 16), else the embedded teacher's digits,
-    else the first 4 training prompts. Checked before any training."""
-    try:
-        chosen = read_prompts(spec, teacher) if spec or teacher.embedded else prompts
-        chosen = [chosen[i] for i in range(min(len(chosen), 16 if spec or teacher.embedded else 4))]
-        teacher.check_prompts(chosen)
-    except ValueError as e:
-        raise ValueError(f"--val-prompts: {e}" if spec else str(e)) from None
-    return chosen
-
-
-@torch.no_grad()
-def validation_latents(teacher, cond, z_T, steps, M, autocast):
-    """The validation grid's rows before decoding: z_0 of the student's k-step sampler from z_T, for each k in steps,
-    the student's adapter active under the run's autocast as in training."""
-    rows = []
-    for k in steps:
-        with autocast():
-            rows.append(student_sample(teacher, cond, z_T, k, M))
-    return rows
-
-
-def validation(teacher, prompts, steps, M, autocast, metrics, name):
-    """validate(step): the student's images of `prompts` from fixed noise (VAL_SEED) at each of `steps` sampling
-    steps -- a row per step count, a column per prompt -- into <out>.val/step_<step>.png, its seconds counted in the
-    metrics log (runs.MetricsLog). It draws no number from the run's generators: a run trains the same with or
-    without it."""
-    cond = teacher.encode(prompts)
-    z_T = teacher.noise(len(prompts), torch.Generator().manual_seed(VAL_SEED))
-
-    @torch.no_grad()
-    def validate(step):
-        t0 = time.perf_counter()
-        rows = [teacher.decode(z_0).float().cpu() for z_0 in validation_latents(teacher, cond, z_T, steps, M, autocast)]
-        title = f"{name} at step {step}; columns: {' | '.join(prompts)}"[:200]
-        metrics.write_grid(step, torch.cat(rows), [f"{k} steps" for k in steps], title, time.perf_counter() - t0)
-    return validate
-
-
 # ---- the training script ------------------------------------------------------------------------------------------
 
 RUN_VALUES = dict(teacher=str, variant=str, revision=str, resolution=int, M=int, skip=float, w=float, d=str, llpips=str,
                   lr=float, rank=int, seed=int)  # what --resume keeps of a run
-
-
-TOY_LLPIPS = os.path.join(HERE, "toy", "llpips.safetensors")  # L-LPIPS trained on the embedded teacher's latents
-
-# The paper's recipe per teacher family, both stages (flags left out take these values); the embedded teacher's is
-# ours, sized to finish in minutes on a CPU. SDXL / FLUX: --llpips has no default (train one with llpips.py).
-PRESETS = {
-    "digits": {
-        "local": dict(iters=400, batch=64, lr=1e-3, trajectories=16, buffer=4096, reuse=4, save_every=100,
-                      val_every=50, d="mse", llpips=TOY_LLPIPS),
-        "global": dict(iters=120, batch=32, lr=3e-5, lr_aux=1e-3, fake_rank=16, fake_updates=2, save_every=40,
-                       val_every=20, d="llpips", llpips=TOY_LLPIPS)},
-    "sdxl": {
-        "local": dict(iters=12000, batch=4, lr=1e-4, w=7.0, trajectories=4, buffer=512, reuse=4, save_every=500,
-                      val_every=500),
-        "global": dict(iters=3000, batch=4, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250, val_every=250)},
-    "flux": {
-        "local": dict(iters=6000, batch=2, lr=1e-4, w=3.5, trajectories=2, buffer=256, reuse=4, save_every=500,
-                      val_every=500),
-        "global": dict(iters=6000, batch=2, lr=1e-5, lr_aux=1e-5, fake_updates=2, save_every=250, val_every=500)},
-}
-
-
-def parse_args(argv=None):
-    p = Parser(description=__doc__ + STAGE1, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--teacher", default="digits", help="digits (embedded, default), sdxl, flux, a teacher folder or hub id")
-    a("--variant", default=None, help="which weight files of a hub teacher, as diffusers' from_pretrained (e.g. fp16)")
-    a("--revision", default=None, help="a hub teacher's branch, tag or commit, as diffusers' from_pretrained")
-    a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
-    a("--M", type=count, default=8, help="M: number of segments; milestones t^s = s T / M")
-    a("--skip", type=positive, default=20, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
-    a("--w", type=weight, default=None, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)) "
-      "(SDXL: 7, the paper's; FLUX.1-dev: 3.5 in its guidance embedding, one pass, its own default -- a departure: "
-      "the paper gives w = 7, a CFG scale; embedded teacher: 1.5, measured)")
-    a("--distance", "--d", dest="d", choices=["mse", "llpips"], default=None, help=DISTANCE_HELP)
-    a("--llpips", type=os.path.abspath, default=None, help=LLPIPS_HELP)
-    a("--rank", type=count, default=64, help="LoRA rank r (alpha = r)")
-    a("--lr", type=positive, default=None, help="AdamW learning rate (paper: 1e-4; embedded preset: 1e-3)")
-    a("--batch", type=count, default=None, help="training pairs per iteration, rank and micro-batch")
-    a("--grad-accum", type=count, default=1, help="micro-batches per iteration: each rank runs N micro-batches of "
-      "--batch pairs and takes one AdamW step on their mean, what one batch N times as large trains (to float "
-      "rounding) in the memory of one micro-batch: the recipe's batch on fewer GPUs (batch x ranks x N). With "
-      "--adapters base the micro-batches' gradients add up in bf16")
-    a("--iters", type=count, default=None, help="iterations (paper: 12K SDXL, 6K FLUX)")
-    a("--trajectories", type=count, default=None, help="teacher trajectories per buffer refill (per rank)")
-    a("--buffer", type=count, default=None, help="capacity of the pair pool")
-    a("--reuse", type=positive, default=None, help="draws per training pair on average before it is replaced")
-    a("--out", default="local.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
-    a("--save-every", type=count, default=None)
-    a("--resume", action="store_true", help="continue the run saved at --out (LoRA, optimizer, step, RNG, buffer)")
-    a("--overwrite", action="store_true", help="replace an existing --out (a fresh run refuses to, by default)")
-    a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
-    a("--dtype", choices=list(DTYPES), default=None, help=DTYPE_HELP)
-    a("--adapters", choices=ADAPTERS, default="autocast", help=ADAPTERS_HELP)
-    a("--compile", action="store_true", help=COMPILE_HELP)
-    a("--resolution", type=count, default=1024, help="SDXL / FLUX image size")
-    a("--encode-batch", type=count, default=32, help="prompts per text-encoder call")
-    a("--encode-chunk", type=count, default=256, help="prompts encoded together and kept on the host (per rank)")
-    a("--seed", type=int, default=0)
-    a("--log-every", type=count, default=10, help="iterations per line of the metrics log, <out>.log.jsonl")
-    a("--val-every", type=lambda x: number(x, int, 0), default=None, help="iterations between validation grids, "
-      "<out>.val/step_<N>.png (the student at 2, 4 and M steps from fixed noise; also at the start and the end; "
-      "0: none)")
-    a("--val-prompts", nargs="+", default=None, help="the validation grid's prompts: a text file or the prompts "
-      "(default: the embedded teacher's digits, else the first 4 of --prompts)")
-    a("--device", default=None)
-    return p.parse_args(argv)
-
 
 STAGE1 = """
 Stage 1 (this script): local consistency. [0, T] is cut into M segments at milestones t^s = s T / M; inside each
@@ -391,7 +300,8 @@ segment the student learns to map any z_t to the segment's lower end t^s, as the
   L = d( g_theta(z_{t_m}, t_m, t^s),  sg[ g_theta(z_{t_n}, t_n, t^s) ] ),  t_n = max(t_m - skip, t^s)
 
 z_{t_n} is one teacher solver step with CFG from z_{t_m}; z_{t_m} comes from teacher trajectories started at pure
-noise (image-free), reused across many training pairs. Stop-gradient target, no EMA; only the LoRA trains.
+noise (image-free), reused across many training pairs. Stop-gradient target, no EMA; only the LoRA trains. Each
+flag's value per teacher family is in its help.
 
   python local_cd.py                                    # the embedded teacher, minutes on a CPU
   torchrun --nproc_per_node 4 local_cd.py --teacher sdxl --prompts prompts.txt --llpips llpips_sdxl.safetensors
@@ -399,167 +309,110 @@ noise (image-free), reused across many training pairs. Stop-gradient target, no 
 """
 
 
+def parse_args(argv=None):
+    p = runs.Parser(description=__doc__ + STAGE1, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    presets=PRESETS)
+    a = p.add_argument
+    a("--teacher", default="digits", help="digits (embedded, default), sdxl, flux, a teacher folder or hub id")
+    a("--variant", default=None, help="which weight files of a hub teacher, as diffusers' from_pretrained (e.g. fp16)")
+    a("--revision", default=None, help="a hub teacher's branch, tag or commit, as diffusers' from_pretrained")
+    a("--prompts", default=None, help="text file, one prompt per line (SDXL / FLUX); the embedded teacher uses 0..9")
+    a("--M", type=runs.count, help="M: number of segments; milestones t^s = s T / M")
+    a("--skip", type=runs.positive, help="skip: t_n = max(t_m - skip, t^s), in teacher timesteps")
+    a("--w", type=runs.weight, help="w: CFG scale of the teacher target, eps(null) + w (eps(c) - eps(null)); "
+      "FLUX.1-dev: its guidance embedding, one pass")
+    a("--distance", "--d", dest="d", choices=["mse", "llpips"], help=DISTANCE_HELP)
+    a("--llpips", type=os.path.abspath, help=LLPIPS_HELP)
+    a("--rank", type=runs.count, help="LoRA rank r (alpha = r)")
+    a("--lr", type=runs.positive, help="AdamW learning rate")
+    a("--batch", type=runs.count, help="training pairs per iteration, rank and micro-batch")
+    a("--grad-accum", type=runs.count, default=1, help="micro-batches per iteration: each rank runs N micro-batches "
+      "of --batch pairs and takes one AdamW step on their mean, what one batch N times as large trains (to float "
+      "rounding) in the memory of one micro-batch: the recipe's batch on fewer GPUs (batch x ranks x N). With "
+      "--adapters base the micro-batches' gradients add up in bf16")
+    a("--iters", type=runs.count, help="iterations")
+    a("--trajectories", type=runs.count, help="teacher trajectories per buffer refill (per rank)")
+    a("--buffer", type=runs.count, help="capacity of the pair pool")
+    a("--reuse", type=runs.positive, help="draws per training pair on average before it is replaced")
+    a("--out", default="local.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
+    a("--save-every", type=runs.count, help="iterations between saves of the checkpoint pair")
+    a("--resume", action="store_true", help="continue the run saved at --out (LoRA, optimizer, step, RNG, buffer)")
+    a("--overwrite", action="store_true", help="replace an existing --out (a fresh run refuses to, by default)")
+    a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX at batch > 1)")
+    a("--dtype", choices=list(teachers.DTYPES), default=None, help=teachers.DTYPE_HELP)
+    a("--adapters", choices=teachers.ADAPTERS, default="autocast", help=teachers.ADAPTERS_HELP)
+    a("--compile", action="store_true", help=runs.COMPILE_HELP)
+    a("--resolution", type=runs.count, default=1024, help="SDXL / FLUX image size")
+    a("--encode-batch", type=runs.count, default=32, help="prompts per text-encoder call")
+    a("--encode-chunk", type=runs.count, default=256, help="prompts encoded together and kept on the host (per rank)")
+    a("--seed", type=int, default=0)
+    a("--log-every", type=runs.count, default=10, help="iterations per line of the metrics log, <out>.log.jsonl")
+    a("--val-every", type=lambda x: runs.number(x, int, 0), help="iterations between validation grids, "
+      "<out>.val/step_<N>.png (the student at 2, 4 and M steps from fixed noise; also at the start and the end; "
+      "0: none)")
+    a("--val-prompts", nargs="+", default=None, help="the validation grid's prompts: a text file or the prompts "
+      "(default: the embedded teacher's digits, else the first 4 of --prompts)")
+    a("--device", default=None)
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    import torch.distributed as dist
-    from tqdm import tqdm
     args = parse_args(argv)
-
-    rank, world, device, ddp = init_distributed(args.device)  # torchrun: one process per GPU (or CPU rank)
-    cuda = str(device).startswith("cuda")
-    master = rank == 0  # only rank 0 logs and saves
-    log = print if master else (lambda *a, **k: None)
-    # precision: the frozen base in `dtype` (bf16 on CUDA), LoRA and AdamW fp32; the student's forward under
-    # autocast() or from bf16 copies (--adapters), d in fp32; the teacher's trajectories (no adapter) plainly in `dtype`
-    dtype, autocast, adapter_dtype = precision(device, args.dtype, args.adapters)
-
-    check_fresh_out(args)
-    run = lora.metadata(args.out) if args.resume else {}
-    if args.resume:  # the run's own teacher, M, skip, w, ...: flags left out are taken from it, flags given must agree
-        take_run_values(args, run, RUN_VALUES)
-        take_run_batch(args, run, world)
-    try:  # every input checked before any model loads: the teacher's configs are read, not its weights
-        prompts = run_prompts(args, run)
-        family = locate(args.teacher, args.revision)[0]
-        fill_presets(args, PRESETS[family]["local"], args.teacher)  # and d: L-LPIPS, MSE, or a refusal
-        n_lora, latent = denoiser_size(args.teacher, args.rank, args.resolution, args.revision)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    check_inputs(args, prompts, family, latent, pair_bytes_local(n_lora, latent, args.buffer), n_lora)
-    d = distance(args.d, args.llpips, device)  # L-LPIPS: read whole now, a broken file said before the teacher loads
-    try:
-        with rank_zero_first(ddp):  # a hub teacher: rank 0 downloads it, the other ranks wait, then all load it
-            download(args.teacher, args.variant, args.revision)
-        teacher = load_teacher(args.teacher, device, args.resolution, dtype, variant=args.variant,
-                               revision=args.revision)
-        prompts = prompts or read_prompts(None, teacher)
-        teacher.check_prompts(prompts)
-        shown = val_prompts(args.val_prompts, teacher, prompts)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    args.w = teacher.default_w if args.w is None else args.w
-
+    run = runs.Trainer(args, "local", RUN_VALUES)  # torchrun, precision; --resume takes the run's own values
+    run.check(args.teacher, args.revision, PRESETS,  # every input checked, and the presets filled in, before loading
+              pair_bytes=lambda n_lora, latent: runs.pair_bytes_local(n_lora, latent, args.buffer))
+    d = distance(args.d, args.llpips, run.device)  # L-LPIPS read whole now: a broken file is said before the teacher
+    hub = {"variant": args.variant, "revision": args.revision}
+    teacher = run.load(args.teacher, hub, lambda: teachers.load_teacher(args.teacher, run.device, args.resolution,
+                                                                        run.dtype, **hub))
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
-    params = add_student(teacher, args.rank)
-    if args.grad_checkpointing:
-        lora.gradient_checkpointing(teacher.denoiser)
-    if args.compile:  # after the adapters are in (and checkpointing is set): they are compiled with their blocks
-        compile_blocks(teacher.denoiser)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=cuda or None)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank draws its own trajectories and pairs
-    stream = open_prompt_stream(teacher, prompts, args, rank, world)  # prompts encoded a chunk at a time, when drawn
+    teachers.add_student(teacher, args.rank)
+    stream = teachers.open_prompt_stream(teacher, run.prompts, args, run.rank, run.world)  # encoded when drawn
+    run.train(teacher, {"student": (args.lr, (0.9, 0.999), None)}, stream)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + run.rank)  # each rank draws its own trajectories and pairs
     buffer = TrajectoryBuffer(teacher, stream, args.M, args.skip, args.w, args.trajectories, args.buffer,
                               args.reuse, gen)
-    hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d,
-               "llpips": args.llpips if args.d == "llpips" else "", "lr": args.lr,
-               "batch": args.batch * world * args.grad_accum, "seed": args.seed, "run": new_run_id(),
-               **prompts_meta(prompts)}
-    step = n_student = 0  # n_student: student forward passes, counted per sample
+    hparams = {"M": args.M, "skip": args.skip, "w": args.w, "d": args.d, "llpips": args.llpips or "", "lr": args.lr,
+               "batch": args.batch * run.world * args.grad_accum, "iters": args.iters,
+               "trajectories": args.trajectories, "buffer": args.buffer, "reuse": args.reuse, "seed": args.seed,
+               "run": run.id, **runs.prompts_meta(run.prompts)}
     if args.resume:
-        try:
-            tensors, meta = read_checkpoint(args.out, ("local",), teacher.id)
-            state, smeta, student, prefix = read_state(args.out, meta, teacher.lora_prefix)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: cannot resume: {e}")
-        lora.load_state_dict(teacher.denoiser, "student", student or tensors, prefix)
-        load_optimizer(opt, state)
-        step, hparams["run"] = int(smeta["step"]), meta.get("run", hparams["run"])
-        if master:  # ranks > 0 start fresh buffers; a single-process resume continues exactly
+        state, smeta = run.resume()
+        counters = json.loads(smeta["buffer"])
+        if run.master:  # ranks > 0 start fresh pools; a single-process resume continues exactly
             gen.set_state(state["rng"])
             try:
-                buffer.load(state, json.loads(smeta["buffer"]))
+                buffer.load(state, counters)
             except ValueError as e:
                 raise SystemExit(f"error: cannot resume {args.out}: {e}")
-            n_student = int(smeta["student_forwards"])
         else:  # ... and continue their prompt order where rank 0's stands (ranks draw at about the same pace)
-            stream.drawn = int(json.loads(smeta["buffer"]).get("prompts_drawn", 0))
-        log(f"resumed {args.out} at step {step}" + resumed_late(step, meta))
-    if ddp:  # identical LoRA on every rank
-        for p in params:
-            dist.broadcast(p.data, 0)
-    work = lora.Working(teacher.denoiser, "student", adapter_dtype)  # what the forwards use: params, or bf16 copies
-    sync = GradientSync(work.params, world)
-    metrics = MetricsLog(args.out, step, master)  # <out>.log.jsonl, continued on --resume
-    validate = None
-    if master and args.val_every:  # rank 0 draws the grids; the others go on to the next all-reduce and wait there
-        validate = validation(teacher, shown, sorted({k for k in (2, 4, args.M) if k <= args.M}), args.M, autocast,
-                              metrics, os.path.basename(args.out))
-        if step == 0:
-            validate(0)  # where the student starts: the teacher itself in 2, 4 and M steps
-
-    def forwards():  # the run's training budget: model calls x samples (a CFG step counts 2), all ranks (as rank 0's)
-        return (buffer.teacher_forwards + n_student) * world
+            stream.drawn = int(counters.get("prompts_drawn", 0))
+    run.log(f"stage 1 on {teacher.id}: {runs.said_all(hparams)}; rank {args.rank}, per rank {args.batch} x "
+            f"{args.grad_accum} micro-batches; {teachers.precision_said(run.dtype, run.adapter_dtype)}")
+    planned = buffer.planned_refills(args.iters - run.step, args.batch * args.grad_accum) * args.trajectories
+    run.log(f"prompts: {len(run.prompts)}; each rank draws about {planned} more ({args.trajectories} per pool "
+            f"refill), {min(planned, stream.share)} distinct (its share: {stream.share}), {planned * run.world} in "
+            "all; more per run: a lower --reuse, at more teacher forwards per pair")
+    run.start(sorted({k for k in (2, 4, args.M) if k <= args.M}),
+              lambda cond, z_T, k: student_sample(teacher, cond, z_T, k, args.M))
 
     def save():
-        stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
-        if not master:
-            return
         tensors, counters = buffer.state()
-        meta = {**hparams, "step": step, "forwards": forwards()}
-        lora.save(state_path(args.out), {**optimizer_tensors(opt), **tensors, "rng": gen.get_state(),
-                                         **lora.state_dict(teacher.denoiser, "student", "student")},
-                  {"step": step, "run": hparams["run"], "buffer": json.dumps(counters), "student_forwards": n_student})
-        save_checkpoint(args.out, teacher, "local", meta)
+        run.save(hparams, {**tensors, "rng": gen.get_state()}, {"buffer": json.dumps(counters)})
 
-    log(f"stage 1 on {teacher.id}: M={args.M} skip={args.skip:g} w={args.w:g} d={args.d} rank={args.rank} "
-        f"lr={args.lr:g} batch={args.batch}x{world}x{args.grad_accum} iters={args.iters} "
-        f"({sum(p.numel() for p in params) / 1e6:.2f}M "
-        f"LoRA parameters; {precision_said(dtype, adapter_dtype)})")
-    planned = buffer.planned_refills(args.iters - step, args.batch * args.grad_accum) * args.trajectories
-    log(f"prompts: {len(prompts)}; each rank draws about {planned} more ({args.trajectories} per pool refill), "
-        f"{min(planned, stream.share)} distinct (its share: {stream.share}), {planned * world} in all; more per run: "
-        "a lower --reuse, at more teacher forwards per pair")
-    bar = tqdm(total=args.iters, initial=step, disable=not master, desc="local CD")
-    while step < args.iters:
-        pairs = buffer.sample(args.batch * args.grad_accum)
-        opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        for i, micro in enumerate(torch.arange(len(pairs[0]), device=device).split(args.batch)):  # --grad-accum
-            z_m, t_m, z_n, t_n, t_s = (x[micro] for x in pairs[:5])
-            with lora.adapter(teacher.denoiser, "student"), autocast():
-                l_micro, _, n = local_loss(teacher, d, z_m, t_m, z_n, t_n, t_s, cond_index(pairs[5], micro))
-            n_student += n
-            # the micro-batches' gradients add up to the whole batch's; under torchrun they are averaged over the
-            # ranks while the last backward runs
-            with sync.backward(last=i == args.grad_accum - 1):
-                (l_micro / args.grad_accum).backward()
-            loss = loss + l_micro.detach() / args.grad_accum
-        if ddp:  # the loss too, for the log
-            loss = mean_over_ranks(loss, world)
-        if not torch.isfinite(loss):
-            bar.close()
-            raise SystemExit(f"error: loss is {loss.item()} at step {step}; stopped. {args.out} keeps the last good "
-                             "checkpoint (try a lower --lr)")
-        work.step(opt)  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
-        step += 1
-        bar.update(1)
-        metrics.add({"loss": loss})
-        if step % args.log_every == 0 or step == args.iters:
-            served = max(buffer.served, 1)
-            line = metrics.write(step, lr=opt.param_groups[0]["lr"],
-                                 fwd_per_pair_teacher=buffer.teacher_forwards / served,
-                                 fwd_per_pair_student=n_student / served, forwards=forwards())
-            if master:
-                bar.set_postfix(loss=f"{line['loss']:.4g}", teacher_fwd_per_pair=f"{line['fwd_per_pair_teacher']:.2f}",
-                                student_fwd_per_pair=f"{line['fwd_per_pair_student']:.2f}")
-        if validate and (step % args.val_every == 0 or step == args.iters):
-            validate(step)
-        if step % args.save_every == 0 or step == args.iters:
-            save()
-    bar.close()
-    if lora.metadata(args.out).get("step") != str(step):  # resumed from a state newer than its checkpoint, at the end
-        save()
-    served = max(buffer.served, 1)
-    log(f"model forwards per training pair: teacher {buffer.teacher_forwards / served:.2f} + student "
-        f"{n_student / served:.2f} = {(buffer.teacher_forwards + n_student) / served:.2f} (this run's pairs; the "
-        f"naive way, re-running the teacher from T for every pair: {buffer.naive_forwards / served:.1f} + student)")
-    log(prompts_seen(stream, world))
-    log(metrics.close())
-    log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 4")
-    if ddp:  # a cheap guard: every rank must hold rank 0's LoRA
-        log(f"LoRA identical on all {world} ranks: max difference {rank_difference(params):.3g}")
-        dist.destroy_process_group()
+    while run.step < args.iters:
+        pairs = buffer.sample(args.batch * args.grad_accum)  # (z_m, t_m, z_n, t_n, t_s, cond): teacher steps, reused
+        loss = run.update("student", local_losses(teacher, d, pairs, args.batch, run.autocast))
+        run.next({"loss": loss}, save)
+    run.end(save)
+    served, teacher_fwd = max(buffer.served, 1), buffer.teacher_forwards
+    student_fwd = run.forwards / run.world - teacher_fwd  # rank 0's forwards of the run, less its teacher's
+    run.log(f"model forwards per training pair: teacher {teacher_fwd / served:.2f} + student {student_fwd / served:.2f}"
+            f" = {(teacher_fwd + student_fwd) / served:.2f} (this run's pairs; the naive way, re-running the teacher "
+            f"from T for every pair: {buffer.naive_forwards / served:.1f} + student)")
+    run.log(f"wrote {args.out}; sample it with: python sample.py --ckpt {args.out} --steps 4")
 
 
 if __name__ == "__main__":
-    with explain_out_of_memory(), explain_interrupt("local_cd.py", lambda: parse_args().out):
+    with runs.explain_out_of_memory(), runs.explain_interrupt("local_cd.py", lambda: parse_args().out):
         main()

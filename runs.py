@@ -21,14 +21,32 @@ import time
 import torch
 
 import lora
-from teachers import PromptFile, default_device, prompt_file, read_checkpoint
+from teachers import (PromptFile, default_device, denoiser_size, download, locate, precision, prompt_file, prompts_seen,
+                      read_checkpoint, read_prompts, save_checkpoint)
 
 
 # ---- the command line -----------------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
     """argparse that says a mistake in one line (the usage is in --help) and exits with code 2, before any work;
-    parse_args also records which flags the command line gave (args.given), so --resume can tell them apart."""
+    parse_args also records which flags the command line gave (args.given), so --resume can tell them apart.
+    presets (family -> {flag's dest: value}): a flag the presets hold defaults to None, which fill_presets replaces by
+    its family's value, and its help says each family's value -- the one place a reader and --help find them."""
+
+    def __init__(self, *a, presets=None, **k):
+        self.presets = presets or {}
+        super().__init__(*a, **k)
+
+    def add_argument(self, *a, **k):
+        dest = k.get("dest") or a[0].lstrip("-").replace("-", "_")
+        values = {family: said(preset[dest]) for family, preset in self.presets.items() if dest in preset}
+        if values:
+            k["default"] = None
+            if len(values) == len(self.presets) and len(set(values.values())) == 1:
+                k["help"] = f"{k.get('help', '')} (every teacher: {next(iter(values.values()))})"
+            else:
+                k["help"] = f"{k.get('help', '')} ({', '.join(f'{f}: {v}' for f, v in values.items())})"
+        return super().add_argument(*a, **k)
 
     def error(self, message):
         self.exit(2, f"error: {message}\n")
@@ -44,6 +62,20 @@ class Parser(argparse.ArgumentParser):
             for a, d in defaults:
                 a.default = d
         return parsed
+
+
+def said(value):
+    """A preset's value as --help and the first log line print it: 1e-05, 0.1, 12000, a file by its name."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return format(value, "g")
+    return os.path.basename(value) if isinstance(value, str) and os.sep in value else str(value)
+
+
+def said_all(values):
+    """A run's values in one line, name=value each (the first log line: a log is a full record of its run)."""
+    return " ".join(f"{k}={said(v)}" for k, v in values.items() if v != "")
 
 
 def count(text):
@@ -73,7 +105,8 @@ def number(text, kind, low, strict=False):
 
 
 def fill_presets(args, preset, teacher):
-    """Every flag left at None takes the teacher family's preset value; the distance d as choose_distance says."""
+    """Every flag left at None takes the teacher family's preset value (the stage's PRESETS); the distance d as
+    choose_distance says."""
     choose_distance(args, preset, teacher)
     for k, v in preset.items():
         if k not in ("d", "llpips") and getattr(args, k, None) is None:
@@ -298,6 +331,252 @@ def load_optimizer(opt, tensors, prefix="optim"):
             _, i, k = key.split(".")
             sd["state"].setdefault(int(i), {})[k] = v
     opt.load_state_dict(sd)
+
+
+# ---- the trainer both stages share: everything around the method's loop -------------------------------------------
+
+class Trainer:
+    """What a stage does around its method, so that its file holds the method and a loop a reader follows:
+
+      run = Trainer(args, "local", RUN_VALUES)        # torchrun, precision; --resume takes the run's own values
+      run.check(...)                           # every input, before any model loads
+      teacher = run.load(...)                  # rank 0 downloads first; the prompts checked against the teacher
+      run.train(teacher, student=(lr, betas, None), disc=(lr, betas, module), ...)   # each part: its own AdamW
+      while run.step < args.iters:
+          logs = {"loss": run.update("student", losses)}       # one optimizer step, over --grad-accum micro-batches
+          run.next(logs)                                       # the log line, validation, the checkpoint pair
+
+    Its parts: a LoRA adapter on the teacher's denoiser (module None), or a module of their own (the GAN's heads). It
+    counts the model forwards (a hook on the denoiser) and saves and resumes the parts, their optimizers, the step, the
+    forwards and the RNG; the stage adds what is its own (save's and resume's extra). Nothing here is LogCD's method."""
+
+    def __init__(self, args, stage, run_values):
+        import torch.distributed as dist
+        self.args, self.stage, self.dist = args, stage, dist
+        self.rank, self.world, self.device, self.ddp = init_distributed(args.device)
+        self.master = self.rank == 0  # only rank 0 logs and saves
+        # the frozen base in `dtype` (bf16 on CUDA); the trained parts fp32 with their AdamW; their forwards under
+        # autocast() (or from bf16 copies: --adapters base), the backwards outside it
+        self.dtype, self.autocast, self.adapter_dtype = precision(self.device, args.dtype, args.adapters)
+        check_fresh_out(args)
+        self.resumed = lora.metadata(args.out) if args.resume else {}  # the run's checkpoint metadata
+        if args.resume:  # its own values: flags left out are taken from it, flags given must agree
+            take_run_values(args, self.resumed, run_values)
+            take_run_batch(args, self.resumed, self.world)
+        self.id = self.resumed.get("run") or new_run_id()  # the checkpoint and its state file carry it
+        self.step = self.forwards = 0  # forwards: model calls x samples (a CFG call counts 2), all ranks
+        self.validate = self.prompts = None
+
+    def log(self, *a):
+        if self.master:
+            print(*a)
+
+    def check(self, teacher, revision, presets, pair_bytes, rank=None, resolution=None):
+        """Every input checked before any model loads (the teacher's configs are read, not its weights): the prompts,
+        the presets of the teacher's family filled in (and d chosen), the L-LPIPS, --out and its disk (pair_bytes(
+        LoRA parameters, latent shape): the bytes of a checkpoint pair; the LoRA's rank and the image size default
+        to --rank and --resolution). Each mistake is one line."""
+        args = self.args
+        try:
+            self.prompts = run_prompts(args, self.resumed)
+            family = locate(teacher, revision)[0]
+            fill_presets(args, presets[family], teacher)  # and d: L-LPIPS, MSE, or a refusal
+            n_lora, latent = denoiser_size(teacher, rank or args.rank, resolution or args.resolution, revision)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        check_inputs(args, self.prompts, family, latent, pair_bytes(n_lora, latent), n_lora)
+
+    def load(self, name, hub, load):
+        """The teacher: a hub one downloaded by rank 0 while the other ranks wait, then load() on every rank; then the
+        prompts and the validation prompts checked against it. Returns what load() returns."""
+        try:
+            with rank_zero_first(self.ddp):
+                download(name, **hub)
+            loaded = load()
+            teacher = loaded[0] if isinstance(loaded, tuple) else loaded
+            self.prompts = self.prompts or read_prompts(None, teacher)
+            teacher.check_prompts(self.prompts)
+            self.shown = val_prompts(self.args.val_prompts, teacher, self.prompts)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {'cannot resume: ' if self.args.resume else ''}{e}")
+        return loaded
+
+    def train(self, teacher, parts, stream):
+        """The parts that train (name -> (lr, betas, module; None for the adapter `name`)), each with its AdamW
+        (weight decay 0); gradient checkpointing and torch.compile once they are all in; the prompt stream."""
+        args, cuda = self.args, str(self.device).startswith("cuda")
+        self.teacher, self.stream, self.modules = teacher, stream, {k: m for k, (_, _, m) in parts.items()}
+        self.params = {k: list(m.parameters()) if m is not None else lora.parameters(teacher.denoiser, k)
+                       for k, (_, _, m) in parts.items()}
+        self.opts = {k: torch.optim.AdamW(self.params[k], lr=lr, betas=betas, weight_decay=0.0, fused=cuda or None)
+                     for k, (lr, betas, _) in parts.items()}
+        if args.grad_checkpointing:
+            lora.gradient_checkpointing(teacher.denoiser)
+        if args.compile:  # after the adapters are in (and checkpointing is set): they are compiled with their blocks
+            compile_blocks(teacher.denoiser)
+
+    def resume(self):
+        """--resume: every part and its optimizer, the step, the forwards, rank 0's RNG state (returned: the stage's
+        generator takes it) from the state file; the student from it too (an interrupted save leaves the state newer
+        than the checkpoint), else from the checkpoint. Returns (state tensors, state metadata)."""
+        args, teacher = self.args, self.teacher
+        try:
+            meta = read_checkpoint(args.out, (self.stage,), teacher.id)[1]
+            state, smeta, student, prefix = read_state(args.out, meta, teacher.lora_prefix)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: cannot resume: {e}")
+        lora.load_state_dict(teacher.denoiser, "student", student or lora.load(args.out)[0], prefix)
+        for k, module in self.modules.items():
+            old = "optim" if k == "student" and "optim.0.step" in state else None  # stage-1 states of older versions
+            load_optimizer(self.opts[k], state, old or f"{k}_optim")
+            if module is not None:
+                module.load_state_dict({n[len(k) + 1:]: v for n, v in state.items() if n.startswith(k + ".")})
+            elif k != "student":
+                lora.load_state_dict(teacher.denoiser, k, state, k)
+        self.step, self.forwards = int(smeta["step"]), int(smeta.get("forwards", 0))
+        self.log(f"resumed {args.out} at step {self.step}" + resumed_late(self.step, meta))
+        return state, smeta
+
+    def start(self, val_steps, sample):
+        """After a resume: every rank holds rank 0's parts; the working copies the forwards use (lora.Working: the
+        adapters' parameters, or bf16 copies with --adapters base) and the gradient all-reduce of each part; the
+        metrics log; validation grids at val_steps (sample(cond, z_T, k) -> z_0), drawn at once on a fresh run."""
+        args, teacher = self.args, self.teacher
+        if self.ddp:
+            for ps in self.params.values():
+                for p in ps:
+                    self.dist.broadcast(p.data, 0)
+        self.work = {k: lora.Plain(ps) if self.modules[k] is not None else
+                     lora.Working(teacher.denoiser, k, self.adapter_dtype) for k, ps in self.params.items()}
+        self.syncs = {k: GradientSync(w.params, self.world) for k, w in self.work.items()}
+        self.metrics = MetricsLog(args.out, self.step, self.master)  # <out>.log.jsonl, continued on --resume
+        if self.master and args.val_every:  # rank 0 draws the grids; the others wait at the next all-reduce
+            self.validate = validation(teacher, self.shown, val_steps, sample, self.autocast, self.metrics,
+                                       os.path.basename(args.out))
+            if self.step == 0:
+                self.validate(0)  # where the student starts
+        self.interval = {}  # model forwards per adapter since the last log line, this rank
+        self.counting = lora.count_forwards(teacher.denoiser)
+        self.calls = self.counting.__enter__()
+        from tqdm import tqdm
+        self.bar = tqdm(total=args.iters, initial=self.step, disable=not self.master, desc=f"{self.stage} CD")
+
+    def update(self, name, losses):
+        """One AdamW step of part `name` on the mean of `losses`, one per micro-batch (--grad-accum), each made after
+        the last one's backward: the gradients add up over the micro-batches and are averaged over the ranks during
+        the last backward. A non-finite loss stops the run before the step: the last checkpoint stays the last good
+        one. Returns the mean loss, a tensor (the log sums them on the device)."""
+        n, opt = self.args.grad_accum, self.opts[name]
+        opt.zero_grad(set_to_none=True)
+        loss = 0.0
+        for i, micro_loss in enumerate(losses):
+            with self.syncs[name].backward(last=i == n - 1):  # under torchrun: the all-reduce, at the last
+                (micro_loss / n).backward()
+            loss = loss + micro_loss.detach() / n
+        if self.ddp:
+            loss = mean_over_ranks(loss, self.world)
+        if not torch.isfinite(loss):
+            self.bar.close()
+            lr = "--lr" if name == "student" else "--lr-aux"
+            raise SystemExit(f"error: the {name} loss is {loss.item()} at step {self.step}; stopped. {self.args.out} "
+                             f"keeps the last good checkpoint (try a lower {lr})")
+        self.work[name].step(opt)  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
+        return loss
+
+    def next(self, logs, save, **line):
+        """The iteration's end: its model forwards counted, the step, every --log-every a metrics line (the interval's
+        mean losses, the learning rates, the forwards per sample of each adapter, `line`), every --val-every a
+        validation grid, every --save-every the checkpoint pair (save(): the stage's own)."""
+        args = self.args
+        for adapter, n in self.calls:
+            self.interval[adapter or "teacher"] = self.interval.get(adapter or "teacher", 0) + n
+        self.forwards += sum(n for _, n in self.calls) * self.world  # the run's training budget, all ranks
+        self.calls.clear()
+        self.step += 1
+        self.bar.update(1)
+        self.metrics.add(logs)
+        if self.step % args.log_every == 0 or self.step == args.iters:
+            samples = (self.step - self.metrics.step) * args.batch * args.grad_accum  # this interval's, this rank
+            written = self.metrics.write(self.step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.opts.items()},
+                                         **{f"fwd_per_sample_{k}": n / samples for k, n in self.interval.items()},
+                                         forwards=self.forwards, **{k: v() for k, v in line.items()})
+            self.interval.clear()
+            if self.master:
+                self.bar.set_postfix({k: f"{written[k]:.4g}" for k in logs})
+        if self.validate and (self.step % args.val_every == 0 or self.step == args.iters):
+            self.validate(self.step)
+            self.calls.clear()  # validation's forwards are not training's
+        if self.step % args.save_every == 0 or self.step == args.iters:
+            save()
+
+    def save(self, hparams, tensors=None, meta=None):
+        """The checkpoint pair: first the state (every part, its optimizer, the RNG, the stage's `tensors` and
+        `meta`), then the checkpoint (the student LoRA and `hparams`); each written atomically. Every rank prunes its
+        prompt cache; rank 0 writes."""
+        self.stream.prune()  # every rank: its cached prompt chunks that a resume from here no longer needs
+        if not self.master:
+            return
+        state = dict(tensors or {})
+        for k, module in self.modules.items():
+            state.update(optimizer_tensors(self.opts[k], f"{k}_optim"))
+            state.update({f"{k}.{n}": v for n, v in module.state_dict().items()} if module is not None else
+                         lora.state_dict(self.teacher.denoiser, k, k))
+        lora.save(state_path(self.args.out), state, {"step": self.step, "run": self.id,
+                                                     "forwards": self.forwards, **(meta or {})})
+        save_checkpoint(self.args.out, self.teacher, self.stage, {**hparams, "step": self.step, "forwards": self.forwards})
+
+    def end(self, save):
+        """After the last iteration: a final save if the last one was not of this step (a resume from a state newer
+        than its checkpoint, at the end); the metrics summary; under torchrun a check that every rank holds rank 0's
+        parts."""
+        self.counting.__exit__(None, None, None)
+        self.bar.close()
+        if lora.metadata(self.args.out).get("step") != str(self.step):
+            save()
+        self.log(prompts_seen(self.stream, self.world))
+        self.log(self.metrics.close())
+        if self.ddp:
+            diff = max(rank_difference(ps) for ps in self.params.values())
+            self.log(f"{', '.join(self.params)} identical on all {self.world} ranks: max difference {diff:.3g}")
+            self.dist.destroy_process_group()
+
+
+# ---- watching the student learn: validation grids -----------------------------------------------------------------
+
+VAL_SEED = 0  # the validation noise, the same in every run: two runs' grids compare image by image
+
+
+def val_prompts(spec, teacher, prompts):
+    """The validation prompts: --val-prompts (a file or the prompts; at most 16), else the embedded teacher's digits,
+    else the first 4 training prompts. Checked before any training."""
+    try:
+        chosen = read_prompts(spec, teacher) if spec or teacher.embedded else prompts
+        chosen = [chosen[i] for i in range(min(len(chosen), 16 if spec or teacher.embedded else 4))]
+        teacher.check_prompts(chosen)
+    except ValueError as e:
+        raise ValueError(f"--val-prompts: {e}" if spec else str(e)) from None
+    return chosen
+
+
+def validation(teacher, prompts, steps, sample, autocast, metrics, name):
+    """validate(step): the student's images of `prompts` from fixed noise (VAL_SEED) at each of `steps` sampling
+    steps (sample(cond, z_T, k) -> z_0, run under the training's autocast) -- a row per step count, a column per
+    prompt -- into <out>.val/step_<step>.png, its seconds counted in the metrics log. It draws no number from the
+    run's generators: a run trains the same with or without it."""
+    cond = teacher.encode(prompts)
+    z_T = teacher.noise(len(prompts), torch.Generator().manual_seed(VAL_SEED))
+
+    @torch.no_grad()
+    def validate(step):
+        t0 = time.perf_counter()
+        rows = []
+        for k in steps:
+            with autocast():  # the student as in training; the VAE as the teacher, in its own dtype
+                z_0 = sample(cond, z_T, k)
+            rows.append(teacher.decode(z_0).float().cpu())
+        title = f"{name} at step {step}; columns: {' | '.join(prompts)}"[:200]
+        metrics.write_grid(step, torch.cat(rows), [f"{k} steps" for k in steps], title, time.perf_counter() - t0)
+    return validate
 
 
 # ---- torchrun: one process per GPU, no DDP wrapper (the LoRA gradients are averaged by hand, one flat all-reduce) ----

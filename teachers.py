@@ -66,13 +66,19 @@ def cond_index(cond, idx):
 class Teacher:
     """What every stage needs of a teacher. Subclasses set: id, prediction, denoiser (the nn.Module LoRA goes
     into), lora_prefix (diffusers key prefix), lora_targets (regex of module paths), latent_shape (C, H, W),
-    default_w, family (the key of the presets: digits, sdxl, flux), and implement alpha_sigma, forward, encode, null,
+    family (the key of the presets: digits, sdxl, flux), and implement alpha_sigma, forward, encode, null,
     decode, encode_images (images -> latents). guidance_embedded: w enters the model as an input (FLUX.1-dev), one
     pass, instead of classifier-free guidance's two."""
     embedded = False
     guidance_embedded = False
     variant = revision = None  # which files of a hub teacher (diffusers' from_pretrained arguments)
     _null = None  # the null-prompt conditioning, encoded once
+
+    @property
+    def default_w(self):
+        """The family's CFG scale w: stage 1's preset (local_cd.PRESETS), the one source of it."""
+        import local_cd
+        return local_cd.PRESETS[self.family]["w"]
     encode_batch = 32  # prompts per text-encoder call (--encode-batch)
     encode_calls = truncated = 0  # counters: text-encoder calls, prompts cut to an encoder's limit
 
@@ -167,7 +173,6 @@ class DigitsTeacher(DDPMTeacher):
     """A folder in the embedded layout: the prompts are rows of a table, the latent is the image."""
     embedded = True
     family = "digits"
-    default_w = 1.5  # measured on the embedded teacher: README, "The embedded teacher"
 
     def __init__(self, folder, device, id, dtype=torch.float32):
         from diffusers import UNet2DConditionModel
@@ -213,7 +218,6 @@ class DigitsTeacher(DDPMTeacher):
 class SDXLTeacher(DDPMTeacher):
     """stabilityai/stable-diffusion-xl-base-1.0 (or any StableDiffusionXLPipeline folder): two text encoders,
     pooled embeddings and micro-conditioning time_ids, VAE latents scaled by vae.config.scaling_factor."""
-    default_w = 7.0
 
     def __init__(self, pipe, device, id, resolution=1024):
         super().__init__(pipe.unet, dict(pipe.scheduler.config), device)
@@ -266,7 +270,6 @@ class FluxTeacher(Teacher):
     family = "flux"
     lora_prefix = "transformer"
     lora_targets = r"(^|\.)(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out)$"
-    default_w = 3.5  # FLUX.1-dev's guidance scale
 
     def __init__(self, pipe, device, id, resolution=1024, true_cfg=False):
         self.pipe, self.id, self.device, self.resolution = pipe, id, device, resolution

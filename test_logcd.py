@@ -21,7 +21,7 @@ import lora
 import runs
 import sample
 import teachers
-from local_cd import Psi, cfg, milestones, segment, solve, student_times, teacher_times
+from local_cd import Psi, cfg, milestones, segment, solve, student_times, teacher_times, trajectory_times
 from teachers import (T, PromptFile, PromptStream, add_student, load_student, load_teacher, read_checkpoint,
                       save_checkpoint, to_x0)
 
@@ -120,6 +120,23 @@ def test_milestones_and_segments():
     t = torch.tensor([0.0, 1.0, 125.0, 125.5, 126.0, 250.0, 999.0, 1000.0])
     assert segment(t, 8).tolist() == [0, 0, 0, 1, 1, 1, 7, 7]
     assert segment(torch.tensor([62.5, 63.0]), 16).tolist() == [0, 1]
+
+
+def test_every_milestone_ends_its_own_segment_for_any_M():
+    """t^{s+1} belongs to segment s for every M: float rounding of t M / T (M = 15: t^7 = 466.66... is 7.0000000000000009
+    segments) once put some milestones into the segment above, so that stage 1's pairs starting there had t^s = t_m
+    and no gradient. Checked on the milestones as float64 and float32 (the pool's dtype), and on the pairs of a
+    trajectory grid without shift, whose first pair of each segment starts at its top milestone."""
+    for M in range(1, 65):
+        grid = milestones(M)
+        for s in range(M):
+            for t in (grid[s + 1], grid[s + 1].float()):
+                assert segment(t, M).item() == s, (M, s, t)
+            assert segment(grid[s] + 1e-3 * T / M, M).item() == s  # just above t^s: segment s
+        ts, is_pair = trajectory_times(M, 20, 0)
+        for t_m, keep in zip(ts[:-1], is_pair):
+            if keep:
+                assert grid[segment(t_m, M)] < t_m, (M, t_m)
 
 
 def test_student_times_spread_evenly():
@@ -1509,7 +1526,8 @@ def test_scores_figure_averages_a_models_seeds_against_the_teacher(tmp_path, cap
 # ---- stage 1: local consistency distillation ---------------------------------------------------------------------
 
 import local_cd  # noqa: E402
-from local_cd import TrajectoryBuffer, cond_index, local_loss, trajectory_times  # noqa: E402
+from local_cd import TrajectoryBuffer, local_loss  # noqa: E402
+from teachers import cond_index  # noqa: E402
 
 FAST = ["--batch", "8", "--trajectories", "2", "--buffer", "256", "--rank", "4", "--log-every", "1", "--val-every", "0"]
 
@@ -1560,6 +1578,23 @@ def test_buffer_pairs_are_teacher_steps_from_noise(digits):
         assert pool["t_s"][j] == milestones(8)[segment(tm, 8)].item()
 
 
+def test_buffer_pairs_are_the_teachers_whatever_adapter_is_active():
+    """The trajectory pool holds the teacher's steps (no adapter) even when a refill happens inside a block where the
+    student is active: the same pool, bit for bit, as a refill outside it."""
+    pools = []
+    for active in (None, "student"):
+        t = load_teacher("digits", "cpu")
+        add_student(t, rank=4)
+        torch.manual_seed(0)
+        _randomize(t.denoiser, "student", std=0.1)
+        buf = TrajectoryBuffer(t, PromptStream(t, [str(i) for i in range(10)], seed=0), 8, 20, 1.5, 2, 10_000, 4,
+                               torch.Generator().manual_seed(0))
+        with lora.adapter(t.denoiser, active):
+            buf.refill()
+        pools.append(buf.pool)
+    assert all(torch.equal(pools[0][k], pools[1][k]) for k in pools[0])
+
+
 def test_buffer_keeps_the_conditioning_of_its_pairs_and_no_more(digits):
     """After refills that push old pairs out (capacity 100 pairs, 20-24 per trajectory), every pair's conditioning
     is its own prompt's, and the buffer holds the conditioning of no trajectory it has no pair of."""
@@ -1582,14 +1617,15 @@ def test_local_loss_zero_by_construction_and_target_is_constant(digits):
     t_m, t_s = torch.tensor([125.0, 300.0, 610.0, 1000.0]), torch.tensor([0.0, 250.0, 500.0, 875.0])
     c = add_student_t.encode(["1", "2", "3", "4"])
     mse = local_cd.distance("mse")
-    with lora.adapter(add_student_t.denoiser, "student"):
+    with lora.adapter(add_student_t.denoiser, "student"), lora.count_forwards(add_student_t.denoiser) as calls:
         # t_n = t_m: the target is the student at the same point, so the loss is exactly zero
-        loss, _, n = local_loss(add_student_t, mse, z, t_m, z, t_m, t_s, c)
-        assert loss.item() < 1e-12 and n == 8
+        loss, _ = local_loss(add_student_t, mse, z, t_m, z, t_m, t_s, c)
+        assert loss.item() < 1e-12 and sum(n for _, n in calls) == 8
+        calls.clear()
         # t_n = t^s: the target is z_{t^s} itself (no forward); any other t_n: a forward, without gradient
         t_n = torch.tensor([0.0, 280.0, 500.0, 900.0])
-        loss, target, n = local_loss(add_student_t, mse, z, t_m, z * 0.9, t_n, t_s, c)
-    assert n == 4 + 2 and torch.equal(target[[0, 2]], z[[0, 2]] * 0.9)
+        loss, target = local_loss(add_student_t, mse, z, t_m, z * 0.9, t_n, t_s, c)
+    assert sum(n for _, n in calls) == 4 + 2 and torch.equal(target[[0, 2]], z[[0, 2]] * 0.9)
     assert not target.requires_grad and loss.requires_grad
     loss.backward()
     assert all(p.grad is not None for p in params)
@@ -1868,15 +1904,15 @@ def test_stage2_grad_accum_steps_each_part_once_on_all_its_micro_batches(tmp_pat
     _run2(tmp_path, "--iters", "2", "--fake-updates", "2", out="whole.safetensors")
     whole, steps_whole = lora.metadata(str(tmp_path / "whole.safetensors")), dict(steps)
     steps.clear()
-    real = global_cd.iteration
+    real = global_cd.GlobalCD.iteration
     sizes = set()
 
-    def sized(teacher, *a, **k):  # the batch of every model call with gradients: a micro-batch's, never the whole's
-        with lora.count_forwards(teacher.denoiser, grad=True) as calls:
-            out = real(teacher, *a, **k)
+    def sized(method, *a, **k):  # the batch of every model call with gradients: a micro-batch's, never the whole's
+        with lora.count_forwards(method.teacher.denoiser, grad=True) as calls:
+            out = real(method, *a, **k)
         sizes.update(n for _, n, grad in calls if grad)
         return out
-    monkeypatch.setattr(global_cd, "iteration", sized)
+    monkeypatch.setattr(global_cd.GlobalCD, "iteration", sized)
     _run2(tmp_path, "--iters", "2", "--fake-updates", "2", "--batch", "2", "--grad-accum", "2", out="micro.safetensors")
     assert sizes == {2} or sizes == {2, 4}, sizes  # 4: the discriminator's pair (real and fake) in one pass
     micro = lora.metadata(str(tmp_path / "micro.safetensors"))
@@ -2130,41 +2166,67 @@ def test_global_loss_targets_are_the_teacher_solver_and_the_student(digits):
     assert x0_m.requires_grad and not target.requires_grad
 
 
-def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
-    """global_cd.milestone_pairs: --jump adjacent (the paper's) pairs each t_m = s T/M (s uniform in 1..M) with the
-    milestone below it; --jump any with the milestone k segments below, clamped at 0, k uniform in 1..M and one k for
-    the batch, so that T -> 0, the 1-step sampler's jump, is drawn too. The iteration gives the teacher solver p
-    steps per segment: p k."""
-    g, M = torch.Generator().manual_seed(0), 8
-    for _ in range(50):
-        t_m, t_n, k = global_cd.milestone_pairs(torch.randint(1, M + 1, (16,), generator=g), M, "adjacent", g)
-        assert k == 1 and torch.equal(t_m - t_n, torch.full_like(t_m, T / M))
-    ks, pairs = collections.Counter(), set()
-    for _ in range(400):
-        t_m, t_n, k = global_cd.milestone_pairs(torch.randint(1, M + 1, (16,), generator=g), M, "any", g)
-        ks[k] += 1
-        assert torch.equal(t_n, (t_m - k * T / M).clamp(min=0))
-        pairs |= set(zip(t_m.tolist(), t_n.tolist()))
-    assert set(ks) == set(range(1, M + 1)) and min(ks.values()) > 400 / M / 2, ks
-    assert {t for t, _ in pairs} == {T * s / M for s in range(1, M + 1)} and (float(T), 0.0) in pairs
+def _options(*argv, w=1.5, **paper):
+    """global_cd's method as main builds it from these flags (the options' WithOptions, or the paper's GlobalCD), on
+    the embedded teacher with a rank-4 student (a fake score too when lambda2 > 0), and the teacher."""
     t = load_teacher("digits", "cpu")
     add_student(t, rank=4)
-    seen = []
-    monkeypatch.setattr(global_cd, "milestone_pairs", lambda s, M, jump, gen: (torch.full((len(s),), 750.0),
-                                                                               torch.full((len(s),), 375.0), 3))
-    monkeypatch.setattr(global_cd, "global_loss", lambda *a: seen.append(a[-1]) or (torch.zeros(3, requires_grad=True),
-                                                                                  torch.zeros(1), torch.zeros(1)))
-    a = global_cd.parse_args(["--p", "2", "--q", "1", "--jump", "any", "--lambda1", "0", "--lambda2", "0"])
-    a.w = a.w_target = 1.5
-    global_cd.iteration(t, t.encode(["1", "2", "3"]), None, None, False, lambda name, losses: [*losses] and 0.0, a, 8,
-                        torch.Generator().manual_seed(0), contextlib.nullcontext)
-    assert seen == [2 * 3]
+    a = global_cd.parse_args(list(argv))
+    global_cd.fill_presets(a, global_cd.PRESETS["digits"], "digits")
+    if a.lambda2 > 0:
+        lora.inject(t.denoiser, t.lora_targets, "fake", 4)
+    hp = dict(M=8, p=a.p, q=a.q, w=w, lambda1=a.lambda1, lambda2=a.lambda2, fake_updates=a.fake_updates)
+    hp.update(paper)
+    disc = global_cd.Discriminator(t) if a.lambda1 > 0 else None
+    if global_cd.options_chosen(a):
+        a.w = w
+        return global_cd.WithOptions(t, local_cd.distance("mse"), disc, **hp, **global_cd.option_values(a)), t
+    return global_cd.GlobalCD(t, local_cd.distance("mse"), disc, **hp), t
+
+
+def _no_step(name, losses):  # an update without an optimizer step: the losses made, their backward run
+    for loss in losses:
+        loss.backward()
+    return loss.detach()
+
+
+def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
+    """global_cd.milestone_pair (the paper's) pairs each t_m = s T/M (s uniform in 1..M) with the milestone below it;
+    --jump any (global_cd.any_jump) with the milestone k segments below, clamped at 0, k uniform in 1..M and one k for
+    the batch, so that T -> 0, the 1-step sampler's jump, is drawn too. The iteration then gives the teacher solver p
+    steps per segment: p k; the paper's path gives it p."""
+    g, M = torch.Generator().manual_seed(0), 8
+    for _ in range(50):
+        t_m, t_n = global_cd.milestone_pair(torch.randint(1, M + 1, (16,), generator=g), M, g)
+        assert torch.equal(t_m - t_n, torch.full_like(t_m, T / M))
+    ks, pairs = collections.Counter(), set()
+    for _ in range(400):
+        t_m, t_n = global_cd.any_jump(torch.randint(1, M + 1, (16,), generator=g), M, g)
+        k = {round(float(a - b) * M / T) for a, b in zip(t_m, t_n) if b > 0}
+        assert len(k) <= 1  # one k for the batch
+        ks.update(k)
+        pairs |= set(zip(t_m.tolist(), t_n.tolist()))
+    assert set(ks) == set(range(1, M)) and min(ks.values()) > 400 / M / 4, ks  # k = M only reaches 0
+    assert {t for t, _ in pairs} == {T * s / M for s in range(1, M + 1)} and (float(T), 0.0) in pairs
+    for argv, steps in ((["--jump", "any"], 2 * 3), ([], 2)):
+        method, t = _options("--p", "2", "--q", "1", "--lambda1", "0", "--lambda2", "0", *argv)
+        seen = []
+        monkeypatch.setattr(global_cd, "milestone_pair", lambda s, M, gen: (torch.full((len(s),), 750.0),
+                                                                            torch.full((len(s),), 750.0 - T / M)))
+        monkeypatch.setattr(global_cd, "any_jump", lambda s, M, gen: (torch.full((len(s),), 750.0),
+                                                                      torch.full((len(s),), 375.0)))
+        monkeypatch.setattr(global_cd, "teacher_target", lambda *a: seen.append(a[-1]) or a[1])
+        method.iteration(t.encode(["1", "2", "3"]), _no_step, 1, torch.Generator().manual_seed(0),
+                         contextlib.nullcontext)
+        assert seen == [steps]
+        monkeypatch.undo()
 
 
 def test_sampler_inputs_are_the_steps_the_student_samplers_take(monkeypatch):
     """--inputs sampler: each (z_{t_m}, t_m, t_n) is, bit for bit, a step the student's own k-step Psi sampler
     (sample.py's update, from the same noise) takes: the state it calls the student at, its time, the time it jumps
-    to; k in 1..q, and every step of the 1..q-step samplers is drawn. The known answer: the sampler run step by step
+    to; k in 1..q, and every step of the 1..q-step samplers is drawn; the student is called for the steps up to the
+    latest state drawn, no more. The known answer: the sampler run step by step
     here, its steps listed. The iteration gives the teacher solver p steps per segment of the longest jump."""
     t = load_teacher("digits", "cpu")
     add_student(t, rank=4)
@@ -2173,7 +2235,8 @@ def test_sampler_inputs_are_the_steps_the_student_samplers_take(monkeypatch):
     B, M, q, cond = 6, 8, 3, t.encode(["1", "2", "3", "4", "5", "6"])
     seen = set()
     for seed in range(12):
-        z_m, t_m, t_n = global_cd.sampler_steps(t, cond, q, M, torch.Generator().manual_seed(seed))
+        with lora.count_forwards(t.denoiser) as made:
+            z_m, t_m, t_n = global_cd.sampler_steps(t, cond, q, M, torch.Generator().manual_seed(seed))
         g = torch.Generator().manual_seed(seed)  # the same draws: k, which step, then the noise
         k = int(torch.randint(1, q + 1, (1,), generator=g))
         torch.randint(0, k, (B,), generator=g)
@@ -2187,16 +2250,15 @@ def test_sampler_inputs_are_the_steps_the_student_samplers_take(monkeypatch):
             a = float(t_m[j])
             assert a in steps and torch.equal(z_m[j], steps[a][0][j]) and float(t_n[j]) == steps[a][1], (seed, j)
             seen.add((k, a))
+        # the student steps it takes: up to the latest state a sample is at, not one beyond
+        assert len(made) == max(list(steps).index(float(a)) for a in t_m), (seed, len(made))
     assert seen == {(k, a) for k in range(1, q + 1) for a in local_cd.student_times(k, M)[:-1]}, seen
     solver = []
-    a = global_cd.parse_args(["--p", "2", "--q", "3", "--inputs", "sampler", "--lambda1", "0", "--lambda2", "0"])
-    a.w = a.w_target = 1.5
+    method, t = _options("--p", "2", "--q", "3", "--inputs", "sampler", "--lambda1", "0", "--lambda2", "0")
     monkeypatch.setattr(global_cd, "sampler_steps", lambda *_: (torch.zeros(2, 1, 16, 16), torch.tensor([1000., 625.]),
                                                                  torch.tensor([625., 375.])))
-    monkeypatch.setattr(global_cd, "global_loss", lambda *a: solver.append(a[-1]) or (
-        torch.zeros(2, requires_grad=True), torch.zeros(1), torch.zeros(1)))
-    global_cd.iteration(t, t.encode(["1", "2"]), None, None, False, lambda name, losses: [*losses] and 0.0, a, M,
-                        torch.Generator().manual_seed(0), contextlib.nullcontext)
+    monkeypatch.setattr(global_cd, "teacher_target", lambda *a: solver.append(a[-1]) or a[1])
+    method.iteration(t.encode(["1", "2"]), _no_step, 1, torch.Generator().manual_seed(0), contextlib.nullcontext)
     assert solver == [2 * 3]  # 1000 -> 625: 3 segments of 125
 
 
@@ -2208,52 +2270,43 @@ def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch, dmd_input):
     student with gradients at t = T for every sample, on noise no other term saw; the fake score learns from what DMD
     moved, detached. The teacher's CFG runs at --w-target in the consistency target's solver and at --w in DMD's
     real score: counted by the w of every CFG call, per term."""
-    t = load_teacher("digits", "cpu")
-    add_student(t, rank=4)
-    lora.inject(t.denoiser, t.lora_targets, "fake", 4)
+    method, t = _options("--p", "2", "--q", "2", "--dmd-input", dmd_input, "--w-target", "3", "--fake-updates", "1")
     seen, calls = {}, []
 
-    def spy(name, f):
+    def spy(owner, name, f):
         def wrapped(*a, **k):
             out = f(*a, **k)
             seen.setdefault(name, (a, out))
             return out
-        monkeypatch.setattr(global_cd, name, wrapped)
-    for name in ("global_loss", "discriminator_loss", "generator_loss", "dmd_loss", "fake_score_loss", "one_step"):
-        spy(name, getattr(global_cd, name))
-    a = global_cd.parse_args(["--p", "2", "--q", "2", "--dmd-input", dmd_input, "--w-target", "3"])
-    a.w, a.fake_updates = 1.5, 1
+        monkeypatch.setattr(owner, name, wrapped)
+    for name in ("global_loss", "discriminator_loss", "generator_loss", "dmd_loss", "fake_score_loss"):
+        spy(global_cd, name, getattr(global_cd, name))
+    spy(method, "dmd_x0", method.dmd_x0)
     ws, term = collections.Counter(), ["rollout"]
     cfg = global_cd.cfg
     monkeypatch.setattr(global_cd, "cfg", lambda teacher, z, t_, cond, w: ws.update([(term[0], w)]) or
                         cfg(teacher, z, t_, cond, w))
-    for name in ("global_loss", "dmd_loss"):  # which term the CFG calls come from
+    for name in ("teacher_target", "dmd_loss"):  # which term the CFG calls come from
         monkeypatch.setattr(global_cd, name, lambda *a, f=getattr(global_cd, name), n=name: term.__setitem__(0, n) or
                             f(*a))
-
-    def update(name, losses):  # no optimizer step: the weights stay, only the sides fed to each term matter
-        for loss in losses:
-            loss.backward()
-        return loss.item()
 
     def x0(z, times, cond, x0=t.x0):  # (t, with gradients) of every call of the student
         if lora.layers(t.denoiser)[0][1].active == "student":
             calls.append((times.tolist(), torch.is_grad_enabled()))
         return x0(z, times, cond)
     monkeypatch.setattr(t, "x0", x0)
-    global_cd.iteration(t, t.encode(["1", "2", "3"]), local_cd.distance("mse"), global_cd.Discriminator(t), True,
-                        update, a, 8, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    method.iteration(t.encode(["1", "2", "3"]), _no_step, 1, torch.Generator().manual_seed(0), contextlib.nullcontext)
     _, x0_m, x0_n = seen["global_loss"][1]
     real, fake = seen["discriminator_loss"][0][1:3]
     assert torch.equal(real, x0_n) and torch.equal(fake, x0_m) and not fake.requires_grad
     assert seen["generator_loss"][0][1] is x0_m and x0_m.requires_grad
-    x0_dmd = x0_m if dmd_input == "x0_m" else seen["one_step"][1]
+    x0_dmd = seen["dmd_x0"][1]
+    assert (x0_dmd is x0_m) == (dmd_input == "x0_m")
     assert seen["dmd_loss"][0][1] is x0_dmd and x0_dmd.requires_grad
     assert torch.equal(seen["fake_score_loss"][0][1], x0_dmd) and not seen["fake_score_loss"][0][1].requires_grad
     at_T = [ts for ts, grad in calls if grad and ts == [float(T)] * 3]
-    assert len(at_T) == (dmd_input == "one_step") + (seen["global_loss"][0][4].tolist() == [float(T)] * 3)
-    assert ("one_step" in seen) == (dmd_input == "one_step")
-    assert ws == {("global_loss", 3.0): 2, ("dmd_loss", 1.5): 1}, ws  # p = 2 solver steps at w_target, 1 real score
+    assert len(at_T) == (dmd_input == "one_step") + (seen["global_loss"][0][3].tolist() == [float(T)] * 3)
+    assert ws == {("teacher_target", 3.0): 2, ("dmd_loss", 1.5): 1}, ws  # p = 2 solver steps at w_target, 1 real score
 
 
 def test_dmd_gradient_is_the_normalised_score_difference(digits):
@@ -2325,27 +2378,21 @@ def test_stage2_from_the_teacher_without_consistency_is_the_dmd2_baseline(tmp_pa
     assert any(v.abs().max() > 0 for k, v in _load(out).items() if "lora_B" in k)  # moved from B = 0
     for k in (1, 4):
         sample.main(["--ckpt", str(out), "--steps", str(k), "--per-prompt", "1", "--out", str(tmp_path / "g.png")])
-    t = load_teacher("digits", "cpu")
-    add_student(t, rank=4)
-    lora.inject(t.denoiser, t.lora_targets, "fake", 4)
     torch.manual_seed(0)
-    disc, params = global_cd.Discriminator(t), lora.parameters(t.denoiser, "student")
-    mse = local_cd.distance("mse")
 
     def student_grad(lambda0, scale):
-        a = global_cd.parse_args(["--lambda0", str(lambda0), "--inputs", "sampler", "--q", "2"])
-        a.w, a.w_target, a.fake_updates, grads = 1.5, 1.5, 1, []
+        torch.manual_seed(0)  # the same student, heads and fake score for every call
+        method, t = _options("--lambda0", str(lambda0), "--inputs", "sampler", "--q", "2", "--fake-updates", "1")
+        mse, params, grads = method.d, lora.parameters(t.denoiser, "student"), []
+        method.d = lambda x, y: scale * mse(x, y)
 
-        def update(name, losses):  # no optimizer step: the same weights for every call
+        def update(name, losses):  # no optimizer step
             for loss in losses:
                 loss.backward()
             if name == "student":
                 grads.append(torch.cat([p.grad.flatten() for p in params]))
-            for p in [*params, *disc.parameters(), *lora.parameters(t.denoiser, "fake")]:
-                p.grad = None
-            return loss.item()
-        global_cd.iteration(t, t.encode(["3", "8"]), lambda x, y: scale * mse(x, y), disc, True, update, a, 4,
-                            torch.Generator().manual_seed(0), contextlib.nullcontext)
+            return loss.detach()
+        method.iteration(t.encode(["3", "8"]), update, 1, torch.Generator().manual_seed(0), contextlib.nullcontext)
         return grads[0]
     assert torch.equal(student_grad(0, 1), student_grad(0, 1000)) and student_grad(0, 1).abs().max() > 0
     assert not torch.allclose(student_grad(1, 1), student_grad(1, 1000))
@@ -3057,7 +3104,7 @@ def test_compiled_blocks_give_eager_loss_and_gradients_on_tiny_sdxl_and_flux(fam
         t_m = torch.tensor([500.0, 900.0])
         t_s = local_cd.milestones(8)[local_cd.segment(t_m, 8)].float()
         with lora.adapter(teacher.denoiser, "student"):
-            loss, _, _ = local_cd.local_loss(teacher, local_cd.distance("mse"), z_m, t_m, z_n, t_m - 20, t_s, c)
+            loss, _ = local_cd.local_loss(teacher, local_cd.distance("mse"), z_m, t_m, z_n, t_m - 20, t_s, c)
         loss.backward()
         out[compiled] = loss.item(), torch.cat([p.grad.float().flatten() for p in work.params])
     assert counters["frames"]["ok"] >= 2 and not counters["graph_break"], dict(counters)
@@ -3410,7 +3457,7 @@ def test_stage1_log_holds_each_intervals_mean_loss_and_a_resume_continues_it(tmp
     assert [line["step"] for line in a] == [2, 4, 6]
     for i, line in enumerate(a):
         assert line["loss"] == pytest.approx(sum(losses[2 * i:2 * i + 2]) / 2, rel=1e-6)
-        assert line["lr"] == 1e-3 and line["it_per_s"] > 0 and 1 < line["fwd_per_pair_student"] < 2
+        assert line["lr_student"] == 1e-3 and line["it_per_s"] > 0 and 1 < line["fwd_per_sample_student"] < 2
     _run(tmp_path, "--iters", "4", *every, out="b.safetensors")
     log = tmp_path / "b.log.jsonl"
     kept = log.read_text()
