@@ -533,7 +533,7 @@ def test_out_of_memory_while_encoding_names_the_flag_that_helps(tiny_sdxl, monke
 
 
 def test_hub_teacher_offline_is_one_clear_line():
-    code = "from local_cd import load_teacher\ntry:\n    load_teacher('sdxl', 'cpu')\nexcept ValueError as e:\n    print(e)"
+    code = "from teachers import load_teacher\ntry:\n    load_teacher('sdxl', 'cpu')\nexcept ValueError as e:\n    print(e)"
     r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert "stabilityai/stable-diffusion-xl-base-1.0" in r.stdout and "hf download" in r.stdout, r.stdout + r.stderr
@@ -667,7 +667,7 @@ def test_stage1_log_counts_the_forwards_it_makes(tmp_path, monkeypatch, capsys):
     import contextlib
     import re
     with contextlib.ExitStack() as stack:
-        counted = _count_calls(monkeypatch, local_cd, "load_teacher", stack)
+        counted = _count_calls(monkeypatch, teachers, "load_teacher", stack)
         local_cd.main([*FAST, "--iters", "6", "--out", str(tmp_path / "l.safetensors")])
         calls = counted[0]
     said = re.search(r"model forwards per training pair: teacher ([\d.]+) \+ student ([\d.]+)", capsys.readouterr().out)
@@ -689,7 +689,7 @@ def test_stage2_iteration_makes_the_forwards_of_the_method(tmp_path, monkeypatch
     B, p, q, updates = 4, 2, 3, 4
     _stage1(tmp_path / "local.safetensors")
     with contextlib.ExitStack() as stack:
-        counted = _count_calls(monkeypatch, global_cd, "load_student", stack)
+        counted = _count_calls(monkeypatch, teachers, "load_student", stack)
         global_cd.main(["--batch", str(B), "--p", str(p), "--q", str(q), "--fake-updates", str(updates), "--iters", "3",
                         "--distance", "mse", "--val-every", "0", "--init", str(tmp_path / "local.safetensors"),
                         "--out", str(tmp_path / "g.safetensors")])
@@ -1684,7 +1684,7 @@ def test_stage1_bad_inputs(tmp_path):
     toy = open(os.path.join(HERE, "toy", "llpips.safetensors"), "rb").read()
     (tmp_path / "cut.safetensors").write_bytes(toy[:len(toy) // 2])  # its header whole, half its weights
     with pytest.raises(SystemExit, match=r"--llpips.*cut.safetensors.*(corrupt|truncated)"):
-        with unittest.mock.patch.object(local_cd, "load_teacher", side_effect=AssertionError("a model was loaded")):
+        with unittest.mock.patch.object(teachers, "load_teacher", side_effect=AssertionError("a model was loaded")):
             _run(tmp_path, "--llpips", str(tmp_path / "cut.safetensors"))
     with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
         _run(tmp_path, "--resume")
@@ -1698,7 +1698,7 @@ def test_stage1_runs_on_tiny_sdxl_and_flux(family, tiny_sdxl, tiny_flux, tmp_pat
     path, res = (tiny_sdxl, 16) if family == "sdxl" else (tiny_flux, 32)
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
     with pytest.raises(SystemExit, match="--prompts is required"):  # said before the teacher loads
-        with unittest.mock.patch.object(local_cd, "load_teacher", side_effect=AssertionError("a model was loaded")):
+        with unittest.mock.patch.object(teachers, "load_teacher", side_effect=AssertionError("a model was loaded")):
             _run(tmp_path, "--teacher", path, "--resolution", str(res), "--iters", "2", "--distance", "mse")
     _run(tmp_path, "--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res),
          "--iters", "2", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50", "--grad-checkpointing",
@@ -1963,13 +1963,13 @@ def _run2(tmp_path, *extra, init="local.safetensors", out="global.safetensors"):
 
 def _captured(monkeypatch):
     """Runs of global_cd.main in this test leave their teacher (base + adapters) in the returned list."""
-    seen = []
+    seen, real = [], teachers.load_student
 
     def load_student(*a, **k):
-        seen.append(teachers.load_student(*a, **k))
+        seen.append(real(*a, **k))
         return seen[-1]
 
-    monkeypatch.setattr(global_cd, "load_student", load_student)
+    monkeypatch.setattr(teachers, "load_student", load_student)
     return seen
 
 
@@ -2075,12 +2075,12 @@ def test_a_full_disk_or_an_unwritable_out_is_said_before_any_model_loads(tmp_pat
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr(local_cd, "load_teacher", no_loading)
+    monkeypatch.setattr(teachers, "load_teacher", no_loading)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=wrote // 2))
     with pytest.raises(SystemExit, match=r"its disk has [\d.]+ GiB free, and a checkpoint pair of this run takes"):
         local_cd.main([*argv[:-1], str(tmp_path / "l2.safetensors")])
     monkeypatch.undo()
-    monkeypatch.setattr(local_cd, "load_teacher", no_loading)
+    monkeypatch.setattr(teachers, "load_teacher", no_loading)
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="--out .*cannot write into"):
         local_cd.main([*argv[:-1], str(tmp_path / "file" / "l.safetensors")])
@@ -2410,7 +2410,7 @@ def test_runs_count_their_training_budget_in_model_forwards(tmp_path, monkeypatc
             (args[0] if args else kw["sample"]).shape[0]), with_kwargs=True)
         return t
     teachers_load = teachers.load_teacher
-    for module in (teachers, local_cd, global_cd):
+    for module in (teachers,):
         monkeypatch.setattr(module, "load_teacher", load_teacher_)
 
     def counted(run, out, probe=0):
