@@ -592,11 +592,11 @@ def test_sample_cli_is_deterministic(tmp_path):
 def test_each_image_is_drawn_for_its_own_prompt(tmp_path):
     """sample.py --prompts 3 8 1 --per-prompt 3 in batches of 4 (batches that cut across prompts): the judge, a
     classifier that never saw the code, reads image i as the digit of prompt i // 3."""
-    import eval as ev
+    from toy import tables
     sample.main(["--teacher", "digits", "--steps", "8", "--prompts", "3", "8", "1", "--per-prompt", "3", "--batch", "4",
                  "--out", str(tmp_path / "s.png"), "--save-tensors", str(tmp_path / "s.safetensors")])
     images = _load(tmp_path / "s.safetensors")["images"]
-    net, _ = ev.load_classifier()
+    net, _ = tables.load_classifier()
     with torch.no_grad():
         read = net.head(net.trunk(images.float())).argmax(1).tolist()
     assert read == [3, 3, 3, 8, 8, 8, 1, 1, 1], read
@@ -803,7 +803,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 # ---- the evaluator -------------------------------------------------------------------------------------------------
 
 def test_frechet_distance():
-    from eval import frechet
+    from toy.tables import frechet
     torch.manual_seed(0)
     a = torch.randn(4000, 3)
     assert frechet(a, a) == pytest.approx(0, abs=1e-6)
@@ -813,7 +813,7 @@ def test_frechet_distance():
 
 
 def test_classifier_reads_real_digits():
-    from eval import load_classifier, score
+    from toy.tables import load_classifier, score
     from toy.digits import load_digits, split
     net, meta = load_classifier()
     assert float(meta["held_out_accuracy"]) > 0.95
@@ -828,6 +828,7 @@ def test_paper_tables_train_and_sample_the_teacher_given(tmp_path, monkeypatch):
     and every teacher row uses that teacher, its trainings go to <--runs>/<folder name>/, and stage 2 starts from
     them (its teacher comes with the stage-1 checkpoint). Trainings and scores stubbed: the plumbing only."""
     import eval as ev
+    from toy import tables
     trained, scored = [], []
 
     def train(stage, argv, seed, folder, start=None):
@@ -837,8 +838,8 @@ def test_paper_tables_train_and_sample_the_teacher_given(tmp_path, monkeypatch):
     def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
         scored.append(source)
         return {"alignment": 1.0, "FD": 1.0 + seed}
-    monkeypatch.setattr(ev, "train", train)
-    monkeypatch.setattr(ev, "cached_score", cached_score)
+    monkeypatch.setattr(tables, "train", train)
+    monkeypatch.setattr(tables, "cached_score", cached_score)
     second = str(tmp_path / "teacher_w24")
     rows = ev.main(["--table", "second", "--teacher", second, "--runs", str(tmp_path / "runs")])
     assert [r["steps"] for r in rows] == [25, 4] + [4, 3, 2, 1] * 3
@@ -855,8 +856,9 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     cells, model calls per sample (CFG: 2 per step), training minutes for the students, and the figure. Shape only,
     never the numbers."""
     import eval as ev
-    sampled, sample = [], ev.sample
-    monkeypatch.setattr(ev, "sample", lambda *a, **k: sampled.append(a) or sample(*a, **k))
+    from toy import tables
+    sampled, sample = [], tables.sample
+    monkeypatch.setattr(tables, "sample", lambda *a, **k: sampled.append(a) or sample(*a, **k))
     rows = ev.main(["--table", "main", "--quick", "--jobs", "2", "--figure", str(tmp_path / "f.png"),
                     "--grids", str(tmp_path / "g")])
     assert len(sampled) == 33  # only seed 0's grids: the 2 workers scored every (row, seed, steps) already
@@ -878,8 +880,8 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
     assert all(r["_FD_std"] > 0 for r in fig["rows"])  # error bars: the 2 seeds differ
     ev.main(["--replot", str(tmp_path / "f.json"), "--figure", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "f.png").read_bytes()
-    assert set(ev.TABLES) == {"main", "ablation", "terms", "onestep", "targets", "second", "M", "p", "q"}
-    assert [len(ev.TABLES[t]) for t in ("ablation", "terms", "onestep", "targets", "second", "M", "p", "q")] == [
+    assert set(tables.TABLES) == {"main", "ablation", "terms", "onestep", "targets", "second", "M", "p", "q"}
+    assert [len(tables.TABLES[t]) for t in ("ablation", "terms", "onestep", "targets", "second", "M", "p", "q")] == [
         5, 14, 6, 6, 4, 3, 4, 4]
     with pytest.raises(SystemExit, match="--jobs must be 1 or more"):
         ev.main(["--table", "q", "--jobs", "0"])
@@ -888,19 +890,19 @@ def test_paper_table_quick_has_the_tables_shape(tmp_path, monkeypatch):
 def test_eval_training_continues_after_an_interruption(tmp_path):
     """A table's training that was stopped after a save (a session's end) continues with --resume, and its result
     equals an uninterrupted run; a finished run is reused. Its seconds count the interrupted part up to its save."""
-    import eval as ev
+    from toy import tables
     argv = [*FAST, "--iters", "4", "--save-every", "2"]
-    whole, _, _ = ev.train("local", argv, 0, str(tmp_path / "whole"))
+    whole, _, _ = tables.train("local", argv, 0, str(tmp_path / "whole"))
     cut = tmp_path / "cut" / "seed0" / "local.safetensors"
     local_cd.main([*FAST, "--iters", "2", "--seed", "0", "--out", str(cut)])  # the part before the interruption
     with open(f"{cut}.part.json", "w") as f:
         json.dump({"start": os.path.getmtime(cut) - 5.0, "share": 1.0, "before": 1.0}, f)
-    out, seconds, forwards = ev.train("local", argv, 0, str(tmp_path / "cut"))
+    out, seconds, forwards = tables.train("local", argv, 0, str(tmp_path / "cut"))
     a, b = _load(whole), _load(out)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert seconds > 6.0 and not os.path.exists(f"{cut}.part.json")
     assert json.load(open(f"{cut}.done.json"))["resumed"]
-    assert ev.train("local", argv, 0, str(tmp_path / "cut")) == (out, seconds, forwards)
+    assert tables.train("local", argv, 0, str(tmp_path / "cut")) == (out, seconds, forwards)
 
 
 def test_table1_baselines_are_tuned_on_a_seed_no_table_reports(tmp_path, monkeypatch):
@@ -912,6 +914,7 @@ def test_table1_baselines_are_tuned_on_a_seed_no_table_reports(tmp_path, monkeyp
     import math
     import re
     import eval as ev
+    from toy import tables
     trained, scored = [], []
 
     def train(stage, argv, seed, folder, start=None):
@@ -925,9 +928,9 @@ def test_table1_baselines_are_tuned_on_a_seed_no_table_reports(tmp_path, monkeyp
             bad = abs(math.log10(float(m.group(2))) + 3.5) + abs(int(m.group(3)) / longest[m.group(1)] - 0.5)
         else:  # a teacher solver (best: UniPC) or a table's own student
             bad = 0.0 if extra[-1:] == ["unipc"] else 1.0
-        return {"alignment": 1.0, "FD": 10.0 + (bad if seed == ev.TUNE_SEED else 5.0 - bad) + k}
-    monkeypatch.setattr(ev, "train", train)
-    monkeypatch.setattr(ev, "cached_score", cached_score)
+        return {"alignment": 1.0, "FD": 10.0 + (bad if seed == tables.TUNE_SEED else 5.0 - bad) + k}
+    monkeypatch.setattr(tables, "train", train)
+    monkeypatch.setattr(tables, "cached_score", cached_score)
     longest = {"M1": 850, "M2": 850, "M3": 850, "M4": 850, "dmd2": 110, "logcd": 120}
     rows = ev.main(["--table", "main", "--runs", str(tmp_path)])
     picks = {(r["row"].split(":")[0].split(",")[0], r["steps"]): r["pick"] for r in rows if "tuned" in r["row"]}
@@ -937,10 +940,10 @@ def test_table1_baselines_are_tuned_on_a_seed_no_table_reports(tmp_path, monkeyp
         assert picks["PCM-style", k] == f"M = {k}, lr 0.0003, 425 iterations"
         assert picks["DMD2-style", k] == "lr 0.0003, 55 iterations"
         assert picks["LogCD", k] == "lr 0.0001, 60 iterations"
-    grid = list(dict.fromkeys((f, start) for f, seed, start in trained if seed == ev.TUNE_SEED))  # (stub: no reuse)
-    reported = {f for f, seed, _ in trained if seed != ev.TUNE_SEED}
-    for name, key, lrs, best in [(f"local-M{m}", f"M{m}", ev.STAGE1_LR, 3e-4) for m in (1, 2, 3, 4)] + [
-            ("global-teacher-dmd2", "dmd2", ev.STAGE2_LR, 3e-4), ("global-mse-logcd", "logcd", (1e-5, 3e-5, 1e-4), 1e-4)]:
+    grid = list(dict.fromkeys((f, start) for f, seed, start in trained if seed == tables.TUNE_SEED))  # (stub: no reuse)
+    reported = {f for f, seed, _ in trained if seed != tables.TUNE_SEED}
+    for name, key, lrs, best in [(f"local-M{m}", f"M{m}", tables.STAGE1_LR, 3e-4) for m in (1, 2, 3, 4)] + [
+            ("global-teacher-dmd2", "dmd2", tables.STAGE2_LR, 3e-4), ("global-mse-logcd", "logcd", (1e-5, 3e-5, 1e-4), 1e-4)]:
         n = [longest[key] // part for part in (4, 2, 1)]
         for lr in lrs:
             mine = [(f, start) for f, start in grid if f.startswith(f"{name}_lr{lr:g}_")]
@@ -948,7 +951,7 @@ def test_table1_baselines_are_tuned_on_a_seed_no_table_reports(tmp_path, monkeyp
             assert mine[0][1] is None and all(f"_it{i}/" in start for (_, start), i in zip(mine[1:], n))
         # on the reported seeds: the pick only (its first part included: one run, continued)
         assert {f for f in reported if f.startswith(name + "_")} == {f"{name}_lr{best:g}_it{i}" for i in n[:2]}
-    assert not any(f"seed{ev.TUNE_SEED}" in src for src, seed in scored if seed != ev.TUNE_SEED)
+    assert not any(f"seed{tables.TUNE_SEED}" in src for src, seed in scored if seed != tables.TUNE_SEED)
 
 
 def test_eval_trains_a_run_asked_for_twice_at_once_only_once(tmp_path, monkeypatch):
@@ -956,7 +959,7 @@ def test_eval_trains_a_run_asked_for_twice_at_once_only_once(tmp_path, monkeypat
     waits for the first and reuses its result; the training script runs once."""
     import threading
     import time
-    import eval as ev
+    from toy import tables
     calls, real = [], local_cd.main
 
     def main(argv):
@@ -965,8 +968,8 @@ def test_eval_trains_a_run_asked_for_twice_at_once_only_once(tmp_path, monkeypat
         real(argv)
     monkeypatch.setattr(local_cd, "main", main)
     results = []
-    workers = [threading.Thread(target=lambda: results.append(ev.train("local", [*FAST, "--iters", "1"], 0,
-                                                                        str(tmp_path / "r"))))
+    workers = [threading.Thread(target=lambda: results.append(tables.train("local", [*FAST, "--iters", "1"], 0,
+                                                                            str(tmp_path / "r"))))
                for _ in range(2)]
     for w in workers:
         w.start()
@@ -980,13 +983,13 @@ def test_eval_grid_point_continues_its_shorter_run(stage, tmp_path):
     """A baseline's grid trains the budget / 4, / 2 and all of it as one run: the longer point continues a copy of
     the shorter one with --resume and ends exactly where training it at once ends (LoRA, forwards), its seconds
     adding the shorter run's; the shorter run stays as it was. Stage 1, and stage 2 from the teacher (DMD2-style)."""
-    import eval as ev
+    from toy import tables
     argv = [*FAST, "--save-every", "2"] if stage == "local" else [
         *G_FAST, "--init", "teacher", "--lambda0", "0", "--inputs", "sampler", "--rank", "4", "--d", "mse"]
-    short, sec, fwd = ev.train(stage, [*argv, "--iters", "2"], 0, str(tmp_path / "short"))
+    short, sec, fwd = tables.train(stage, [*argv, "--iters", "2"], 0, str(tmp_path / "short"))
     kept = open(short, "rb").read()
-    chained, sec2, fwd2 = ev.train(stage, [*argv, "--iters", "4"], 0, str(tmp_path / "long"), start=short)
-    direct, _, fwd4 = ev.train(stage, [*argv, "--iters", "4"], 0, str(tmp_path / "direct"))
+    chained, sec2, fwd2 = tables.train(stage, [*argv, "--iters", "4"], 0, str(tmp_path / "long"), start=short)
+    direct, _, fwd4 = tables.train(stage, [*argv, "--iters", "4"], 0, str(tmp_path / "direct"))
     a, b = _load(chained), _load(direct)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert fwd2 == fwd4 > fwd > 0 and sec2 > sec > 0 and json.load(open(chained + ".done.json"))["resumed"]
@@ -1094,8 +1097,9 @@ def test_clip_score_matches_torchmetrics_clipscore(tmp_path):
 def test_fid_through_torchmetrics_is_the_frechet_distance(tmp_path, monkeypatch):
     """eval's FID path (PNG folders -> torchmetrics' FrechetInceptionDistance with an injected feature network) on
     images whose features are known: one colour each, the samples' colours those of the reference shifted by d. Equal
-    covariances, so the FID is |d|^2 = 325 exactly; and it is eval.frechet of the same features."""
+    covariances, so the FID is |d|^2 = 325 exactly; and it is toy.tables.frechet of the same features."""
     import eval as ev
+    from toy import tables
     pytest.importorskip("torchmetrics")
     monkeypatch.setattr(ev, "FID_FEATURE", _MeanColour())
     g = torch.Generator().manual_seed(0)
@@ -1109,7 +1113,7 @@ def test_fid_through_torchmetrics_is_the_frechet_distance(tmp_path, monkeypatch)
     ev.add_images(metric, ev.image_files(tmp_path / "fake"), 8, real=False)
     fid = metric.compute().item()
     assert fid == pytest.approx(325.0, abs=1e-2)
-    assert fid == pytest.approx(ev.frechet(colours + d, colours), rel=1e-5)
+    assert fid == pytest.approx(tables.frechet(colours + d, colours), rel=1e-5)
     metric.reset()  # the reference's features stay: the samples against themselves shifted by 0
     ev.add_images(metric, ev.image_files(tmp_path / "ref"), 8, real=False)
     assert metric.compute().item() == pytest.approx(0.0, abs=1e-2)
@@ -1146,6 +1150,7 @@ def test_score_a_tiny_sdxl_student_and_teacher_and_continue_after_an_interruptio
     from transformers import AutoTokenizer, CLIPModel
 
     import eval as ev
+    from toy import tables
     ckpt, common = _score_setup(tmp_path, tiny_sdxl, monkeypatch)
     student = ["--score", ckpt, "--steps", "2", *common]
 
@@ -1181,7 +1186,7 @@ def test_score_a_tiny_sdxl_student_and_teacher_and_continue_after_an_interruptio
     cs = ev.clip_score(model, tok, images, prompts)
     (row,) = rows
     assert row["steps"] == 2 and row["images"] == 6
-    assert row["FID"] == pytest.approx(ev.frechet(f_gen, f_ref), rel=1e-3, abs=1e-4)
+    assert row["FID"] == pytest.approx(tables.frechet(f_gen, f_ref), rel=1e-3, abs=1e-4)
     assert row["CLIP score"] == pytest.approx(cs, rel=1e-5) and cs > 10
     saved = json.load(open(tmp_path / "whole" / "scores.json"))["2"]
     assert saved["FID"] == row["FID"] and saved["CLIP score"] == row["CLIP score"] and saved["reference_images"] == 5
@@ -1456,15 +1461,15 @@ def test_score_bad_inputs_are_one_line_before_any_model_loads(tmp_path, monkeypa
 
 
 def test_table_figure_labels_fit_inside_it(tmp_path, monkeypatch):
-    """eval.plot on a table whose FD spans decades (a log axis, as Table 1's): every axis label and tick label is
+    """toy.tables.plot on a table whose FD spans decades (a log axis, as Table 1's): every axis label and tick label is
     drawn inside the figure, none cut off at its edge."""
     import matplotlib.pyplot as plt
-    import eval as ev
+    from toy import tables
     figs = []
     monkeypatch.setattr(plt, "close", figs.append)
     rows = [{"row": name, "steps": k, "_FD": fd * (5 - k), "_FD_std": 1.0, "_alignment": 0.99, "_alignment_std": 0.01}
             for name, fd in (("a", 4.0), ("b", 80.0)) for k in (1, 2, 3, 4)]
-    ev.plot(rows, str(tmp_path / "f.png"), {"label": "teacher", "_FD": 16.0, "_FD_std": 1.0, "_alignment": 0.998})
+    tables.plot(rows, str(tmp_path / "f.png"), {"label": "teacher", "_FD": 16.0, "_FD_std": 1.0, "_alignment": 0.998})
     (fig,) = figs
     renderer = fig.canvas.get_renderer()
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "linear"]
@@ -1478,18 +1483,18 @@ def test_table_figure_labels_fit_inside_it(tmp_path, monkeypatch):
 
 
 def test_table_figure_bars_stay_in_the_metrics_range(tmp_path, monkeypatch):
-    """eval.plot on a row whose seeds disagree wildly (the ablation's L-LPIPS stage 1: FD 128 +/- 141, alignment
+    """toy.tables.plot on a row whose seeds disagree wildly (the ablation's L-LPIPS stage 1: FD 128 +/- 141, alignment
     0.81 +/- 0.31) beside a steady one: FD keeps its log axis, the wild bar stopping above zero (at half the smallest
     mean); the alignment bars end at 1; the steady row's bars are its full std."""
     import matplotlib.pyplot as plt
-    import eval as ev
+    from toy import tables
     figs = []
     monkeypatch.setattr(plt, "close", figs.append)
     rows = [{"row": name, "steps": k, "_FD": fd, "_FD_std": fd_std, "_alignment": a, "_alignment_std": a_std}
             for name, fd, fd_std, a, a_std in (("wild", 128.0, 141.0, 0.811, 0.314), ("steady", 16.0, 2.0, 0.98, 0.01))
             for k in (1, 2, 3, 4)]
-    ev.plot(rows, str(tmp_path / "f.png"), {"label": "teacher", "_FD": 16.4, "_FD_std": 1.4, "_alignment": 0.998,
-                                             "_alignment_std": 0.003})
+    tables.plot(rows, str(tmp_path / "f.png"), {"label": "teacher", "_FD": 16.4, "_FD_std": 1.4, "_alignment": 0.998,
+                                                 "_alignment_std": 0.003})
     (fig,) = figs
     fd_ax, a_ax = fig.axes[:2]
     assert [fd_ax.get_yscale(), a_ax.get_yscale()] == ["log", "linear"]
@@ -3751,7 +3756,7 @@ def test_the_discriminator_learns_real_from_fake_and_the_generator_climbs_it(dig
 def test_dmd_moves_samples_toward_the_guided_teacher():
     """The known answer: with a fresh fake adapter (B = 0) the fake score is the teacher without guidance and the
     real score the teacher at w = 4, so descending dmd_loss moves x0 along what guidance adds; the project's judge
-    (eval.py's digit classifier) should then read the prompted digit more surely. Start: the teacher's WEAKLY guided
+    (toy/tables.py's classifier) should then read the prompted digit more surely. Start: the teacher's WEAKLY guided
     samples (w = 0.5, 25 DDIM steps; 40 prompts, 4 per digit), x0 a leaf tensor; 12 plain gradient steps of size
     0.02 on DMD's normalised gradient (SGD lr 0.02 x numel, as the loss is a mean over pixels).
 
@@ -3761,7 +3766,7 @@ def test_dmd_moves_samples_toward_the_guided_teacher():
     Bounds: descending > 0.85 and alignment >= 0.85; ascending < 0.3.
     Breakages (planted one at a time): dmd_loss with the opposite sign (fake and real swapped): 0.080 (fails); real score
     without guidance (w = 1 in its cfg): no gradient at all, 0.570 stays 0.570 (fails)."""
-    from eval import load_classifier
+    from toy.tables import load_classifier
     teacher = load_teacher("digits", "cpu")  # its own copy: the fake adapter stays out of the session's teacher
     lora.inject(teacher.denoiser, teacher.lora_targets, "fake", 4)
     net, _ = load_classifier()
