@@ -36,7 +36,7 @@ import torch
 
 import lora
 from lora import count_forwards  # the model calls bench.py reports are counted, not computed
-from local_cd import cfg, distance, solve, student_times, teacher_times
+from local_cd import PRESETS, cfg, distance, solve, student_times, teacher_times
 from runs import compile_blocks, memory_needed
 from teachers import DTYPE_HELP, DTYPES, DDPMTeacher, FluxTeacher, add_student, precision
 
@@ -272,7 +272,7 @@ def bench_sample(teacher, cond, batch, repeats, device, teacher_steps=25, studen
     """Teacher n-step sampling with CFG against the student's k-step sampling (LoRA rank 64 merged, no CFG pass).
     Target: k steps cost k model calls and no more; SDXL 2 steps >= 12x faster than 25 steps with CFG."""
     z, c = teacher.noise(batch), cond(batch)
-    w = teacher.default_w
+    w = PRESETS[teacher.family]["w"]  # the family's CFG scale (stage 1's preset)
     add_student(teacher, rank=64)
     first = one_forward(teacher, cond, batch, repeats, device)
     rows, one = [first], first["seconds"]
@@ -313,7 +313,7 @@ def bench_step1(teacher, cond, batch, repeats, device, r, M=8, skip=20, checkpoi
     training's --adapters and --compile) and the teacher's share (one TrajectoryBuffer refill at the family's
     preset, timed once, divided by the iterations it feeds), against one plain forward at the same batch. Target
     (the target): the update at batch 4 <= 3.5x one forward."""
-    from local_cd import PRESETS, TrajectoryBuffer, local_loss, milestones, segment
+    from local_cd import TrajectoryBuffer, local_loss, milestones, segment
     rows = [one_forward(teacher, cond, batch, repeats, device)]
     one = rows[0]["seconds"]
     z_m, z_n, c = teacher.noise(batch), teacher.noise(batch), cond(batch)
@@ -347,7 +347,7 @@ def bench_step1(teacher, cond, batch, repeats, device, r, M=8, skip=20, checkpoi
     # the teacher's share: one refill of trajectories at the preset; each pair is then served `reuse` times
     pre = PRESETS[teacher.family]
     prompts = types.SimpleNamespace(take=lambda n: (cond(n), torch.zeros(n, dtype=torch.long)), drawn=0)  # random
-    buf = TrajectoryBuffer(teacher, prompts, M, skip, teacher.default_w,
+    buf = TrajectoryBuffer(teacher, prompts, M, skip, PRESETS[teacher.family]["w"],
                            pre["trajectories"], pre["buffer"], pre["reuse"], g)
     # as in training: bf16 weights, no autocast (compiled: a first refill compiles the teacher's variant)
     refill, _ = timed(buf.refill, 1, device, warmup=int(r.compile))
@@ -394,7 +394,7 @@ def bench_step2(teacher, cond, batch, repeats, device, r, checkpointing=False, l
 
     gen, c = torch.Generator().manual_seed(0), cond(batch)
     d = distance("mse")  # L-LPIPS on latents costs ~1% of this (the llpips row)
-    method = global_cd.GlobalCD(teacher, d, disc, M=8, p=pre["p"], q=pre["q"], w=teacher.default_w, lambda1=lambda1,
+    method = global_cd.GlobalCD(teacher, d, disc, M=8, p=pre["p"], q=pre["q"], w=PRESETS[teacher.family]["w"], lambda1=lambda1,
                                 lambda2=lambda2, fake_updates=pre["fake_updates"])
 
     def iteration():
@@ -418,7 +418,7 @@ def bench_val(teacher, cond, repeats, device, r, model, prompts=4, M=8):
     grid's seconds over the preset's --val-every stage-1 iterations (the step1 row)."""
     from diffusers import AutoencoderKL
 
-    from local_cd import PRESETS, student_sample
+    from local_cd import student_sample
     add_student(teacher, rank=64)
     lora.Working(teacher.denoiser, "student", r.adapter_dtype)  # as training computes it
     one = one_forward(teacher, cond, prompts, repeats, device)

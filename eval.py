@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import lora
 from runs import plot_log
+from local_cd import PRESETS
 from teachers import load_student, load_teacher
 from toy import tables
 
@@ -267,7 +268,7 @@ def load_model(args, meta, device):
         teacher = load_teacher(args.score, device, args.resolution)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    return teacher, False, args.cfg if args.cfg is not None else teacher.default_w
+    return teacher, False, args.cfg if args.cfg is not None else PRESETS[teacher.family]["w"]
 
 
 def generate_pngs(teacher, student, w, ts, prompts, indices, folder, seed, batch, chunk=256):

@@ -73,12 +73,6 @@ class Teacher:
     guidance_embedded = False
     variant = revision = None  # which files of a hub teacher (diffusers' from_pretrained arguments)
     _null = None  # the null-prompt conditioning, encoded once
-
-    @property
-    def default_w(self):
-        """The family's CFG scale w: stage 1's preset (local_cd.PRESETS), the one source of it."""
-        import local_cd
-        return local_cd.PRESETS[self.family]["w"]
     encode_batch = 32  # prompts per text-encoder call (--encode-batch)
     encode_calls = truncated = 0  # counters: text-encoder calls, prompts cut to an encoder's limit
 
@@ -269,6 +263,7 @@ class FluxTeacher(Teacher):
     prediction = "flow"
     family = "flux"
     lora_prefix = "transformer"
+    guidance = 3.5  # FLUX.1-dev's default guidance: a call that gives none (the student's) runs at it, as FluxPipeline
     lora_targets = r"(^|\.)(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out)$"
 
     def __init__(self, pipe, device, id, resolution=1024, true_cfg=False):
@@ -307,7 +302,7 @@ class FluxTeacher(Teacher):
         g = None
         if self.denoiser.config.guidance_embeds:
             # the student runs at the teacher's default guidance, as a FluxPipeline loading the LoRA would
-            g = torch.full((B,), self.default_w if guidance is None else guidance, device=z.device, dtype=dtype)
+            g = torch.full((B,), self.guidance if guidance is None else guidance, device=z.device, dtype=dtype)
         v = self.denoiser(hidden_states=x.to(dtype), timestep=sigma.view(-1).to(dtype), guidance=g,
                           pooled_projections=cond["pooled_projections"].to(dtype), encoder_hidden_states=e.to(dtype),
                           txt_ids=torch.zeros(e.shape[1], 3, device=z.device, dtype=dtype),

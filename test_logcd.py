@@ -2177,7 +2177,7 @@ def _options(*argv, w=1.5, **paper):
     t = load_teacher("digits", "cpu")
     add_student(t, rank=4)
     a = global_cd.parse_args(list(argv))
-    global_cd.fill_presets(a, global_cd.PRESETS["digits"], "digits")
+    runs.fill_presets(a, global_cd.PRESETS["digits"], "digits")
     if a.lambda2 > 0:
         lora.inject(t.denoiser, t.lora_targets, "fake", 4)
     hp = dict(M=8, p=a.p, q=a.q, w=w, lambda1=a.lambda1, lambda2=a.lambda2, fake_updates=a.fake_updates)

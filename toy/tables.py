@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+from local_cd import PRESETS
 from sample import SOLVERS
 from teachers import load_teacher
 from toy.digits import load_digits, split
@@ -697,7 +698,7 @@ def print_sampling_table(args):
              **score(real[sub], y[sub], net)}]
     src = ["--teacher", args.teacher]
     if args.table == "teacher":
-        w = args.cfg if args.cfg is not None else load_teacher(args.teacher, "cpu").default_w
+        w = args.cfg if args.cfg is not None else PRESETS[load_teacher(args.teacher, "cpu").family]["w"]
         for clip in (False, True):
             for n in (25, 8, 4, 3, 2):
                 x, lab = sample(src, n, args.seed, args.per_prompt, ["--cfg", str(w)] + (["--clip"] if clip else []))
