@@ -793,29 +793,38 @@ def read_log(path):
 
 
 LOG_BOOKKEEPING = ("step", "it_per_s", "val_s", "elapsed_s", "gpu_mem_peak_gib")
+# Beside the loss terms (the interval's mean of each) the training scripts write the learning rates (lr*: the schedule
+# the flags set), the forwards per pair or sample (fwd*: ratios the run's last line states) and `forwards`: a counter
+# of the run's model forwards so far, no interval mean. The figure draws the loss terms and the counters.
+LOG_CUMULATIVE = ("forwards",)
 
 
 def curves_figure(lines, title):
     """A matplotlib figure of a metrics log's lines: one panel per loss term against the step (log scale where a
-    term stays positive and spans more than a decade), and one of the training speed."""
+    term stays positive and spans more than a decade), one per cumulative counter (linear: it only grows), and one
+    of the training speed. Each panel's y label says what its values are."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    terms = [k for k in lines[0] if k not in LOG_BOOKKEEPING and not k.startswith(("lr", "fwd"))] + ["it_per_s"]
-    cols = min(len(terms), 3)
-    rows = math.ceil(len(terms) / cols)
+    skip = LOG_BOOKKEEPING + LOG_CUMULATIVE
+    losses = [k for k in lines[0] if k not in skip and not k.startswith(("lr", "fwd"))]
+    labels = {**{k: f"{k} (interval mean)" for k in losses},
+              **{k: f"{k} (cumulative)" for k in LOG_CUMULATIVE if k in lines[0]},
+              "it_per_s": "iterations / s (validation excluded)"}
+    cols = min(len(labels), 3)
+    rows = math.ceil(len(labels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     steps = [line["step"] for line in lines]
-    for ax, k in zip(axes.flat, terms):
+    for ax, (k, label) in zip(axes.flat, labels.items()):
         ys = [line.get(k, float("nan")) for line in lines]
         ax.plot(steps, ys, lw=1.2)
         seen = [y for y in ys if y == y]
-        if k != "it_per_s" and min(seen) > 0 and max(seen) > 10 * min(seen):
+        if k in losses and min(seen) > 0 and max(seen) > 10 * min(seen):
             ax.set_yscale("log")
         ax.set_xlabel("training step")
-        ax.set_ylabel("iterations / s (validation excluded)" if k == "it_per_s" else f"{k} (interval mean)")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(terms):]:
+    for ax in axes.flat[len(labels):]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
@@ -835,23 +844,31 @@ def plot_log(path, png=None):
 
 
 def grid(images, row_labels, title, tile=None):
-    """PIL image: one row per label, images (N, C, H, W) in [-1, 1] laid out row-major, label to the left."""
-    from PIL import Image, ImageDraw
+    """PIL image: one row per label, images (N, C, H, W) in [-1, 1] laid out row-major, label to the left, the title
+    above. The text is PIL's own font at 13 px: at its default 10 px the spaces (2 px) are no wider than the gaps
+    between letters and the words run together. Widths are PIL's measures of the text drawn, whatever its letters."""
+    from PIL import Image, ImageDraw, ImageFont
     N, C, H, W = images.shape
     cols = N // len(row_labels)
     tile = tile or (64 if H < 64 else min(H, 256))
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    lab, top = 8 * max([len(l) for l in row_labels] + [1]) + 12, 20
-    width = max(lab + cols * (tile + 2), 6 * len(title) + 8)  # wide enough for the title
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: its one default, a bitmap font whose space is a whole 6-pixel letter
+        font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [l[:40] for l in row_labels]
+    lab, top = math.ceil(max(measure.textlength(l, font=font) for l in labels)) + 12, 20
+    width = max(lab + cols * (tile + 2), math.ceil(measure.textlength(title, font=font)) + 8)
     out = Image.new("RGB", (width, top + len(row_labels) * (tile + 2)), "white")
     draw = ImageDraw.Draw(out)
-    draw.text((4, 4), title, fill="black")
+    draw.text((4, 2), title, fill="black", font=font)  # within the top band (13 px: ink in rows 5..18)
     for i in range(N):
         r, c = divmod(i, cols)
         im = Image.fromarray(x[i, :, :, 0] if C == 1 else x[i, :, :, :3]).resize((tile, tile), Image.NEAREST)
         out.paste(im.convert("RGB"), (lab + c * (tile + 2), top + r * (tile + 2)))
-    for r, l in enumerate(row_labels):
-        draw.text((4, top + r * (tile + 2) + tile // 2 - 5), l[:40], fill="black")
+    for r, l in enumerate(labels):
+        draw.text((4, top + r * (tile + 2) + tile // 2 - 9), l, fill="black", font=font)
     return out
 
 

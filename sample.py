@@ -50,8 +50,8 @@ def parse_args(argv=None):
                    "themselves; the embedded teacher's prompts are the digits 0..9 (default: all ten)")
     p.add_argument("--per-prompt", type=count, default=8, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["psi", "lcm"], default="psi", help="student update between milestones: "
-                   "psi = deterministic jump, lcm = re-noise x0_hat with fresh noise")
+    p.add_argument("--sampler", choices=["psi", "lcm"], default="psi", help="student only: its update between "
+                   "milestones: psi = deterministic jump, lcm = re-noise x0_hat with fresh noise")
     p.add_argument("--solver", choices=["psi", *SOLVERS], default="psi", help="teacher only: psi = its DDIM / Euler "
                    "step (this repository's solver); or diffusers' scheduler for a UNet teacher, trailing, one model "
                    "call per step (CFG: 2): " + ", ".join(f"{k} = {v[0]}" for k, v in SOLVERS.items()))
@@ -168,6 +168,12 @@ def generate(teacher, x0_fn, ts, prompts, z_T, per=1, batch=4, noises=None, chun
 
 def main(argv=None):
     args = parse_args(argv)
+    # a flag of the other kind of model, in one line before any model loads
+    if args.teacher and args.sampler != "psi":  # the LCM sampler re-noises a consistency model's x0_hat: a student's
+        raise SystemExit(f"error: --sampler {args.sampler} is for a student; the teacher samples with its own solver "
+                         "(--solver)")
+    if not args.teacher and args.solver != "psi":
+        raise SystemExit("error: --solver is for the teacher; a student samples on its milestones (--sampler)")
     if args.ckpt is None and args.teacher is None:
         if not os.path.exists("global.safetensors"):
             raise SystemExit("error: no --ckpt given and no global.safetensors here. Train a student (python local_cd.py,"
@@ -188,20 +194,19 @@ def main(argv=None):
             if args.cfg is not None:
                 raise SystemExit("error: --cfg is for the teacher; the student was distilled with CFG "
                                  f"(w = {meta.get('w')}) and needs no guidance pass")
-            if args.solver != "psi":
-                raise SystemExit("error: --solver is for the teacher; a student samples on its milestones (--sampler)")
             ts = student_times(k, M)
             what = f"{os.path.basename(args.ckpt)} ({meta['stage']} CD, M={M}), {k} steps {args.sampler}"
         else:
             teacher = load_teacher(args.teacher, args.device, args.resolution, dtype)
             k, w = args.steps or 25, args.cfg if args.cfg is not None else teacher.default_w
             ts = teacher_times(k)
-            what = f"teacher {teacher.id}, {k} steps {'Euler' if teacher.prediction == 'flow' else 'DDIM'}, w={w:g}"
+            method = "Euler" if teacher.prediction == "flow" else "DDIM"
             if args.solver != "psi":
                 if not hasattr(teacher, "scheduler_config"):
                     raise SystemExit(f"error: --solver {args.solver} is for a UNet (DDPM) teacher; {teacher.id} is a "
                                      "flow: its Euler step is --solver psi")
-                what = what.replace("DDIM", SOLVERS[args.solver][0])
+                method = SOLVERS[args.solver][0]
+            what = f"teacher {teacher.id}, {k} steps {method}, w={w:g}"
         prompts = read_prompts(args.prompts, teacher)
         teacher.check_prompts(prompts)  # before any sampling: the prompts are encoded a batch at a time
     except (ValueError, FileNotFoundError) as e:

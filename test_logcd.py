@@ -3886,3 +3886,75 @@ def test_the_readme_gpu_recipe_runs_end_to_end_on_tiny_sdxl_and_flux(tmp_path, t
         image = stock("a photo of a cat", output_type="np",
                       **sample.diffusers_args(str(tmp_path / f"{family}_global.safetensors"), 3)).images[0]
         assert image.shape == (int(meta["resolution"]),) * 2 + (3,) and np.isfinite(image).all()
+
+
+# ---- small reading bugs ----
+
+def test_lcm_sampler_is_refused_for_the_teacher_and_the_title_names_the_solver(tmp_path, monkeypatch, capsys):
+    """--sampler lcm re-noises a consistency model's x0_hat between its milestones: a student's sampler. With --teacher
+    it is refused in one line and a non-zero exit before any model loads, nothing written. The title of what runs
+    names the solver that ran: the teacher's DDIM, or the diffusers scheduler --solver names; the student's sampler."""
+    argv = ["--teacher", "digits", "--sampler", "lcm", "--steps", "2", "--out", "x.png"]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *argv], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and r.stdout == "", (r.returncode, r.stdout)
+    assert r.stderr.startswith("error: --sampler lcm") and r.stderr.count("\n") == 1, r.stderr
+    assert os.listdir(tmp_path) == []
+    monkeypatch.chdir(tmp_path)
+    loaders = {name: getattr(sample, name) for name in ("load_teacher", "load_student")}
+    for name in loaders:
+        monkeypatch.setattr(sample, name, lambda *a, **k: pytest.fail("a model loaded"))
+    _fails(argv, "error: --sampler lcm")
+    _fails(["--ckpt", "s.safetensors", "--solver", "dpmpp2m", "--out", "x.png"], "error: --solver is for the teacher")
+    assert os.listdir(tmp_path) == []
+    for name, load in loaders.items():
+        monkeypatch.setattr(sample, name, load)
+    _zero_student(tmp_path / "s.safetensors")
+    for argv, solver in ((["--teacher", "digits"], "2 steps DDIM,"),
+                         (["--teacher", "digits", "--solver", "dpmpp2m"], "2 steps DPMSolverMultistepScheduler,"),
+                         (["--ckpt", "s.safetensors"], "2 steps psi"),
+                         (["--ckpt", "s.safetensors", "--sampler", "lcm"], "2 steps lcm")):
+        capsys.readouterr()
+        sample.main([*argv, "--steps", "2", "--per-prompt", "1", "--out", "g.png"])
+        said = capsys.readouterr().out
+        assert solver in said, (argv, said)
+
+
+def test_loss_curves_say_which_panels_are_interval_means_and_which_cumulative():
+    """Beside the loss terms (each line: the interval's mean) the training scripts log the learning rates, the
+    forwards per pair (stage 1) or sample (stage 2), and `forwards`, the run's model forwards so far. The figure draws
+    the loss terms, `forwards` on a linear axis labelled cumulative, and the speed; neither learning rates nor
+    forwards per pair or sample."""
+    import matplotlib.pyplot as plt
+    stage1 = [{"step": 10 * i, "loss": 1.0 / i, "lr": 1e-5, "fwd_per_pair_teacher": 1.5, "fwd_per_pair_student": 1.2,
+               "forwards": 800 * i, "it_per_s": 2.0 + i, "val_s": 0.0, "elapsed_s": 5.0 * i} for i in range(1, 21)]
+    stage2 = [{"step": 10 * i, "cons": 1.0 / i, "gan": 0.5, "lr_student": 1e-5, "lr_fake": 1e-5,
+               "fwd_per_sample_teacher": 11.0, "fwd_per_sample_fake": 3.0, "forwards": 2200 * i, "it_per_s": 1.0,
+               "val_s": 0.0, "elapsed_s": 5.0 * i} for i in range(1, 21)]
+    for lines, losses in ((stage1, ["loss"]), (stage2, ["cons", "gan"])):
+        fig = runs.curves_figure(lines, "x")
+        shown = {ax.get_ylabel(): list(ax.lines[0].get_ydata()) for ax in fig.axes if ax.lines}
+        assert shown == {**{f"{k} (interval mean)": [line[k] for line in lines] for k in losses},
+                         "forwards (cumulative)": [line["forwards"] for line in lines],
+                         "iterations / s (validation excluded)": [line["it_per_s"] for line in lines]}
+        (forwards,) = [ax for ax in fig.axes if ax.get_ylabel() == "forwards (cumulative)"]
+        assert forwards.get_yscale() == "linear"
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("title", [
+    "global.safetensors at step 20; columns: 0 | 1 | 2",
+    "local.safetensors at step 2000; columns: " + " | ".join(["MWMWMWMWMM MMWMWMWMWM"] * 6)])  # wide letters
+def test_grid_title_shows_every_word_apart_and_whole(title):
+    """The grid's title read back from its pixels, with no knowledge of the font: the ink of the title band (above
+    the first row of images), split where 3 or more columns are blank, is one group per word of the title, and it
+    ends before the image's right edge. A font whose spaces are no wider than the gaps between its letters runs the
+    words together; an image narrower than the rendered title cuts it off. (The titles have no 1 before a digit, which
+    stands apart in a digit's whole width, nor a W beside a space, whose slant fills it.)"""
+    import numpy as np
+    image = runs.grid(torch.zeros(6, 1, 16, 16), ["2 steps", "4 steps"], title)
+    band = np.asarray(image.convert("L"))[:20]  # the rows above the first image (top = 20)
+    ink = np.flatnonzero((band < 160).any(0))
+    groups = 1 + int((np.diff(ink) - 1 >= 3).sum())
+    assert groups == len(title.split()), groups
+    assert ink[-1] < image.width - 3, (ink[-1], image.width)
