@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import lora
-from local_cd import cfg, solve, student_times, teacher_times
+from local_cd import PRESETS, cfg, solve, student_times, teacher_times
 from runs import Parser, count, grid, weight
 from teachers import (DTYPE_HELP, DTYPES, T, default_device, load_student, load_teacher, precision, read_checkpoint,
                       read_prompts)
@@ -198,7 +198,7 @@ def main(argv=None):
             what = f"{os.path.basename(args.ckpt)} ({meta['stage']} CD, M={M}), {k} steps {args.sampler}"
         else:
             teacher = load_teacher(args.teacher, args.device, args.resolution, dtype)
-            k, w = args.steps or 25, args.cfg if args.cfg is not None else teacher.default_w
+            k, w = args.steps or 25, args.cfg if args.cfg is not None else PRESETS[teacher.family]["w"]
             ts = teacher_times(k)
             method = "Euler" if teacher.prediction == "flow" else "DDIM"
             if args.solver != "psi":
