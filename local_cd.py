@@ -262,6 +262,8 @@ class TrajectoryBuffer:
             setattr(self, k, int(v))
 
 
+# ---- the distance d: MSE, or L-LPIPS (the paper's) ---------------------------------------------------------------
+
 DISTANCE_HELP = ("d: the consistency distance: llpips, the paper's recipe in both stages (Table 3's last row; --llpips "
                  "FILE alone means it), or mse, Table 3's MSE row. SDXL / FLUX.1-dev: give one (llpips.py trains an "
                  "L-LPIPS). --d is the same flag, but not under torchrun, which takes --d for its own flags")
