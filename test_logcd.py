@@ -1846,7 +1846,7 @@ def test_stage1_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
                     "1", "--M", "4", "--skip", "50", "--rank", "4", "--iters", "3", "--distance", "mse", "--out",
                     str(tmp_path / "l.safetensors"))
     # each rank's two micro-batches add up, then the ranks average them: a rank that never synced would differ
-    assert "LoRA identical on all 2 ranks: max difference 0" in out
+    assert "student identical on all 2 ranks: max difference 0" in out
     meta = read_checkpoint(str(tmp_path / "l.safetensors"))[1]
     assert meta["batch"] == "4" and meta["dtype"] == "bfloat16" and meta["step"] == "3"
     _resume_on_one_rank(tmp_path, local_cd.main, "l.safetensors")
@@ -2138,7 +2138,8 @@ def test_stage2_gradients_stay_in_their_own_parameters(digits):
         assert all(p.grad is None for p in t.denoiser.parameters() if not p.requires_grad)
         return {k for k, ps in groups.items() if any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps)}
 
-    l_cons, x0_m, x0_n = global_cd.global_loss(t, mse, z_m, t_m, t_m - 125, c, 1.5, 3)
+    z_n = global_cd.teacher_target(t, z_m, t_m, t_m - 125, c, 1.5, 3)
+    l_cons, x0_m, x0_n = global_cd.global_loss(t, mse, z_m, t_m, z_n, t_m - 125, c)
     disc.requires_grad_(False)
     l_gan = -disc(x0_m, global_cd.uniform(B, 0, 500, g, "cpu"), torch.randn(x0_m.shape), c).mean()
     disc.requires_grad_(True)
@@ -2158,7 +2159,8 @@ def test_global_loss_targets_are_the_teacher_solver_and_the_student(digits):
     c = t.encode(["3", "7"])
     z_m, t_m = torch.randn(2, 1, 16, 16), torch.tensor([125.0, 500.0])
     t_n = t_m - 125
-    _, x0_m, target = global_cd.global_loss(t, local_cd.distance("mse"), z_m, t_m, t_n, c, 1.5, 3)
+    z_n = global_cd.teacher_target(t, z_m, t_m, t_n, c, 1.5, 3)
+    _, x0_m, target = global_cd.global_loss(t, local_cd.distance("mse"), z_m, t_m, z_n, t_n, c)
     with torch.no_grad():
         for i in range(2):
             ci = teachers.cond_index(c, slice(i, i + 1))
@@ -2499,7 +2501,7 @@ def test_stage2_torchrun_two_ranks_agree(tmp_path, tiny_sdxl):
                     "bfloat16", "--adapters", "base", "--distance", "mse", "--batch", "1", "--grad-accum", "2",
                     "--fake-rank", "4", "--iters", "2",
                     "--init", str(tmp_path / "local.safetensors"), "--out", str(tmp_path / "g.safetensors"))
-    assert "student, heads and fake score identical on all 2 ranks: max difference 0" in out
+    assert "student, disc, fake identical on all 2 ranks: max difference 0" in out
     meta = read_checkpoint(str(tmp_path / "g.safetensors"))[1]
     assert meta["batch"] == "4" and meta["dtype"] == "bfloat16" and meta["lambda2"] == "1.0"
     _resume_on_one_rank(tmp_path, global_cd.main, "g.safetensors")
@@ -3124,8 +3126,7 @@ def test_compile_flag_trains_through_both_stages(tiny_sdxl, tmp_path, monkeypatc
     import functools
 
     from torch._dynamo.utils import counters
-    for script in (local_cd, global_cd):
-        monkeypatch.setattr(script, "compile_blocks", functools.partial(runs.compile_blocks, backend="aot_eager"))
+    monkeypatch.setattr(runs, "compile_blocks", functools.partial(runs.compile_blocks, backend="aot_eager"))
     (tmp_path / "prompts.txt").write_text("a cat\na red dog\n")
     common = ["--teacher", tiny_sdxl, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", "16", "--dtype",
               "bfloat16", "--adapters", "base", "--batch", "2", "--trajectories", "1", "--M", "4", "--skip", "50",
