@@ -2229,6 +2229,30 @@ def test_milestone_pairs_adjacent_or_any_jump(monkeypatch):
         monkeypatch.undo()
 
 
+def test_image_free_inputs_are_the_students_samples_renoised_and_pure_noise_at_T():
+    """The paper's image-free inputs, drawn again here in their order (the q-step sampler's noise, the milestones s,
+    the fresh noise eps): z_{t_m} = alpha_{t_m} hat z_0 + sigma_{t_m} eps with hat z_0 the student's own q-step sample,
+    except at t_m = T, where it is eps itself, the sampler's own input; t_n the milestone below t_m."""
+    t = load_teacher("digits", "cpu")
+    add_student(t, rank=4)
+    torch.manual_seed(0)
+    _randomize(t.denoiser, "student", std=0.05)
+    B, M, q = 16, 8, 2
+    cond = t.encode([str(i % 10) for i in range(B)])
+    z_m, t_m, t_n = global_cd.image_free_inputs(t, cond, q, M, torch.Generator().manual_seed(1), contextlib.nullcontext)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        x0_q = local_cd.student_sample(t, cond, t.noise(B, g), q, M)
+    s = torch.randint(1, M + 1, (B,), generator=g)
+    eps = torch.randn(x0_q.shape, generator=g)
+    assert torch.equal(t_m, s.float() * T / M) and torch.equal(t_n, t_m - T / M)
+    at_T = t_m == T
+    assert 0 < at_T.sum() < B
+    assert torch.equal(z_m[at_T], eps[at_T])
+    alpha, sigma = t.alpha_sigma(t_m)
+    assert torch.allclose(z_m[~at_T], (alpha * x0_q + sigma * eps)[~at_T], atol=1e-6)
+
+
 def test_sampler_inputs_are_the_steps_the_student_samplers_take(monkeypatch):
     """--inputs sampler: each (z_{t_m}, t_m, t_n) is, bit for bit, a step the student's own k-step Psi sampler
     (sample.py's update, from the same noise) takes: the state it calls the student at, its time, the time it jumps
