@@ -391,10 +391,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def student_meta(args):
+def student_meta(args, resumed):
     """(where the student comes from, its checkpoint's metadata), read before any model loads: the stage-1 checkpoint
     --init, or resuming, this run's own; with --init teacher, the teacher itself (an option). Each mistake one line."""
-    check_options(args)
+    check_options(args, resumed)
     if args.lambda0 == args.lambda1 == args.lambda2 == 0:
         raise SystemExit("error: --lambda0, --lambda1 and --lambda2 are all 0: nothing to train")
     source, stage = (args.out, "global") if args.resume else (args.init, "local")
@@ -414,7 +414,7 @@ def student_meta(args):
 def main(argv=None):
     args = parse_args(argv)
     run = runs.Trainer(args, "global", RUN_VALUES)  # torchrun, precision; --resume takes the run's own values
-    source, meta = student_meta(args)  # the student's teacher, M, w, rank: from its checkpoint
+    source, meta = student_meta(args, run.resumed)  # the student's teacher, M, w, rank: from its checkpoint
     hub = {"variant": meta.get("variant") or None, "revision": meta.get("revision") or None}
     lora_rank, M = int(meta["rank"]), int(meta["M"])
 
@@ -524,18 +524,16 @@ def option_values(args):
             "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input}
 
 
-def check_options(args):
+def check_options(args, resumed):
     if (args.M or args.rank) and not (args.init == "teacher" or args.resume):
         raise SystemExit("error: --M and --rank go with --init teacher; a stage-1 checkpoint brings its own")
     if args.inputs == "sampler" and args.jump != "adjacent":
         raise SystemExit("error: --jump any: with --inputs sampler, t_n is the milestone the sampler jumps to; leave "
                          "--jump out")
-    if args.resume:  # given again on --resume: they must be the run's
-        meta = lora.metadata(args.out)
-        for key in ("M", "rank"):
-            if getattr(args, key) not in (None, int(meta.get(key, 0))):
-                raise SystemExit(f"error: cannot resume: --{key} {getattr(args, key)} differs from the run's {key} = "
-                                 f"{meta.get(key)}")
+    for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's (resumed)
+        if getattr(args, key) not in (None, int(resumed.get(key, 0))):
+            raise SystemExit(f"error: cannot resume: --{key} {getattr(args, key)} differs from the run's {key} = "
+                             f"{resumed.get(key)}")
 
 
 def teacher_as_student(args):

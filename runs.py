@@ -341,7 +341,7 @@ class Trainer:
       run = Trainer(args, "local", RUN_VALUES)        # torchrun, precision; --resume takes the run's own values
       run.check(...)                           # every input, before any model loads
       teacher = run.load(...)                  # rank 0 downloads first; the prompts checked against the teacher
-      run.train(teacher, student=(lr, betas, None), disc=(lr, betas, module), ...)   # each part: its own AdamW
+      run.train(teacher, {"student": (lr, betas, None), "disc": (lr, betas, module)}, stream)  # each: its AdamW
       while run.step < args.iters:
           logs = {"loss": run.update("student", losses)}       # one optimizer step, over --grad-accum micro-batches
           run.next(logs)                                       # the log line, validation, the checkpoint pair
@@ -483,9 +483,9 @@ class Trainer:
         self.work[name].step(opt)  # AdamW (on the fp32 masters of bf16 copies, with --adapters base)
         return loss
 
-    def next(self, logs, save, **line):
+    def next(self, logs, save):
         """The iteration's end: its model forwards counted, the step, every --log-every a metrics line (the interval's
-        mean losses, the learning rates, the forwards per sample of each adapter, `line`), every --val-every a
+        mean losses, the learning rates, the forwards per sample of each adapter), every --val-every a
         validation grid, every --save-every the checkpoint pair (save(): the stage's own)."""
         args = self.args
         for adapter, n in self.calls:
@@ -499,7 +499,7 @@ class Trainer:
             samples = (self.step - self.metrics.step) * args.batch * args.grad_accum  # this interval's, this rank
             written = self.metrics.write(self.step, **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.opts.items()},
                                          **{f"fwd_per_sample_{k}": n / samples for k, n in self.interval.items()},
-                                         forwards=self.forwards, **{k: v() for k, v in line.items()})
+                                         forwards=self.forwards)
             self.interval.clear()
             if self.master:
                 self.bar.set_postfix({k: f"{written[k]:.4g}" for k in logs})
