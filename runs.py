@@ -83,6 +83,11 @@ def count(text):
     return number(text, int, 1)
 
 
+def whole(text):
+    """An argparse type: a whole number, 0 or more (0: off)."""
+    return number(text, int, 0)
+
+
 def positive(text):
     """An argparse type: a finite number above 0 (learning rates, skip, reuse)."""
     return number(text, float, 0, strict=True)
@@ -434,6 +439,9 @@ class Trainer:
             elif k != "student":
                 lora.load_state_dict(teacher.denoiser, k, state, k)
         self.step, self.forwards = int(smeta["step"]), int(smeta.get("forwards", 0))
+        if self.master and self.keeps(self.step) and meta["step"] == str(self.step) and \
+                not os.path.exists(kept_path(args.out, self.step)):
+            keep(args.out, self.step)  # the run stopped between its checkpoint and the copy
         self.log(f"resumed {args.out} at step {self.step}" + resumed_late(self.step, meta))
         return state, smeta
 
@@ -506,7 +514,7 @@ class Trainer:
         if self.validate and (self.step % args.val_every == 0 or self.step == args.iters):
             self.validate(self.step)
             self.calls.clear()  # validation's forwards are not training's
-        if self.step % args.save_every == 0 or self.step == args.iters:
+        if self.step % args.save_every == 0 or self.step == args.iters or self.keeps(self.step):
             save()
 
     def save(self, hparams, tensors=None, meta=None):
@@ -524,6 +532,12 @@ class Trainer:
         lora.save(state_path(self.args.out), state, {"step": self.step, "run": self.id,
                                                      "forwards": self.forwards, **(meta or {})})
         save_checkpoint(self.args.out, self.teacher, self.stage, {**hparams, "step": self.step, "forwards": self.forwards})
+        if self.keeps(self.step):
+            keep(self.args.out, self.step)
+
+    def keeps(self, step):
+        """Whether the student of `step` is kept (--keep-every)."""
+        return self.args.keep_every > 0 and step % self.args.keep_every == 0
 
     def end(self, save):
         """After the last iteration: a final save if the last one was not of this step (a resume from a state newer
@@ -699,6 +713,31 @@ def rank_difference(params):
 
 
 # ---- watching a run: the metrics log and validation grids ---------------------------------------------------------
+
+def kept_path(out, step):
+    """global.safetensors, step 500 -> global.step_000500.safetensors: the student kept at that step (--keep-every)."""
+    stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
+    return f"{stem}.step_{step:06d}.safetensors"
+
+
+def kept_paths(out):
+    """{step: path} of the students kept beside `out` (--keep-every), in step order."""
+    stem = os.path.basename(out[:-len(".safetensors")] if out.endswith(".safetensors") else out)
+    folder = os.path.dirname(os.path.abspath(out))
+    found = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.fullmatch(re.escape(stem) + r"\.step_(\d+)\.safetensors", name)
+        if m:
+            found[int(m.group(1))] = os.path.join(folder, name)
+    return dict(sorted(found.items()))
+
+
+def keep(out, step):
+    """The checkpoint at `out` (of `step`), copied byte for byte to kept_path(out, step), atomically."""
+    import shutil
+    with lora.atomic(kept_path(out, step)) as tmp:
+        shutil.copyfile(out, tmp)
+
 
 def run_files(out):
     """local.safetensors -> (local.log.jsonl, local.val): a run's metrics log and its folder of validation grids."""
