@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import lora
 import runs
 import teachers
-from local_cd import (DISTANCE_HELP, LLPIPS_HELP, TOY_LLPIPS, cfg, distance, milestones, solve, student_sample,
-                      student_times)
+from local_cd import (DISTANCE_HELP, LLPIPS_HELP, TOY_LLPIPS, cfg, distance, milestones, pipeline_grid, solve,
+                      student_sample, student_times)
 from teachers import T
 
 # ---- the paper's values, per teacher family (every flag left out takes its family's; --help shows them) -----------
@@ -472,7 +472,7 @@ def main(argv=None):
             "all")
     run.start(sorted({k for k in (2, 4) if k <= M} or {M}),
               lambda cond, z_T, k: student_sample(teacher, cond, z_T, k, M))
-    save = lambda: run.save(hparams, {"rng": gen.get_state()})  # noqa: E731
+    save = lambda: run.save({**hparams, **pipeline_grid(M, teacher)}, {"rng": gen.get_state()})  # noqa: E731
 
     while run.step < args.iters:
         cond, _ = stream.take(args.batch * args.grad_accum)

@@ -66,6 +66,36 @@ def student_times(k, M):
     return [float(milestones(M)[round(M * (k - i) / k)]) for i in range(k + 1)]
 
 
+def pipeline_args(k, M, flow, resolution):
+    """The keyword arguments that put a stock diffusers pipeline on the student's k-step grid (student_times), so that
+    pipe.load_lora_weights(checkpoint); pipe(prompt, **pipeline_args(k, M, flow, resolution)) draws what sample.py
+    draws from the same noise (flow: a FLUX teacher). The pipelines append the final t = 0 themselves.
+    SDXL (any UNet teacher): StableDiffusionXLPipeline with SDXL's own EulerDiscreteScheduler ("leading" spacing, the
+      one under which it scales the initial noise exactly), whose Euler step on eps in sigma_t / alpha_t is the DDIM
+      step Psi. `timesteps` are the grid's training indices t - 1: M = 8, 3 steps -> 999 624 374, where the
+      scheduler's own spacings give 667 334 1 ("leading") or 999 666 332 ("trailing"). guidance_scale = 1: no CFG
+      pass; the student learned the guided teacher.
+    FLUX: FluxPipeline with its FlowMatchEulerDiscreteScheduler. `sigmas` are t / T before the time shift, which the
+      pipeline applies for its resolution as the teacher did in training: 3 steps -> 1 0.625 0.375, shifted at
+      1024 px to 1 0.840 0.655, where the default spacing gives 1 0.863 0.612. The guidance embedding stays at the
+      pipeline's default, 3.5, the value the student ran at in training.
+    Exact where the milestones are whole timesteps (M divides 1000); elsewhere the SDXL scheduler interpolates sigma
+    where the teacher interpolates log alpha-bar, a small difference."""
+    ts = student_times(k, M)[:-1]
+    if flow:
+        return {"sigmas": [t / T for t in ts], "num_inference_steps": k, "height": resolution, "width": resolution}
+    return {"timesteps": [t - 1 for t in ts], "guidance_scale": 1.0, "height": resolution, "width": resolution}
+
+
+def pipeline_grid(M, teacher):
+    """What a checkpoint records of its grid for the stock pipelines (none for the embedded teacher, which has no
+    pipeline): pipeline_args of every k = 1..M (1..4 for an LCM-style M = 1), as JSON under "pipeline_args"."""
+    if teacher.embedded:
+        return {}
+    flow, steps = teacher.prediction == "flow", range(1, M + 1) if M > 1 else range(1, 5)
+    return {"pipeline_args": json.dumps({k: pipeline_args(k, M, flow, teacher.resolution) for k in steps})}
+
+
 def teacher_times(n):
     """n evenly spaced DDIM / Euler steps, trailing: the first step starts at t = T (pure noise)."""
     return torch.linspace(T, 0, n + 1, dtype=torch.float64).tolist()
@@ -403,7 +433,8 @@ def main(argv=None):
 
     def save():
         tensors, counters = buffer.state()
-        run.save(hparams, {**tensors, "rng": gen.get_state()}, {"buffer": json.dumps(counters)})
+        run.save({**hparams, **pipeline_grid(args.M, teacher)},  # the checkpoint: also its grid for the pipelines
+                 {**tensors, "rng": gen.get_state()}, {"buffer": json.dumps(counters)})
 
     while run.step < args.iters:
         pairs = buffer.sample(args.batch * args.grad_accum)  # (z_m, t_m, z_n, t_n, t_s, cond): teacher steps, reused

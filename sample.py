@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 import lora
-from local_cd import PRESETS, cfg, solve, student_times, teacher_times
+from local_cd import PRESETS, cfg, pipeline_args, solve, student_times, teacher_times
 from runs import Parser, count, grid, weight
-from teachers import (DTYPE_HELP, DTYPES, T, default_device, load_student, load_teacher, precision, read_checkpoint,
+from teachers import (DTYPE_HELP, DTYPES, default_device, load_student, load_teacher, precision, read_checkpoint,
                       read_prompts)
 
 
@@ -85,25 +85,12 @@ def check_output(path, formats, flag):
 
 def diffusers_args(ckpt, steps=4):
     """Keyword arguments for a stock diffusers pipeline call that samples the student `ckpt` (loaded into the pipeline
-    with pipe.load_lora_weights(ckpt)) on the grid it was trained on, the grid sample.py uses: the same latents.
-    SDXL (any UNet teacher): StableDiffusionXLPipeline with its own EulerDiscreteScheduler, whose Euler step on eps
-      in sigma_t / alpha_t is the DDIM step Psi. `timesteps` are the grid's training indices t - 1: M = 8, 3 steps
-      -> 999 624 374, where the scheduler's spacings give 667 334 1 (SDXL's "leading") or 999 666 332 ("trailing").
-      The spacing must stay "leading" all the same: it is the one under which the scheduler scales the initial noise
-      exactly (init_noise_sigma = sqrt(sigma_max^2 + 1)). guidance_scale = 1: no CFG pass; the student learned the
-      guided teacher.
-    FLUX: FluxPipeline with its FlowMatchEulerDiscreteScheduler. `sigmas` are t / T before the time shift, which the
-      pipeline applies for its resolution as the teacher did in training: 3 steps -> 1 0.625 0.375, shifted at
-      1024 px to 1 0.840 0.655, where the default spacing gives 1 0.863 0.612. The guidance embedding stays at the
-      pipeline's default, 3.5, the value the student ran at in training.
-    Exact where the milestones are whole timesteps (M divides 1000); elsewhere the SDXL scheduler interpolates sigma
-    where the teacher interpolates log alpha-bar, a small difference."""
+    with pipe.load_lora_weights(ckpt)) on the grid it was trained on, the grid sample.py uses: the same latents
+    (local_cd.pipeline_args). A checkpoint also carries them in its metadata ("pipeline_args", every k = 1..M), for
+    code that imports only safetensors and diffusers."""
     _, meta = read_checkpoint(ckpt)
-    M, res = int(meta["M"]), int(meta.get("resolution", 1024))
-    ts = student_times(steps, M)[:-1]  # the pipelines append the final t = 0 themselves
-    if meta.get("lora_prefix") == "transformer":  # a flow (FLUX)
-        return {"sigmas": [t / T for t in ts], "num_inference_steps": steps, "height": res, "width": res}
-    return {"timesteps": [t - 1 for t in ts], "guidance_scale": 1.0, "height": res, "width": res}
+    flow = meta.get("lora_prefix") == "transformer"  # FLUX
+    return pipeline_args(steps, int(meta["M"]), flow, int(meta.get("resolution", 1024)))
 
 
 # diffusers' deterministic multistep solvers (one model call per step), for a UNet teacher: --solver

@@ -3214,6 +3214,82 @@ def test_stock_diffusers_pipeline_samples_the_student_like_sample_py(family, tin
                 assert err(stock("trailing", **sample.diffusers_args(ckpt, k))) > 1e-4, k
 
 
+def _readme_block(heading):
+    """The first python code block under `heading` in the README, as printed there."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text[text.index(heading):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+
+
+def test_readme_snippet_samples_the_trained_grid_from_metadata_alone(tiny_sdxl, tiny_flux, tmp_path, monkeypatch):
+    """The README's snippet (safetensors and diffusers only: the grid from the checkpoint's metadata), run as printed
+    there on tiny SDXL and FLUX students that stage 1 wrote (M = 8; their LoRAs then drawn at random), draws sample.py's latents from the same noise at
+    3 steps (the snippet's) and, through its trained_grid, at 1 and 4: up to 1e-5 of the latents' largest value. Only
+    the hub ids, the LoRA files, the device and the dtype (fp32: bf16 rounding would hide a grid a little off) are
+    replaced; SDXL's scheduler is SDXL's own (Euler, "leading"). Without the LoRA the pipeline draws other latents."""
+    import diffusers
+    code = _readme_block("## The student in a stock diffusers pipeline")
+    assert "import sample" not in code and "from sample" not in code
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n")
+    hubs = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "flux": "black-forest-labs/FLUX.1-dev"}
+    classes = {"sdxl": diffusers.StableDiffusionXLPipeline, "flux": diffusers.FluxPipeline}
+    teacher, ckpt, drawn, calls = {}, {}, {}, {}
+    for family in hubs:
+        path, res = _tiny(family, tiny_sdxl, tiny_flux)
+        if family == "sdxl":  # the hub's SDXL scheduler: Euler with "leading" spacing (the fixture's: "linspace")
+            path = str(tmp_path / "sdxl")
+            shutil.copytree(tiny_sdxl, path)
+            file = os.path.join(path, "scheduler", "scheduler_config.json")
+            config = json.load(open(file))
+            json.dump({**config, "timestep_spacing": "leading"}, open(file, "w"))
+        ckpt[family] = str(tmp_path / f"{family}_global.safetensors")
+        local_cd.main(["--teacher", path, "--prompts", str(tmp_path / "prompts.txt"), "--resolution", str(res),
+                       "--dtype", "bfloat16", "--batch", "2", "--trajectories", "1", "--M", "8", "--skip", "50",
+                       "--rank", "4", "--lr", "3e-2", "--iters", "2", "--distance", "mse", "--val-every", "0",
+                       "--out", ckpt[family]])
+        tensors, meta = lora.load(ckpt[family])  # a LoRA that moves the tiny model's latents well past bf16 rounding
+        torch.manual_seed(0)
+        lora.save(ckpt[family], {k: torch.randn_like(v) * (0.05 if "lora_B" in k else 1) for k, v in tensors.items()},
+                  meta)
+        code = code.replace(hubs[family], path).replace(f'"{family}_global.safetensors"', repr(ckpt[family]))
+        teacher[family] = load_teacher(path, "cpu", resolution=res)
+        drawn[family], calls[family] = [], classes[family].__call__
+
+        def fixed_noise(pipe, *a, family=family, **k):  # the snippet's call on sample.py's initial noise; latents kept
+            t = teacher[family]
+            z_T = torch.randn(1, *t.latent_shape, generator=torch.Generator().manual_seed(0))  # sample.py's rule
+            latents = z_T if family == "sdxl" else pack(z_T)
+            result = calls[family](pipe, *a, latents=latents, output_type="latent", **k)
+            out = result.images.float()
+            drawn[family].append(out if family == "sdxl" else unpack(out, *t.latent_shape))
+            return result
+        monkeypatch.setattr(classes[family], "__call__", fixed_noise)
+    namespace = {}
+    assert code.count("dtype=torch.bfloat16") == 2
+    exec(code.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32"), namespace)  # each draws 3 steps
+    pipes = {"flux": namespace["pipe"]}
+
+    def mine(family, k):
+        sample.main(["--ckpt", ckpt[family], "--steps", str(k), "--prompts", "a photo of a cat", "--per-prompt", "1",
+                     "--dtype", "float32", "--out", str(tmp_path / "g.png"), "--save-tensors",
+                     str(tmp_path / "s.safetensors")])
+        return _load(tmp_path / "s.safetensors")["latents"]
+
+    def err(x, y):
+        return ((x - y).abs().max() / y.abs().max()).item()
+    for family in hubs:
+        snippet = drawn[family][0]
+        assert len(drawn[family]) == 1 and err(snippet, mine(family, 3)) < 1e-5, family
+        if family in pipes:  # the snippet's last pipeline: more step counts through its trained_grid
+            pipe = pipes[family]
+            for k in (1, 4):
+                pipe("a photo of a cat", **namespace["trained_grid"](ckpt[family], k))
+                assert err(drawn[family][-1], mine(family, k)) < 1e-5, (family, k)
+            pipe.unload_lora_weights()
+            pipe("a photo of a cat", **namespace["trained_grid"](ckpt[family], 3))
+            assert err(drawn[family][-1], snippet) > 5e-2, family  # the LoRA made the difference
+
+
 # ---- prompt files of real size ----------------------------------------------------------------------------------
 
 _BOTH_STAGES = """import sys
@@ -3908,8 +3984,9 @@ def test_the_readme_gpu_recipe_runs_end_to_end_on_tiny_sdxl_and_flux(tmp_path, t
         assert llpips.load(meta["llpips"]).meta["teacher"] in teachers_.values()
         stock = cls.from_pretrained(meta["teacher"], dtype=torch.bfloat16, variant=meta["variant"] or None)
         stock.load_lora_weights(str(tmp_path / f"{family}_global.safetensors"))
-        image = stock("a photo of a cat", output_type="np",
-                      **sample.diffusers_args(str(tmp_path / f"{family}_global.safetensors"), 3)).images[0]
+        grid = json.loads(meta["pipeline_args"])  # stage 2's checkpoint carries its grid, as stage 1's does
+        assert grid["3"] == sample.diffusers_args(str(tmp_path / f"{family}_global.safetensors"), 3)
+        image = stock("a photo of a cat", output_type="np", **grid["3"]).images[0]
         assert image.shape == (int(meta["resolution"]),) * 2 + (3,) and np.isfinite(image).all()
 
 
