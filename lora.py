@@ -345,3 +345,127 @@ def header(path):
             return list(f.keys()), f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+
+# ---- the kohya layout: A1111, ComfyUI, Forge, kohya's sd-scripts -----------------------------------------------
+
+def kohya(tensors, meta):
+    """A student's LoRA (diffusers keys, scale folded into B) in the key layout of kohya's sd-scripts, which A1111,
+    ComfyUI and Forge read: `lora_unet_<module of the original model, "_" for ".">.lora_down.weight` (A),
+    `.lora_up.weight` (B) and `.alpha` (= the rank: scale 1, B already holds alpha / r). The modules are named as in
+    the original implementations: SDXL's UNet (input_blocks / middle_block / output_blocks) and FLUX's
+    (double_blocks / single_blocks, whose q, k, v (and the MLP's input, in single blocks) are one fused linear each:
+    their LoRAs are stacked, A along the rank, B block-diagonal, which is the same weight update exactly).
+    Returns (tensors, metadata): ours, plus what sd-scripts writes about the network."""
+    layers = {k[:-len(".lora_A.weight")]: (v, tensors[k[:-len("A.weight")] + "B.weight"])
+              for k, v in tensors.items() if k.endswith(".lora_A.weight")}
+    prefix = meta.get("lora_prefix") or next(iter(layers)).split(".")[0]
+    layers = {k[len(prefix) + 1:]: ab for k, ab in layers.items()}
+    names = flux_names(layers) if prefix == "transformer" else {(p,): sdxl_name(p, layers) for p in layers}
+    out = {}
+    for paths, name in names.items():
+        A = torch.cat([layers[p][0] for p in paths])  # (n r, in): the parts' A stacked
+        B = torch.block_diag(*[layers[p][1].flatten(1) for p in paths])  # (sum of outs, n r): each part's B alone
+        B = B.reshape(*B.shape, *layers[paths[0]][1].shape[2:])  # a conv's 1 x 1
+        key = "lora_unet_" + name.replace(".", "_")
+        out[key + ".lora_down.weight"], out[key + ".lora_up.weight"] = A.contiguous(), B.contiguous()
+        out[key + ".alpha"] = torch.tensor(float(A.shape[0]))
+    rank = next(iter(layers.values()))[0].shape[0]
+    info = {"ss_network_module": "networks.lora", "ss_network_dim": rank, "ss_network_alpha": rank,
+            "ss_base_model_version": "flux1" if prefix == "transformer" else "sdxl_base_v1-0"}
+    return out, {**meta, **info, "format": "kohya"}
+
+
+RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+          "conv_shortcut": "skip_connection"}  # a diffusers ResnetBlock2D's layers in SDXL's original UNet
+TOP = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+       "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+       "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def sdxl_name(path, layers):
+    """A diffusers UNet module path -> its name in SDXL's original UNet, where the blocks are numbered through:
+    with L resnets per down block (L + 1 per up block; L = 2 in SDXL), down_blocks.b's layer j is input_blocks.(1 +
+    b (L + 1) + j) (.0 its resnet, .1 its attention; the downsampler a layer of its own, .0.op), the mid block is
+    middle_block.0 / .1 / .2 (resnet, attention, resnet), up_blocks.b's layer j is output_blocks.(b (L + 1) + j) (the
+    upsampler in its last layer, after the attention if the block has one). L is read off the paths."""
+    if path in TOP:
+        return TOP[path]
+    L = 1 + max(int(p.split(".")[3]) for p in layers if p.startswith("down_blocks.") and ".resnets." in p)
+    if path.startswith("mid_block."):
+        _, kind, j, *rest = path.split(".")
+        inner = RESNET[rest[0]] if kind == "resnets" else ".".join(rest)
+        return f"middle_block.{2 * int(j) if kind == 'resnets' else 1}.{inner}"
+    part, b, kind, j, *rest = path.split(".")
+    inner = RESNET[rest[0]] if kind == "resnets" else ".".join(rest)
+    b, j = int(b), int(j)
+    if part == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{1 + b * (L + 1) + L}.0.op"
+        return f"input_blocks.{1 + b * (L + 1) + j}.{0 if kind == 'resnets' else 1}.{inner}"
+    if kind == "upsamplers":
+        attention = any(p.startswith(f"up_blocks.{b}.attentions.") for p in layers)
+        return f"output_blocks.{b * (L + 1) + L}.{2 if attention else 1}.conv"
+    return f"output_blocks.{b * (L + 1) + j}.{0 if kind == 'resnets' else 1}.{inner}"
+
+
+FLUX_DOUBLE = {("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn_qkv", ("attn.to_out.0",): "img_attn_proj",
+               ("ff.net.0.proj",): "img_mlp_0", ("ff.net.2",): "img_mlp_2",
+               ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "txt_attn_qkv",
+               ("attn.to_add_out",): "txt_attn_proj", ("ff_context.net.0.proj",): "txt_mlp_0",
+               ("ff_context.net.2",): "txt_mlp_2"}
+FLUX_SINGLE = {("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"): "linear1", ("proj_out",): "linear2"}
+
+
+def flux_names(layers):
+    """{(diffusers module paths fused into one): its name in FLUX's original transformer} for the paths in
+    `layers`: transformer_blocks.i -> double_blocks.i, single_transformer_blocks.i -> single_blocks.i, the last
+    proj_out -> final_layer.linear."""
+    names = {}
+    for path in layers:
+        part, *rest = path.split(".", 2)
+        if path == "proj_out":
+            names[(path,)] = "final_layer.linear"
+            continue
+        table, block = (FLUX_DOUBLE, "double_blocks") if part == "transformer_blocks" else (FLUX_SINGLE, "single_blocks")
+        for group, name in table.items():
+            if rest[1] in group:
+                fused = tuple(f"{part}.{rest[0]}.{g}" for g in group)
+                if not set(fused) <= set(layers):
+                    raise ValueError(f"{name} of {block}.{rest[0]} is one layer in FLUX's original model: the LoRA "
+                                     f"must adapt all of {', '.join(group)}, or none")
+                names[fused] = f"{block}.{rest[0]}.{name}"
+    missing = set(layers) - {p for g in names for p in g}
+    if missing:
+        raise ValueError(f"no kohya name for the LoRA layers {sorted(missing)[:3]}")
+    return names
+
+
+def main(argv=None):
+    """python lora.py --kohya global.safetensors [--out global.kohya.safetensors]: the student for A1111, ComfyUI,
+    Forge and kohya's scripts."""
+    import argparse
+    p = argparse.ArgumentParser(description="Export a student LoRA in another tool's key layout.")
+    p.add_argument("ckpt", help="a student checkpoint of an SDXL or FLUX teacher (local / global.safetensors)")
+    p.add_argument("--kohya", action="store_true", required=True, help="the kohya / A1111 layout (the only one)")
+    p.add_argument("--out", help="default: <ckpt>.kohya.safetensors")
+    args = p.parse_args(argv)
+    out = args.out or args.ckpt.removesuffix(".safetensors") + ".kohya.safetensors"
+    try:
+        keys, meta = header(args.ckpt)
+        if meta.get("format") != "logcd":
+            raise ValueError(f"{args.ckpt} is not a LogCD student checkpoint")
+        if meta.get("teacher") == "digits":
+            raise ValueError("the embedded teacher's student has no kohya layout (it is for SDXL and FLUX students)")
+        if os.path.abspath(out) == os.path.abspath(args.ckpt):
+            raise ValueError(f"--out {out} is the checkpoint itself")
+        tensors, meta = kohya(*load(args.ckpt))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    save(out, tensors, meta)
+    print(f"wrote {out}: {len(tensors) // 3} LoRA layers in the kohya layout, for A1111, ComfyUI, Forge and "
+          "diffusers' load_lora_weights")
+
+
+if __name__ == "__main__":
+    main()

@@ -3290,6 +3290,80 @@ def test_readme_snippet_samples_the_trained_grid_from_metadata_alone(tiny_sdxl, 
             assert err(drawn[family][-1], snippet) > 5e-2, family  # the LoRA made the difference
 
 
+def _flux1_lora(rank=4):
+    """A FLUX student's LoRA at FLUX.1's widths (3072, MLP 12288, 64 latent channels out), one double and one single
+    block and the final projection, random, with a checkpoint's metadata: no model is built."""
+    g, h, m = torch.Generator().manual_seed(0), 3072, 12288
+    shapes = {**{f"transformer_blocks.0.{k}": (h, h) for k in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                                             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                                                             "attn.to_add_out")},
+              "transformer_blocks.0.ff.net.0.proj": (h, m), "transformer_blocks.0.ff.net.2": (m, h),
+              "transformer_blocks.0.ff_context.net.0.proj": (h, m), "transformer_blocks.0.ff_context.net.2": (m, h),
+              **{f"single_transformer_blocks.0.attn.{k}": (h, h) for k in ("to_q", "to_k", "to_v")},
+              "single_transformer_blocks.0.proj_mlp": (h, m), "single_transformer_blocks.0.proj_out": (h + m, h),
+              "proj_out": (h, 64)}
+    tensors = {}
+    for path, (n_in, n_out) in shapes.items():
+        tensors[f"transformer.{path}.lora_A.weight"] = torch.randn(rank, n_in, generator=g) / n_in ** 0.5
+        tensors[f"transformer.{path}.lora_B.weight"] = torch.randn(n_out, rank, generator=g) * 0.01
+    return tensors, {"format": "logcd", "stage": "global", "teacher": "black-forest-labs/FLUX.1-dev",
+                     "lora_prefix": "transformer", "rank": str(rank)}
+
+
+def test_kohya_export_round_trips_through_diffusers_and_samples_like_sample_py(tiny_sdxl, tmp_path):
+    """python lora.py --kohya writes the student in kohya's layout (SDXL's original UNet names; FLUX's original
+    transformer, q / k / v fused). diffusers' own kohya-to-diffusers conversion gives the same LoRA back: an SDXL
+    pipeline that loads the export and fuses it holds the UNet weights one loading our file holds (to float
+    rounding), and it samples sample.py's latents (fp32, 1e-5); FLUX.1's conversion (which knows FLUX.1's widths
+    only, so a LoRA of that size without a model) returns every A and B tensor exactly. The embedded teacher's
+    student is refused in one line."""
+    from diffusers import EulerDiscreteScheduler, FluxPipeline, StableDiffusionXLPipeline
+    t = load_teacher(tiny_sdxl, "cpu", resolution=16)
+    add_student(t, rank=4)
+    torch.manual_seed(0)
+    _randomize(t.denoiser, "student", std=0.05)
+    ckpt, exported = str(tmp_path / "global.safetensors"), str(tmp_path / "global.kohya.safetensors")
+    save_checkpoint(ckpt, t, "global", {"M": 8, "w": 3.0})
+    r = subprocess.run([sys.executable, os.path.join(HERE, "lora.py"), "--kohya", ckpt], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(f"wrote {exported}"), r.stderr[-2000:]
+    keys = lora.header(exported)[0]
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any("_input_blocks_3_1_" in k for k in keys)  # down_blocks.1.attentions.0, the tiny UNet's L = 1
+    fused = {}
+    for name, path in (("ours", ckpt), ("kohya", exported)):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        pipe.load_lora_weights(path)
+        pipe.fuse_lora()
+        fused[name] = {k.replace(".base_layer.", "."): v.clone() for k, v in pipe.unet.state_dict().items()
+                       if "lora" not in k}
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl).unet.state_dict()
+    moved = [k for k in base if not torch.equal(base[k], fused["ours"][k])]
+    assert len(moved) == len(lora.layers(t.denoiser))  # every adapted layer, and only those
+    assert all(torch.allclose(fused["ours"][k], fused["kohya"][k], atol=1e-6) for k in base)
+    pipe.unfuse_lora()  # the kohya file, in a stock pipeline on SDXL's own scheduler, at 3 steps
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    z_T = torch.randn(1, *t.latent_shape, generator=torch.Generator().manual_seed(0))
+    stock = pipe("a cat", latents=z_T, output_type="latent", **sample.diffusers_args(ckpt, 3)).images
+    sample.main(["--ckpt", ckpt, "--steps", "3", "--prompts", "a cat", "--per-prompt", "1", "--dtype", "float32",
+                 "--out", str(tmp_path / "g.png"), "--save-tensors", str(tmp_path / "s.safetensors")])
+    mine = _load(tmp_path / "s.safetensors")["latents"]
+    assert (stock - mine).abs().max() / mine.abs().max() < 1e-5
+
+    tensors, meta = _flux1_lora()
+    lora.save(str(tmp_path / "flux.safetensors"), tensors, meta)
+    lora.main([str(tmp_path / "flux.safetensors"), "--kohya"])
+    keys = lora.header(str(tmp_path / "flux.kohya.safetensors"))[0]
+    assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in keys and len(keys) == 3 * 11
+    back = FluxPipeline.lora_state_dict(str(tmp_path / "flux.kohya.safetensors"))
+    back = {k if k.startswith("transformer.") else "transformer." + k: v for k, v in back.items()}
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+    _zero_student(tmp_path / "digits.safetensors")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "lora.py"), "--kohya", "digits.safetensors"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+
+
 # ---- prompt files of real size ----------------------------------------------------------------------------------
 
 _BOTH_STAGES = """import sys
