@@ -20,6 +20,7 @@ of --help, says how they work); `--table`, `--train-classifier` and `--replot` r
     python eval.py --score sdxl_global.safetensors --steps 4 3 2 --prompts coco5k/prompts.txt \
         --reference coco5k/reference --images runs/coco5k/global  # --score sdxl --steps 25: the teacher's row
     python eval.py --train-classifier   # retrain the judge (deterministic; its weights are committed)
+    python eval.py --history runs/s0/global.safetensors runs/s1/global.safetensors   # kept students along training
 
 For SDXL / FLUX students, `--clip-score MODEL --samples FILE` scores `sample.py --save-tensors FILE` output (e.g.
 from MSCOCO / MJHQ prompt files) with transformers' CLIPModel: 100 x cosine(image, prompt), averaged.
@@ -375,6 +376,135 @@ def score_model(args):
     return rows
 
 
+# ---- a run's history: its kept checkpoints scored along training ---------------------------------------------------
+
+def history_checkpoints(out):
+    """{training step: checkpoint} of the run saved at `out`: the students it kept beside it (--keep-every; those of
+    another run under the same name are left out) and `out` itself, its last."""
+    from runs import kept_paths
+    meta = lora.metadata(out)
+    found = {s: p for s, p in kept_paths(out).items() if lora.metadata(p).get("run") == meta.get("run")}
+    found[int(meta["step"])] = out
+    return dict(sorted(found.items()))
+
+
+def check_history(args):
+    """Every mistake of a --history command in one line, before any model loads. Returns (the runs' teacher, M, the
+    step counts, the metric, whether the teacher is the embedded layout)."""
+    from local_cd import student_times
+    from teachers import read_checkpoint
+    metas = []
+    for out in args.history:
+        try:
+            metas.append(read_checkpoint(out)[1])
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --history: {e}") from None
+    if len({m["teacher"] for m in metas}) > 1 or len({m["M"] for m in metas}) > 1:
+        raise SystemExit("error: --history: the runs are of different teachers or M (" +
+                         ", ".join(f"{o}: {m['teacher']}, M = {m['M']}" for o, m in zip(args.history, metas)) + ")")
+    teacher, M = metas[0]["teacher"], int(metas[0]["M"])
+    steps = args.steps or [k for k in (1, 2, 3, 4) if k <= M]
+    try:
+        for k in steps:
+            student_times(k, M)
+    except ValueError as e:
+        raise SystemExit(f"error: --steps: {e}") from None
+    toy = embedded(teacher)
+    metrics = [m for m, _ in (tables.TOY_METRICS if toy else REAL_METRICS)]
+    metric = args.metric or metrics[0]
+    if metric not in metrics:
+        raise SystemExit(f"error: --metric {metric}: the {'embedded' if toy else 'real'} teacher's metrics are "
+                         f"{' and '.join(metrics)}")
+    if not toy:
+        args.score = args.history[0]
+        check_score(args)  # --prompts, --reference, --images, the CLIP model, the FID packages
+    return teacher, M, steps, metric, toy
+
+
+def history_toy(out, steps, seed, per_prompt, net):
+    """{(training step, k): {"FD", "alignment"}} of a run on the embedded teacher (the toy judge, per_prompt samples
+    per digit), kept in <out stem>.history.json as they are scored: an interrupted scoring continues."""
+    cache = out.removesuffix(".safetensors") + ".history.json"
+    run = lora.metadata(out).get("run")
+    saved = read_json(cache, {})
+    scores = saved.get("scores", {}) if saved.get("run") == run else {}  # a new run under the same name: anew
+    found = {}
+    for step, ckpt in history_checkpoints(out).items():
+        for k in steps:
+            key = f"{step} {k} {seed} {per_prompt}"
+            if key not in scores:
+                scores[key] = tables.score(*tables.sample(["--ckpt", ckpt], k, seed, per_prompt), net)
+                with lora.atomic(cache) as tmp, open(tmp, "w") as f:
+                    json.dump({"run": run, "scores": scores}, f, indent=0)
+            found[step, k] = scores[key]
+    return found
+
+
+def history_real(args, i, out, steps):
+    """{(training step, k): {"FID", "CLIP score"}} of a run on a real teacher: --score of each kept checkpoint into
+    <images>/run<i>/step_<step>/ (resumable as --score is; a scored folder is read back, not scored again)."""
+    import copy
+    found = {}
+    for step, ckpt in history_checkpoints(out).items():
+        a = copy.copy(args)
+        a.score, a.steps, a.images = ckpt, steps, os.path.join(args.images, f"run{i}", f"step_{step:06d}")
+        done = read_json(os.path.join(a.images, "scores.json"), {})
+        rows = {int(k): r for k, r in done.items()}
+        if any(k not in rows for k in steps):
+            rows = {r["steps"]: r for r in score_model(a)}
+        found.update({(step, k): rows[k] for k in steps})
+    return found
+
+
+def history(args):
+    """--history: every run's kept checkpoints scored at each step count; the table of the metric's mean over the
+    runs (seeds) per training step, the best training step per step count, and the figure (a line per step count,
+    error bars over the runs, the teacher as the reference line)."""
+    teacher, M, steps, metric, toy = check_history(args)
+    net = tables.load_classifier()[0] if toy else None
+    scored = [history_toy(out, steps, args.seed, args.per_prompt, net) if toy else history_real(args, i, out, steps)
+              for i, out in enumerate(args.history)]
+    metrics = tables.TOY_METRICS if toy else REAL_METRICS
+    at = sorted({s for run in scored for s, _ in run})
+    rows = []
+    for k in steps:
+        for s in at:
+            seen = [run[s, k] for run in scored if (s, k) in run]
+            row = {"row": f"{k} step{'s' * (k > 1)}", "k": k, "training step": s, "runs": len(seen)}
+            for m, _ in metrics:
+                row[f"_{m}"], row[f"_{m}_std"] = tables.mean_std([r[m] for r in seen])
+            rows.append(row)
+    lower = metric in ("FD", "FID")
+    print(f"\n{metric} ({'lower' if lower else 'higher'} is better), mean over {len(scored)} run(s) "
+          f"(+/- one std), by training step:")
+    table = [{"training step": s, **{f"{k} step{'s' * (k > 1)}": next(
+        f"{r[f'_{metric}']:.3f} +/- {r[f'_{metric}_std']:.3f}" for r in rows if r["k"] == k and r["training step"] == s)
+        for k in steps}} for s in at]
+    print(tables.table(table))
+    best = {}
+    for k in steps:
+        mine = [r for r in rows if r["k"] == k and r["runs"] == len(scored)]
+        best[k] = (min if lower else max)(mine, key=lambda r: r[f"_{metric}"])
+        print(f"best at {k} step{'s' * (k > 1)} by {metric}: training step {best[k]['training step']} ("
+              f"{best[k][f'_{metric}']:.3f}); " + ", ".join(f"{m} {best[k][f'_{m}']:.3f}" for m, _ in metrics))
+    reference = None
+    if toy and teacher == "digits":
+        reference = tables.teacher_reference(tables.RUNS, False, tables.SEEDS, args.per_prompt)  # as many samples
+    elif args.teacher_scores:
+        tops = [max(read_json(f).values(), key=lambda r: r["steps"]) for f in args.teacher_scores]
+        reference = {"label": f"teacher, {tops[0]['steps']} steps"}
+        for m, _ in REAL_METRICS:
+            reference[f"_{m}"], reference[f"_{m}_std"] = tables.mean_std([r[m] for r in tops])
+    figure = args.figure or args.history[0].removesuffix(".safetensors") + ".history.png"
+    try:
+        tables.plot(rows, figure, reference, metrics, title=f"{len(scored)} run(s) of {teacher}, M = {M}: the "
+                    "kept students", x="training step", xlabel="training step (iterations)")
+        print(f"wrote {figure} and its numbers {figure.removesuffix('.png')}.json")
+    except ImportError:
+        print("(pip install matplotlib to draw the figure)")
+    return rows, best
+
+
 # ---- preparing MSCOCO-2017 5K and MJHQ-5K: a prompts file and its reference images ----------------------------------
 
 def one_line(caption):
@@ -616,6 +746,13 @@ def main(argv=None):
     p.add_argument("--clip-score", default=None, metavar="MODEL", help="CLIPModel hub id or folder: score --samples")
     p.add_argument("--samples", default=None, help="sample.py --save-tensors output (SDXL / FLUX) for --clip-score")
     p.add_argument("--train-classifier", action="store_true")
+    p.add_argument("--history", nargs="+", default=None, metavar="OUT", help="score a run's kept students (its --out "
+                   "and the *.step_N.safetensors --keep-every wrote beside it; several runs: seeds, error bars) at "
+                   "--steps (default 1 2 3 4): the toy judge's FD and alignment; for real teachers --score's FID and "
+                   "CLIP score (with --prompts, a subset, --reference, --images). A table, the best training step "
+                   "per step count by --metric, and the figure (--figure, default <OUT>.history.png)")
+    p.add_argument("--metric", default=None, help="--history: choose by FD or alignment (the embedded teacher; "
+                   "default FD), FID or 'CLIP score' (default FID)")
     p.add_argument("--curves", nargs="+", default=None, metavar="LOG", help="a training run's metrics log(s), "
                    "<out>.log.jsonl: draws the loss curves into <out>.loss.png (needs matplotlib)")
     p.add_argument("--replot", default=None, metavar="JSON", help="draws a --figure again from the numbers written "
@@ -685,6 +822,8 @@ def main(argv=None):
             raise SystemExit(f"error: cannot read {(args.prepare_coco or args.prepare_mjhq)[0]} as {what} "
                              f"({type(e).__name__}: {e})") from None
         return prepare(pairs, args.out, args.fid_size)
+    if args.history:
+        return history(args)
     if args.score:
         return score_model(args)
     if args.plot_scores:

@@ -470,9 +470,9 @@ def main(argv=None):
     run.log(f"prompts: {len(run.prompts)}; each rank draws {planned} more ({args.batch * args.grad_accum} per "
             f"iteration), {min(planned, stream.share)} distinct (its share: {stream.share}), {planned * run.world} in "
             "all")
-    run.start(sorted({k for k in (2, 4) if k <= M} or {M}),
-              lambda cond, z_T, k: student_sample(teacher, cond, z_T, k, M))
     save = lambda: run.save({**hparams, **pipeline_grid(M, teacher)}, {"rng": gen.get_state()})  # noqa: E731
+    run.start(sorted({k for k in (2, 4) if k <= M} or {M}),
+              lambda cond, z_T, k: student_sample(teacher, cond, z_T, k, M), save)
 
     while run.step < args.iters:
         cond, _ = stream.take(args.batch * args.grad_accum)

@@ -428,13 +428,13 @@ def main(argv=None):
     run.log(f"prompts: {len(run.prompts)}; each rank draws about {planned} more ({args.trajectories} per pool "
             f"refill), {min(planned, stream.share)} distinct (its share: {stream.share}), {planned * run.world} in "
             "all; more per run: a lower --reuse, at more teacher forwards per pair")
-    run.start(sorted({k for k in (2, 4, args.M) if k <= args.M}),
-              lambda cond, z_T, k: student_sample(teacher, cond, z_T, k, args.M))
 
     def save():
         tensors, counters = buffer.state()
         run.save({**hparams, **pipeline_grid(args.M, teacher)},  # the checkpoint: also its grid for the pipelines
                  {**tensors, "rng": gen.get_state()}, {"buffer": json.dumps(counters)})
+    run.start(sorted({k for k in (2, 4, args.M) if k <= args.M}),
+              lambda cond, z_T, k: student_sample(teacher, cond, z_T, k, args.M), save)
 
     while run.step < args.iters:
         pairs = buffer.sample(args.batch * args.grad_accum)  # (z_m, t_m, z_n, t_n, t_s, cond): teacher steps, reused

@@ -20,6 +20,7 @@ Files are safetensors in the diffusers key format, `<prefix>.<module path>.lora_
 alpha = r), so diffusers needs no alpha key and no scale fix-up.
 """
 import contextlib
+import errno
 import os
 import re
 
@@ -301,21 +302,60 @@ def load_state_dict(model, name, sd, prefix):
 @contextlib.contextmanager
 def atomic(path):
     """Yields a temporary path beside `path`, renamed onto `path` when the block ends without an error (and removed
-    when it does not): a crash or Ctrl-C never leaves half a file. Every file the project writes goes through it."""
+    when it does not): a crash, a kill, a full disk or Ctrl-C never leaves half a file, and `path` is the old file
+    or the new one, whole. The new file's bytes reach the disk before the rename (fsync), so that a lost node, too,
+    leaves one of the two. Every file the project writes goes through it. (A kill leaves the temporary file,
+    <path>.tmp<pid>, behind; remove_stale cleans those up.)"""
     tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)  # the rename itself, on the disk
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def remove_stale(folder, stem):
+    """Removes the temporary files (`atomic`) of <folder>/<stem>* that processes no longer running left behind."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.fullmatch(re.escape(stem) + r".*\.tmp(\d+)", name)
+        if m and not _running(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save(path, tensors, metadata):
-    """Atomic safetensors write (`atomic`)."""
+    """Atomic safetensors write (`atomic`). A full disk is an OSError (ENOSPC) naming the file, as for any write."""
     with atomic(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                      metadata={k: str(v) for k, v in metadata.items()})
+        except SafetensorError as e:
+            if "os error 28" in str(e) or "os error 122" in str(e):  # ENOSPC, EDQUOT
+                raise OSError(errno.ENOSPC, "No space left on device", path) from None
+            raise
 
 
 def metadata(path):

@@ -10,6 +10,7 @@ Nothing here is LogCD's method.
 """
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -140,6 +141,9 @@ def choose_distance(args, preset, teacher):
 
 # ---- before any model loads: every input checked, on every rank -------------------------------------------------
 
+PAIR_BYTES = [0]  # a checkpoint pair's bytes, as check_inputs estimated them
+
+
 def check_inputs(args, prompts, family, latent, pair_bytes, n_lora):
     """What a run would otherwise find late (after the teacher has loaded, or at its first save), said in one line
     before any model loads: no prompts for a teacher with a text encoder (family); an L-LPIPS that is missing, not
@@ -165,6 +169,7 @@ def check_inputs(args, prompts, family, latent, pair_bytes, n_lora):
         except ValueError as e:
             raise SystemExit(f"error: --val-prompts: {e}") from None
     folder = writable_folder(args.out)
+    PAIR_BYTES[0] = pair_bytes  # what a full disk's message says if no pair is on disk yet
     need, free = pair_bytes * 1.1 + 2 ** 26, shutil.disk_usage(folder).free
     if free < need:
         raise SystemExit(f"error: --out {args.out}: its disk has {free / 2 ** 30:.2f} GiB free, and a checkpoint pair "
@@ -228,10 +233,16 @@ def rank_zero_first(ddp, hours=12):
 # ---- fresh runs and resumed ones -------------------------------------------------------------------------------
 
 def check_fresh_out(args):
-    """A run without --resume does not replace an existing --out (or its state file) unless --overwrite says so."""
+    """A run without --resume does not replace an existing --out (or its state file) unless --overwrite says so; a
+    run with --resume needs the checkpoint."""
     for path in (args.out, state_path(args.out)):
         if not args.resume and not args.overwrite and os.path.exists(path):
             raise SystemExit(f"error: {path} exists; continue its run with --resume, or replace it with --overwrite")
+    if args.resume and not os.path.exists(args.out):
+        if os.path.exists(state_path(args.out)):
+            raise SystemExit(f"error: cannot resume: {args.out} does not exist, only its state file: the run stopped "
+                             "before its first checkpoint was written; start it again with --overwrite")
+        raise SystemExit(f"error: cannot resume: {args.out} does not exist; start the run without --resume")
 
 
 def new_run_id():
@@ -308,7 +319,8 @@ def read_state(path, meta, lora_prefix):
     state, smeta = lora.load(state_path(path))
     if smeta.get("run", meta.get("run")) != meta.get("run"):
         raise ValueError(f"{state_path(path)} belongs to another run than {path} (run {smeta.get('run')}, not "
-                         f"{meta.get('run')}); restore the pair, or start anew with another --out")
+                         f"{meta.get('run')}): a run started with --overwrite stopped before its first checkpoint, or "
+                         "the files were mixed; start it again with --overwrite (or restore the pair)")
     if any(k.startswith("student.") for k in state):
         return state, smeta, state, "student"
     if smeta.get("step") != meta.get("step"):
@@ -371,6 +383,7 @@ class Trainer:
         self.id = self.resumed.get("run") or new_run_id()  # the checkpoint and its state file carry it
         self.step = self.forwards = 0  # forwards: model calls x samples (a CFG call counts 2), all ranks
         self.validate = self.prompts = None
+        self.late = False
 
     def log(self, *a):
         if self.master:
@@ -439,17 +452,22 @@ class Trainer:
             elif k != "student":
                 lora.load_state_dict(teacher.denoiser, k, state, k)
         self.step, self.forwards = int(smeta["step"]), int(smeta.get("forwards", 0))
+        self.late = meta["step"] != str(self.step)  # start() saves the pair of this step again
         if self.master and self.keeps(self.step) and meta["step"] == str(self.step) and \
                 not os.path.exists(kept_path(args.out, self.step)):
             keep(args.out, self.step)  # the run stopped between its checkpoint and the copy
         self.log(f"resumed {args.out} at step {self.step}" + resumed_late(self.step, meta))
         return state, smeta
 
-    def start(self, val_steps, sample):
+    def start(self, val_steps, sample, save):
         """After a resume: every rank holds rank 0's parts; the working copies the forwards use (lora.Working: the
         adapters' parameters, or bf16 copies with --adapters base) and the gradient all-reduce of each part; the
-        metrics log; validation grids at val_steps (sample(cond, z_T, k) -> z_0), drawn at once on a fresh run."""
+        metrics log; validation grids at val_steps (sample(cond, z_T, k) -> z_0), drawn at once on a fresh run. A
+        resume from a state newer than its checkpoint (a stop between the two files) saves the pair at once (save():
+        the stage's), so that the checkpoint, and the student --keep-every keeps of this step, are not lost."""
         args, teacher = self.args, self.teacher
+        if self.late:
+            save()
         if self.ddp:
             for ps in self.params.values():
                 for p in ps:
@@ -457,6 +475,10 @@ class Trainer:
         self.work = {k: lora.Plain(ps) if self.modules[k] is not None else
                      lora.Working(teacher.denoiser, k, self.adapter_dtype) for k, ps in self.params.items()}
         self.syncs = {k: GradientSync(w.params, self.world) for k, w in self.work.items()}
+        if self.master:  # what a killed run's writes left: their temporary files (the files themselves are whole)
+            stem = os.path.basename(args.out).removesuffix(".safetensors")
+            for folder in (os.path.dirname(os.path.abspath(args.out)), run_files(args.out)[1]):
+                lora.remove_stale(folder, stem if folder != run_files(args.out)[1] else "step_")
         self.metrics = MetricsLog(args.out, self.step, self.master)  # <out>.log.jsonl, continued on --resume
         if self.master and args.val_every:  # rank 0 draws the grids; the others wait at the next all-reduce
             self.validate = validation(teacher, self.shown, val_steps, sample, self.autocast, self.metrics,
@@ -764,7 +786,7 @@ class MetricsLog:
         kept = []
         if step > 0 and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                kept = [line for line in f if (read_line(line) or {}).get("step", step + 1) <= step]
             self.elapsed = json.loads(kept[-1])["elapsed_s"] if kept else 0.0
         with lora.atomic(self.path) as tmp, open(tmp, "w") as f:
             f.writelines(kept)
@@ -825,10 +847,20 @@ class MetricsLog:
         return said
 
 
+def read_line(line):
+    """A metrics line as a dict, or None for what is not one: a line cut short by a stop in its write (a kill, a full
+    disk), or an empty one."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_log(path):
-    """The lines of a metrics log, as dicts."""
+    """The lines of a metrics log, as dicts (a line a stop cut short left out)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [line for line in map(read_line, f) if line is not None]
 
 
 LOG_BOOKKEEPING = ("step", "it_per_s", "val_s", "elapsed_s", "gpu_mem_peak_gib")
@@ -945,25 +977,43 @@ def explain_interrupt(script, out):
 
     def terminated(signum, frame):
         raise KeyboardInterrupt  # the same way out as Ctrl-C: unwinds through any save, which leaves no half file
+
+    def continued(path):  # -> (the step --resume continues from, the command that does it), or (None, None)
+        try:  # the state's step when it is newer (an interrupted save): --resume continues from there
+            step = lora.metadata(state_path(path)).get("step") or read_checkpoint(path)[1]["step"]
+        except (ValueError, FileNotFoundError):
+            return None, None
+        again = " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("--resume", "--overwrite"))
+        launch = "python"
+        if "RANK" in os.environ:  # torchrun, with its rendezvous flags (if any) as before
+            nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+            launch = (f"torchrun{f' --nnodes {nodes}' if nodes != '1' else ''} "
+                      f"--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '?')}")
+        return step, f"{launch} {script} {again} --resume".replace("  ", " ")
     before = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
     except KeyboardInterrupt:
         sys.stderr.write("\n")  # below the progress bar
         path = out()
-        try:  # the state's step when it is newer (an interrupted save): --resume continues from there
-            step = lora.metadata(state_path(path)).get("step") or read_checkpoint(path)[1]["step"]
-        except (ValueError, FileNotFoundError):
+        step, command = continued(path)
+        if step is None:
             raise SystemExit(f"interrupted before the first checkpoint: nothing was written to {path}") from None
         if int(os.environ.get("RANK", 0)) > 0:
             raise SystemExit(1) from None  # rank 0 says it for all
-        again = " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--resume")
-        launch = "python"
-        if "RANK" in os.environ:  # torchrun, with its rendezvous flags (if any) as before
-            nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
-            launch = (f"torchrun{f' --nnodes {nodes}' if nodes != '1' else ''} "
-                      f"--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '?')}")
-        raise SystemExit(f"interrupted: {path} continues from step {step} with: {launch} {script} {again} --resume"
-                         .replace("  ", " ")) from None
+        raise SystemExit(f"interrupted: {path} continues from step {step} with: {command}") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.stderr.write("\n")
+        path = out()
+        folder = os.path.dirname(os.path.abspath(path))
+        pair = sum(os.path.getsize(p) for p in (path, state_path(path)) if os.path.exists(p)) or PAIR_BYTES[0]
+        step, command = continued(path)
+        kept = f"{path} keeps step {step}, whole; free it and continue with: {command}" if step else \
+            "no checkpoint was written yet; free it and start the run again"
+        raise SystemExit(f"error: the disk of {folder} is full (writing {e.filename or 'a file'}): each save writes "
+                         f"a checkpoint pair of {pair / 2 ** 20:.0f} MiB beside the last one before replacing it, so "
+                         f"about {pair / 2 ** 20 + 64:.0f} MiB must be free there; {kept}") from None
     finally:
         signal.signal(signal.SIGTERM, before)

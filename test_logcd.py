@@ -3364,6 +3364,110 @@ def test_kohya_export_round_trips_through_diffusers_and_samples_like_sample_py(t
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
 
 
+# ---- keeping, choosing and shipping a student ----------------------------------------------------------------------
+
+def test_keep_every_keeps_the_student_of_each_multiple_also_across_a_resume(tmp_path):
+    """--keep-every 2 keeps the student of steps 2, 4, 6 beside --out (local.step_000004.safetensors): each is the
+    checkpoint a run stopped at that step writes (an --iters 4 run's, tensor for tensor and its metadata's step), a
+    LogCD checkpoint sample.py reads. A resumed run keeps the earlier copies as they were and adds its own; one that a
+    stop took between the checkpoint and its copy is made by the resume. Stage 2 keeps its students too."""
+    import runs
+    for d in ("whole", "four", "r"):
+        (tmp_path / d).mkdir()
+    whole = _run(tmp_path / "whole", "--iters", "6", "--keep-every", "2", "--save-every", "5")
+    kept = runs.kept_paths(str(tmp_path / "whole" / "local.safetensors"))
+    assert list(kept) == [2, 4, 6] and kept[4].endswith("local.step_000004.safetensors")
+    four = _run(tmp_path / "four", "--iters", "4")
+    assert all(torch.equal(four[k], v) for k, v in _load(kept[4]).items()) and set(four) == set(_load(kept[4]))
+    assert read_checkpoint(kept[4], ("local",), "digits")[1]["step"] == "4"
+    assert all(torch.equal(whole[k], v) for k, v in _load(kept[6]).items())
+    assert not all(torch.equal(whole[k], v) for k, v in _load(kept[2]).items())  # another student: step 2's
+
+    _run(tmp_path / "r", "--iters", "4", "--keep-every", "2")
+    out = str(tmp_path / "r" / "local.safetensors")
+    before = {s: open(p, "rb").read() for s, p in runs.kept_paths(out).items()}
+    os.remove(runs.kept_path(out, 4))  # as if the run stopped right after its step-4 checkpoint
+    _run(tmp_path / "r", "--iters", "6", "--keep-every", "2", "--resume")
+    after = {s: open(p, "rb").read() for s, p in runs.kept_paths(out).items()}
+    assert list(after) == [2, 4, 6] and after[2] == before[2] and after[4] == before[4]
+    assert all(torch.equal(whole[k], v) for k, v in _load(runs.kept_path(out, 6)).items())
+
+    _run2(tmp_path / "r", "--iters", "2", "--keep-every", "1", init="local.safetensors")
+    g = runs.kept_paths(str(tmp_path / "r" / "global.safetensors"))
+    assert list(g) == [1, 2] and open(g[2], "rb").read() == open(tmp_path / "r" / "global.safetensors", "rb").read()
+    load_student(g[1], "cpu")
+
+
+def test_history_scores_each_kept_student_and_picks_the_best_step(tmp_path, monkeypatch, capsys):
+    """eval.py --history on two runs (seeds) of stage 1 with --keep-every: each kept student is scored by the toy
+    judge (the scores of sample.py's samples of that very file, computed here) at each step count; a row is the mean
+    over the runs (error bars: their std); the best training step per step count is the one of the best mean; the
+    figure is drawn against the training step. Scores are kept beside each run: a second call samples nothing."""
+    pytest.importorskip("matplotlib")
+    import eval as ev
+    from toy import tables
+    monkeypatch.setattr(tables, "RUNS", str(tmp_path / "eval"))  # the teacher's reference scores go here
+    outs = []
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}").mkdir()
+        _run(tmp_path / f"s{seed}", "--iters", "6", "--keep-every", "3", "--seed", str(seed), "--lr", "3e-3")
+        outs.append(str(tmp_path / f"s{seed}" / "local.safetensors"))
+    sampled, sample = [], tables.sample
+
+    def counted(source, *a, **k):
+        sampled.append(source)
+        return sample(source, *a, **k)
+    monkeypatch.setattr(tables, "sample", counted)
+    argv = ["--history", *outs, "--steps", "1", "2", "--per-prompt", "4", "--metric", "alignment",
+            "--figure", str(tmp_path / "h.png")]
+    rows, best = ev.main(argv)
+    net = tables.load_classifier()[0]
+    mine = {(s, k): [tables.score(*sample(["--ckpt", ev.history_checkpoints(o)[s]], k, 0, 4), net) for o in outs]
+            for s in (3, 6) for k in (1, 2)}
+    for r in rows:
+        seen = mine[r["training step"], r["k"]]
+        assert r["_FD"] == pytest.approx(sum(x["FD"] for x in seen) / 2, rel=1e-5)
+        assert r["_alignment"] == pytest.approx(sum(x["alignment"] for x in seen) / 2, abs=1e-6)
+    assert {(r["training step"], r["k"]) for r in rows} == set(mine)
+    for k in (1, 2):
+        top = max((3, 6), key=lambda s: sum(x["alignment"] for x in mine[s, k]))
+        assert best[k]["_alignment"] == pytest.approx(sum(x["alignment"] for x in mine[top, k]) / 2)
+    assert "best at 1 step by alignment: training step" in capsys.readouterr().out
+    numbers = json.load(open(tmp_path / "h.json"))
+    assert numbers["x"] == "training step" and (tmp_path / "h.png").stat().st_size > 0
+    student_samples = len([s for s in sampled if s[0] == "--ckpt"])
+    assert student_samples == 2 * 2 * 2
+    ev.main(argv)
+    assert len([s for s in sampled if s[0] == "--ckpt"]) == student_samples  # all read back
+
+
+def test_history_of_a_real_teacher_scores_each_kept_checkpoint_as_score_does(tmp_path, monkeypatch, tiny_sdxl):
+    """--history on a tiny SDXL run (a student kept at step 10 and the checkpoint at step 20, one run id; a third
+    file of another run under the same name is left out): each training step's FID and CLIP score are those of
+    eval.py --score of that checkpoint; a second call loads no model."""
+    import eval as ev
+    ckpt, common = _score_setup(tmp_path, tiny_sdxl, monkeypatch)
+    t = load_student(ckpt, "cpu")[0]
+    kept = str(tmp_path / "student.step_000010.safetensors")
+    for path, step, run, std in ((kept, 10, "abc", 0.05), (ckpt, 20, "abc", 0.01),
+                                 (str(tmp_path / "student.step_000005.safetensors"), 5, "other", 0.02)):
+        torch.manual_seed(step)
+        _randomize(t.denoiser, "student", std=std)
+        save_checkpoint(path, t, "global", {"M": 8, "run": run, "step": step})
+    rows, best = ev.main(["--history", ckpt, "--steps", "2", "--images", str(tmp_path / "h"), *common])
+    assert [r["training step"] for r in rows] == [10, 20]
+    for r, path in zip(rows, (kept, ckpt)):
+        (direct,) = ev.main(["--score", path, "--steps", "2", "--images", str(tmp_path / f"d{r['training step']}"),
+                             *common])
+        assert r["_FID"] == pytest.approx(direct["FID"], rel=1e-4) and r["_CLIP score"] == pytest.approx(
+            direct["CLIP score"], rel=1e-5)
+    assert rows[0]["_FID"] != rows[1]["_FID"]
+    with monkeypatch.context() as mp, contextlib.ExitStack() as stack:
+        loaded = _count_calls(mp, ev, "load_student", stack)
+        again, _ = ev.main(["--history", ckpt, "--steps", "2", "--images", str(tmp_path / "h"), *common])
+    assert loaded == [] and [r["_FID"] for r in again] == [r["_FID"] for r in rows]
+
+
 # ---- prompt files of real size ----------------------------------------------------------------------------------
 
 _BOTH_STAGES = """import sys

@@ -484,14 +484,14 @@ def cached_score(source, k, seed, per_prompt, extra, grid, net, runs):
     return value
 
 
-def teacher_reference(runs, quick, seeds):
+def teacher_reference(runs, quick, seeds, per_prompt=None):
     """The figures' reference line: the teacher's 25-step DDIM with its CFG, mean and std over the sampling seeds
-    (remembered scores: Table 1's teacher row)."""
+    (remembered scores: Table 1's teacher row), per_prompt samples per digit (default: the tables')."""
     net, _ = load_classifier()
     scores = []
     for seed in seeds:
         src, extra, _, _ = source(None, None, "psi", seed, runs, quick)
-        scores.append(cached_score(src, 25, seed, 4 if quick else 100, extra, None, net, runs))
+        scores.append(cached_score(src, 25, seed, per_prompt or (4 if quick else 100), extra, None, net, runs))
     (a, a_std), (fd, fd_std) = (mean_std([s[m] for s in scores]) for m in ("alignment", "FD"))
     return {"label": "teacher, 25 DDIM steps with CFG (50 calls)", "_alignment": a, "_alignment_std": a_std,
             "_FD": fd, "_FD_std": fd_std}
@@ -585,18 +585,20 @@ def grid_table(name, runs, quick):
 TOY_METRICS = (("FD", "FD to the real digits (lower is better)"), ("alignment", "alignment (higher is better)"))
 
 
-def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
-    """Metrics against sampling steps, one panel per metric: a line per table row (mean over seeds, error bars one
-    std, cut to the metric's range; the rows a little apart at each step count, a log y axis where the bars span more
-    than a decade), the teacher's many-step score as a dashed reference line (its std as a band). rows: dicts with
-    row, steps, _<metric> and _<metric>_std; reference: {"label", "_<metric>", "_<metric>_std"} or None. Needs
-    matplotlib (plotting only). Also writes the figure's numbers beside it (*.json): `--replot` draws them again."""
+def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None, x="steps", xlabel="sampling steps"):
+    """Metrics against sampling steps (or another x: the training step of a run's history), one panel per metric: a
+    line per table row (mean over seeds, error bars one std, cut to the metric's range; the rows a little apart at
+    each x, a log y axis where the bars span more than a decade), the teacher's many-step score as a dashed reference
+    line (its std as a band). rows: dicts with row, <x>, _<metric> and _<metric>_std; reference: {"label",
+    "_<metric>", "_<metric>_std"} or None. Needs matplotlib (plotting only). Also writes the figure's numbers beside
+    it (*.json): `--replot` draws them again."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     labels = list(dict.fromkeys(r["row"] for r in rows))
-    steps = sorted({r["steps"] for r in rows})
+    steps = sorted({r[x] for r in rows})
+    apart = min([b - a for a, b in zip(steps, steps[1:])] or [1])  # the rows' offset at one x: a share of this
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
     for ax, (m, name) in zip(axes[0], metrics):
         means = [r[f"_{m}"] for r in rows] + ([reference[f"_{m}"]] if reference is not None else [])
@@ -612,11 +614,11 @@ def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
             ax.axhspan(max(mean - std, lo), min(mean + std, hi), color="black", alpha=0.08, lw=0)
             ends += [max(mean - std, lo), min(mean + std, hi)]
         for i, label in enumerate(labels):
-            mine = sorted((r for r in rows if r["row"] == label), key=lambda r: r["steps"])
-            dx = 0.04 * (i - (len(labels) - 1) / 2)  # the rows side by side at each step count: bars do not overlap
+            mine = sorted((r for r in rows if r["row"] == label), key=lambda r: r[x])
+            dx = 0.04 * apart * (i - (len(labels) - 1) / 2)  # the rows side by side at each x: bars do not overlap
             ys, errs = [r[f"_{m}"] for r in mine], [r.get(f"_{m}_std") or 0.0 for r in mine]
             bottoms, tops = [max(y - e, lo) for y, e in zip(ys, errs)], [min(y + e, hi) for y, e in zip(ys, errs)]
-            ax.errorbar([r["steps"] + dx for r in mine], ys, yerr=[[y - b for y, b in zip(ys, bottoms)],
+            ax.errorbar([r[x] + dx for r in mine], ys, yerr=[[y - b for y, b in zip(ys, bottoms)],
                                                                    [t - y for y, t in zip(ys, tops)]],
                         marker="o", ms=4, capsize=3, lw=1.5, label=label)
             ends += bottoms + tops
@@ -626,8 +628,9 @@ def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
             ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             name += "\n(log scale)"  # a second line: one would not fit beside the panel
-        ax.set_xticks(steps)
-        ax.set_xlabel("sampling steps")
+        if len(steps) <= 12:
+            ax.set_xticks(steps)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
@@ -639,8 +642,8 @@ def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None):
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     with lora.atomic(os.path.splitext(path)[0] + ".json") as tmp, open(tmp, "w") as f:
-        json.dump({"title": title, "metrics": [list(m) for m in metrics], "reference": reference, "rows": rows}, f,
-                  indent=1)
+        json.dump({"title": title, "metrics": [list(m) for m in metrics], "reference": reference, "rows": rows,
+                   "x": x, "xlabel": xlabel}, f, indent=1)
 
 
 def replot(numbers, path=None):
@@ -648,7 +651,8 @@ def replot(numbers, path=None):
     with open(numbers) as f:
         fig = json.load(f)
     path = path or os.path.splitext(numbers)[0] + ".png"
-    plot(fig["rows"], path, fig["reference"], [tuple(m) for m in fig["metrics"]], fig["title"])
+    plot(fig["rows"], path, fig["reference"], [tuple(m) for m in fig["metrics"]], fig["title"], fig.get("x", "steps"),
+         fig.get("xlabel", "sampling steps"))
     return path
 
 
