@@ -5,8 +5,10 @@ hand-written vocabulary), the method on the embedded digits teacher.
 """
 import collections
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -3466,6 +3468,142 @@ def test_history_of_a_real_teacher_scores_each_kept_checkpoint_as_score_does(tmp
         loaded = _count_calls(mp, ev, "load_student", stack)
         again, _ = ev.main(["--history", ckpt, "--steps", "2", "--images", str(tmp_path / "h"), *common])
     assert loaded == [] and [r["_FID"] for r in again] == [r["_FID"] for r in rows]
+
+
+class _Killed(BaseException):
+    """The process killed at one instant of its file writes (in-process: what is on disk is what a SIGKILL leaves,
+    but for the temporary file of a write cut short, which is removed; the subprocess test leaves it)."""
+
+
+_STOP = {"at": None, "n": 0, "folder": "", "how": "kill", "seen": []}  # kill / fill the disk at the at-th write
+
+
+def _write_event(event, args):
+    """An audit hook (sys.addaudithook): counts the writes under _STOP["folder"] -- a file opened for writing, a
+    rename, a removal -- and at the at-th one kills the run (_Killed) or, for an open, fills the disk (ENOSPC)."""
+    if _STOP["at"] is None:
+        return
+    if event == "open":
+        path, mode, flags = args
+        writing = any(c in mode for c in "wax+") if isinstance(mode, str) else \
+            isinstance(flags, int) and bool(flags & (os.O_WRONLY | os.O_RDWR))
+    elif event in ("os.rename", "os.remove"):
+        path, writing = args[0], _STOP["how"] == "kill"  # a full disk fails writes, not renames
+    else:
+        return
+    if not writing or not str(path).startswith(_STOP["folder"]) or os.path.basename(str(path)).startswith("tmp") \
+            or os.path.isdir(path):
+        return  # (tmp*, a folder: the writability checks' temporary files)
+    _STOP["n"] += 1
+    _STOP["seen"].append((event, re.sub(r"\d+", "N", os.path.basename(str(path)))))  # e.g. (open, x.step_N...)
+    if _STOP["n"] == _STOP["at"]:
+        _STOP["at"] = None
+        if _STOP["how"] == "full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        raise _Killed(event, path)
+
+
+sys.addaudithook(_write_event)  # once per process; a no-op while _STOP["at"] is None
+
+
+def _safetensors_writes(monkeypatch):
+    """lora.save_file (safetensors, written in Rust: no audit event) counted as a write too: killed or out of space
+    halfway through, with half its bytes on disk, as safetensors leaves them (its error: SafetensorError)."""
+    from safetensors import SafetensorError
+    real = lora.save_file
+
+    def save_file(tensors, path, metadata=None):
+        try:
+            _write_event("open", (path, "wb", 0))
+        except OSError:
+            open(path, "wb").write(b"\0" * 100)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        except _Killed:
+            real(tensors, path, metadata)
+            os.truncate(path, os.path.getsize(path) // 2)
+            raise
+        real(tensors, path, metadata)
+    monkeypatch.setattr(lora, "save_file", save_file)
+
+
+def _survives_every_stop(tmp_path, main, argv, how, kinds=None):
+    """Runs main(argv + --out) once whole, counting its writes; then stopped at a write (killed, or the disk full) and
+    continued as the stop's message or a resume's refusal says: with --resume, or anew (--overwrite). Each ends with
+    the whole run's students (the checkpoint and every kept one), bit for bit, a metrics log of one readable line
+    per step, no temporary file. A full disk ends the run with one line, its last checkpoint whole. The writes
+    stopped at: the first of each kind (an event on a file name, digits aside) whose file name holds one of `kinds`
+    (all kinds: None) and every rename of the state file (the instant between a pair's two files), or every write
+    with LOGCD_EVERY_STOP=1. Returns the writes stopped at."""
+    import runs
+
+    def out(name):
+        (tmp_path / name).mkdir(parents=True)
+        return str(tmp_path / name / "student.safetensors")
+    whole = out("whole")
+    _STOP.update(at=10 ** 9, n=0, folder=os.path.dirname(whole), how=how, seen=[])
+    main([*argv, "--out", whole])
+    n, _STOP["at"], seen = _STOP["n"], None, list(_STOP["seen"])
+    reference = {s: _load(p) for s, p in runs.kept_paths(whole).items()}
+    chosen = {}  # the first write of each kind, and every state file's rename: between the two files of a pair
+    for i, key in enumerate(seen, 1):
+        if kinds is None or any(k in key[1] for k in kinds):
+            chosen.setdefault(key, i)
+        if key[0] == "os.rename" and ".state." in key[1]:
+            chosen[key, i] = i
+    points = range(1, n + 1) if os.environ.get("LOGCD_EVERY_STOP") else sorted(chosen.values())
+    for i in points:
+        path = out(f"stop{i}")
+        _STOP.update(at=i, n=0, folder=os.path.dirname(path), how=how)
+        try:
+            with runs.explain_interrupt(main.__module__ + ".py", lambda: path):  # as the scripts run main
+                main([*argv, "--out", path])
+            raise AssertionError(f"write {i} of {n} did not stop the run")
+        except _Killed:  # ... and, as a kill can, in the middle of a metrics line
+            log = runs.run_files(path)[0]
+            if os.path.exists(log):
+                with open(log, "a") as f:
+                    f.write('{"step": 1, "lo')
+        except SystemExit as e:  # the full disk: one line, the last checkpoint whole
+            assert how == "full" and str(e).startswith("error: the disk of") and "\n" not in str(e), (i, str(e))
+            if os.path.exists(path):
+                step = int(lora.metadata(path)["step"])
+                assert all(torch.equal(v, reference[step][k]) for k, v in _load(path).items()), i
+                assert f"{path} keeps step" in str(e) and "--resume" in str(e), str(e)
+        finally:
+            _STOP["at"] = None
+        try:
+            main([*argv, "--out", path, "--resume"])
+        except SystemExit as e:  # refused: one line that says what to do, before any work
+            said = str(e)
+            assert said.startswith("error: cannot resume") and "\n" not in said, (i, said)
+            again = ["--overwrite"] if "--overwrite" in said else []
+            assert again or "without --resume" in said, said
+            main([*argv, "--out", path, *again])
+        kept = runs.kept_paths(path)
+        assert list(kept) == list(reference), (i, list(kept))
+        for s, p in kept.items():
+            assert all(torch.equal(v, reference[s][k]) for k, v in _load(p).items()), (i, s)
+        assert [line["step"] for line in runs.read_log(runs.run_files(path)[0])] == list(reference), i
+        assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f], i
+    return [seen[i - 1] for i in points]
+
+
+@pytest.mark.parametrize("how", ["kill", "full"])
+def test_a_run_stopped_at_any_write_continues_to_the_same_students(tmp_path, monkeypatch, how):
+    """Stage 1 and stage 2, stopped at each of their file writes in turn (checkpoint, state, kept copies, metrics
+    log, validation grids, loss curves; each safetensors file also halfway written): killed, or the disk full. Every
+    stopped run continues (--resume, or anew where it stopped before its first checkpoint, as its refusal says) to the
+    students of the whole run, bit for bit. A full disk ends the run with one line naming the space it needs."""
+    _safetensors_writes(monkeypatch)
+    common = ["--iters", "3", "--save-every", "1", "--keep-every", "1", "--log-every", "1", "--val-every", "3"]
+    stops = _survives_every_stop(tmp_path / "s1", local_cd.main, [*FAST[:-2], *common, "--skip", "125",
+                                                                   "--trajectories", "1"], how)
+    assert len(stops) >= (10 if how == "kill" else 6), stops  # every kind: log, grid, state, checkpoint, kept, curves
+    if how == "kill":  # stage 2: its own pair (more parts in the state), stopped around each file of a save
+        stage1 = str(tmp_path / "s1" / "whole" / "student.safetensors")
+        stops = _survives_every_stop(tmp_path / "s2", global_cd.main, [*G_FAST[:-2], *common, "--init", stage1], how,
+                                     kinds=(".safetensors",))
+        assert len(stops) >= 5, stops
 
 
 # ---- prompt files of real size ----------------------------------------------------------------------------------
