@@ -382,6 +382,7 @@ def parse_args(argv=None):
     a("--encode-chunk", type=runs.count, default=256, help="prompts encoded together and kept on the host (per rank)")
     a("--seed", type=int, default=0)
     a("--log-every", type=runs.count, default=10, help="iterations per line of the metrics log, <out>.log.jsonl")
+    a("--report-to", choices=["jsonl", "tensorboard"], default="jsonl", help=runs.REPORT_HELP)
     a("--val-every", type=lambda x: runs.number(x, int, 0), help="iterations between validation grids, "
       "<out>.val/step_<N>.png (the student at 2, 4 and M steps from fixed noise; also at the start and the end; "
       "0: none)")

@@ -376,6 +376,8 @@ class Trainer:
         # autocast() (or from bf16 copies: --adapters base), the backwards outside it
         self.dtype, self.autocast, self.adapter_dtype = precision(self.device, args.dtype, args.adapters)
         check_fresh_out(args)
+        if args.report_to == "tensorboard":
+            summary_writer()  # the package is there, before any work
         self.resumed = lora.metadata(args.out) if args.resume else {}  # the run's checkpoint metadata
         if args.resume:  # its own values: flags left out are taken from it, flags given must agree
             take_run_values(args, self.resumed, run_values)
@@ -479,7 +481,8 @@ class Trainer:
             stem = os.path.basename(args.out).removesuffix(".safetensors")
             for folder in (os.path.dirname(os.path.abspath(args.out)), run_files(args.out)[1]):
                 lora.remove_stale(folder, stem if folder != run_files(args.out)[1] else "step_")
-        self.metrics = MetricsLog(args.out, self.step, self.master)  # <out>.log.jsonl, continued on --resume
+        self.metrics = MetricsLog(args.out, self.step, self.master,  # <out>.log.jsonl, continued on --resume
+                                  args.report_to == "tensorboard")
         if self.master and args.val_every:  # rank 0 draws the grids; the others wait at the next all-reduce
             self.validate = validation(teacher, self.shown, val_steps, sample, self.autocast, self.metrics,
                                        os.path.basename(args.out))
@@ -767,6 +770,27 @@ def run_files(out):
     return stem + ".log.jsonl", stem + ".val"
 
 
+REPORT_HELP = ("where the metrics go besides <out>.log.jsonl (always written): tensorboard also writes its scalars "
+               "and the validation grids to <out>.tb/ (pip install tensorboard; tensorboard --logdir <out>.tb)")
+
+
+def summary_writer():
+    """torch's TensorBoard SummaryWriter class, or one line and exit if the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("error: --report-to tensorboard needs the tensorboard package: pip install tensorboard") \
+            from None
+    return SummaryWriter
+
+
+def tensorboard_writer(out, step):
+    """A TensorBoard writer into <out>.tb/ that drops what an earlier session logged after `step` (the steps a resume
+    from `step` logs again)."""
+    stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
+    return summary_writer()(stem + ".tb", purge_step=step + 1 if step else None)
+
+
 class MetricsLog:
     """The run's metrics log, <out>.log.jsonl: one JSON line per logging interval, written by rank 0 and flushed at
     once, so `tail -f` and `python eval.py --curves` read a running job. A line holds the step, the interval's mean of
@@ -776,8 +800,9 @@ class MetricsLog:
     last save; the resumed run writes them again) and continues it, elapsed time included. The validation grids of
     steps after N go likewise."""
 
-    def __init__(self, out, step, master):
+    def __init__(self, out, step, master, tensorboard=False):
         self.path, self.folder = run_files(out)
+        self.tb = tensorboard_writer(out, step) if tensorboard and master else None  # --report-to tensorboard
         self.master, self.step, self.sums, self.n = master, step, {}, 0
         self.val_s = self.val_total = self.elapsed = 0.0
         self.t0 = self.t_last = time.perf_counter()
@@ -815,6 +840,11 @@ class MetricsLog:
             return None
         self.file.write(json.dumps(line) + "\n")
         self.file.flush()
+        if self.tb:
+            for k, v in line.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
         return line
 
     def write_grid(self, step, images, prompts, title, seconds):
@@ -825,8 +855,13 @@ class MetricsLog:
             return
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, f"step_{step:06d}.png")
+        image = grid(images, prompts, title)
         with lora.atomic(path) as tmp:
-            grid(images, prompts, title).save(tmp, format="PNG")
+            image.save(tmp, format="PNG")
+        if self.tb:
+            import numpy as np
+            self.tb.add_image("validation", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.tb.flush()
 
     def close(self):
         """The run's summary line: validation's share of this session's time; the loss curves as a PNG beside the log
@@ -834,6 +869,8 @@ class MetricsLog:
         if not self.master:
             return ""
         self.file.close()
+        if self.tb:
+            self.tb.close()
         share = self.val_total / max(time.perf_counter() - self.t0, 1e-9)
         said = (f"metrics: {self.path}; validation grids: {self.folder}/ ({self.val_total:.1f} s, {share:.1%} of the "
                 "run)")

@@ -3470,6 +3470,38 @@ def test_history_of_a_real_teacher_scores_each_kept_checkpoint_as_score_does(tmp
     assert loaded == [] and [r["_FID"] for r in again] == [r["_FID"] for r in rows]
 
 
+def test_report_to_tensorboard_writes_the_logs_scalars_and_grids_read_back_by_tensorboard(tmp_path, monkeypatch):
+    """--report-to tensorboard: tensorboard's own reader finds in <out>.tb/ every scalar of the metrics log at its
+    steps and values, and a validation image per grid; a resume from step 2 of a run that had logged to step 4 leaves
+    one value per step (the later ones purged, then logged again). Without the package: one line, nothing written."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import runs
+    flags = ["--iters", "4", "--log-every", "1", "--val-every", "2", "--report-to", "tensorboard"]
+    _run(tmp_path, *flags, "--save-every", "2", out="a.safetensors")
+    lines = runs.read_log(str(tmp_path / "a.log.jsonl"))
+
+    def read(folder):
+        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        return acc
+    acc = read(tmp_path / "a.tb")
+    assert {k for line in lines for k in line if k != "step"} <= set(acc.Tags()["scalars"])
+    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert loss == [(line["step"], pytest.approx(line["loss"], rel=1e-6)) for line in lines]
+    assert [e.step for e in acc.Images("validation")] == [0, 2, 4]
+    _run(tmp_path, *flags, "--save-every", "2", "--iters", "2", out="b.safetensors")  # b: a stopped at step 2 ...
+    shutil.rmtree(tmp_path / "b.tb")
+    shutil.copytree(tmp_path / "a.tb", tmp_path / "b.tb")  # ... after it had logged to step 4
+    _run(tmp_path, *flags, "--save-every", "2", "--resume", out="b.safetensors")
+    steps = [e.step for e in read(tmp_path / "b.tb").Scalars("loss")]
+    assert steps == [1, 2, 3, 4], steps
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the package missing
+    with pytest.raises(SystemExit, match="^error: --report-to tensorboard needs the tensorboard package"):
+        _run(tmp_path, *flags, out="d.safetensors")
+    assert not list(tmp_path.glob("d.*"))
+
+
 class _Killed(BaseException):
     """The process killed at one instant of its file writes (in-process: what is on disk is what a SIGKILL leaves,
     but for the temporary file of a write cut short, which is removed; the subprocess test leaves it)."""
