@@ -4265,7 +4265,7 @@ _SHRINK = {"llpips.py": ["--upsample", "1", "--width", "0.0625", "--epochs", "1"
            "local_cd.py": ["--iters", "2", "--batch", "1", "--trajectories", "1", "--M", "4", "--skip", "50", "--rank",
                            "4", "--dtype", "bfloat16", "--val-every", "0"],
            "global_cd.py": ["--iters", "2", "--batch", "1", "--fake-rank", "4", "--dtype", "bfloat16", "--val-every",
-                            "0"],
+                            "0", "--keep-every", "1"],
            "sample.py": ["--dtype", "bfloat16", "--out", "sample.png"]}
 
 
@@ -4280,7 +4280,8 @@ def test_the_readme_gpu_recipe_runs_end_to_end_on_tiny_sdxl_and_flux(tmp_path, t
     from PIL import Image
     lines = _readme_recipe()
     scripts = [next((w for w in line if w.endswith(".py")), line[0]) for line in lines]
-    assert scripts[0] == "hf" and {"eval.py", "llpips.py", "local_cd.py", "global_cd.py", "sample.py"} <= set(scripts)
+    assert scripts[0] == "hf" and {"eval.py", "llpips.py", "local_cd.py", "global_cd.py", "sample.py",
+                                   "lora.py"} <= set(scripts)
     # the inputs a user downloads, in the layouts the recipe reads: COCO captions and images, BAPPS, the teachers
     os.makedirs(tmp_path / "annotations")
     os.makedirs(tmp_path / "val2017")
@@ -4336,6 +4337,12 @@ def test_the_readme_gpu_recipe_runs_end_to_end_on_tiny_sdxl_and_flux(tmp_path, t
         assert grid["3"] == sample.diffusers_args(str(tmp_path / f"{family}_global.safetensors"), 3)
         image = stock("a photo of a cat", output_type="np", **grid["3"]).images[0]
         assert image.shape == (int(meta["resolution"]),) * 2 + (3,) and np.isfinite(image).all()
+        import runs
+        assert list(runs.kept_paths(str(tmp_path / f"{family}_global.safetensors"))) == [1, 2]  # --keep-every
+        kohya = lora.header(str(tmp_path / f"{family}_global.kohya.safetensors"))[0]  # python lora.py --kohya
+        assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+        if family == "sdxl":  # (diffusers' FLUX conversion knows FLUX.1's widths only)
+            stock.load_lora_weights(str(tmp_path / f"{family}_global.kohya.safetensors"), adapter_name="kohya")
 
 
 # ---- small reading bugs ----
