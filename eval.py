@@ -423,7 +423,8 @@ def check_history(args):
 
 def history_toy(out, steps, seed, per_prompt, net):
     """{(training step, k): {"FD", "alignment"}} of a run on the embedded teacher (the toy judge, per_prompt samples
-    per digit), kept in <out stem>.history.json as they are scored: an interrupted scoring continues."""
+    per digit, sampling seed `seed`: the run's training seed, as the tables sample), kept in <out stem>.history.json
+    as they are scored: an interrupted scoring continues."""
     cache = out.removesuffix(".safetensors") + ".history.json"
     run = lora.metadata(out).get("run")
     saved = read_json(cache, {})
@@ -462,8 +463,8 @@ def history(args):
     error bars over the runs, the teacher as the reference line)."""
     teacher, M, steps, metric, toy = check_history(args)
     net = tables.load_classifier()[0] if toy else None
-    scored = [history_toy(out, steps, args.seed, args.per_prompt, net) if toy else history_real(args, i, out, steps)
-              for i, out in enumerate(args.history)]
+    scored = [history_toy(out, steps, int(lora.metadata(out).get("seed", 0)), args.per_prompt, net) if toy else
+              history_real(args, i, out, steps) for i, out in enumerate(args.history)]  # (toy: as the tables sample)
     metrics = tables.TOY_METRICS if toy else REAL_METRICS
     at = sorted({s for run in scored for s, _ in run})
     rows = []

@@ -3424,8 +3424,8 @@ def test_history_scores_each_kept_student_and_picks_the_best_step(tmp_path, monk
             "--figure", str(tmp_path / "h.png")]
     rows, best = ev.main(argv)
     net = tables.load_classifier()[0]
-    mine = {(s, k): [tables.score(*sample(["--ckpt", ev.history_checkpoints(o)[s]], k, 0, 4), net) for o in outs]
-            for s in (3, 6) for k in (1, 2)}
+    mine = {(s, k): [tables.score(*sample(["--ckpt", ev.history_checkpoints(o)[s]], k, seed, 4), net)
+                     for seed, o in enumerate(outs)] for s in (3, 6) for k in (1, 2)}  # sampled with its run's seed
     for r in rows:
         seen = mine[r["training step"], r["k"]]
         assert r["_FD"] == pytest.approx(sum(x["FD"] for x in seen) / 2, rel=1e-5)
@@ -4337,7 +4337,6 @@ def test_the_readme_gpu_recipe_runs_end_to_end_on_tiny_sdxl_and_flux(tmp_path, t
         assert grid["3"] == sample.diffusers_args(str(tmp_path / f"{family}_global.safetensors"), 3)
         image = stock("a photo of a cat", output_type="np", **grid["3"]).images[0]
         assert image.shape == (int(meta["resolution"]),) * 2 + (3,) and np.isfinite(image).all()
-        import runs
         assert list(runs.kept_paths(str(tmp_path / f"{family}_global.safetensors"))) == [1, 2]  # --keep-every
         kohya = lora.header(str(tmp_path / f"{family}_global.kohya.safetensors"))[0]  # python lora.py --kohya
         assert kohya and all(k.startswith("lora_unet_") for k in kohya)
