@@ -416,7 +416,7 @@ def check_history(args):
         raise SystemExit(f"error: --metric {metric}: the {'embedded' if toy else 'real'} teacher's metrics are "
                          f"{' and '.join(metrics)}")
     if not toy:
-        args.score = args.history[0]
+        args.score, args.steps = args.history[0], steps
         check_score(args)  # --prompts, --reference, --images, the CLIP model, the FID packages
     return teacher, M, steps, metric, toy
 
@@ -441,17 +441,23 @@ def history_toy(out, steps, seed, per_prompt, net):
     return found
 
 
-def history_real(args, i, out, steps):
+def history_real(args, out, steps, prompts):
     """{(training step, k): {"FID", "CLIP score"}} of a run on a real teacher: --score of each kept checkpoint into
-    <images>/run<i>/step_<step>/ (resumable as --score is; a scored folder is read back, not scored again)."""
+    <images>/<run id>/step_<step>/ (resumable as --score is). A folder scored before is read back, not scored again,
+    where its images are of this checkpoint, seed and prompts (generation.json) and its rows of this reference,
+    FID size and CLIP model."""
     import copy
     found = {}
     for step, ckpt in history_checkpoints(out).items():
         a = copy.copy(args)
-        a.score, a.steps, a.images = ckpt, steps, os.path.join(args.images, f"run{i}", f"step_{step:06d}")
-        done = read_json(os.path.join(a.images, "scores.json"), {})
-        rows = {int(k): r for k, r in done.items()}
-        if any(k not in rows for k in steps):
+        a.score, a.steps = ckpt, steps
+        a.images = os.path.join(args.images, lora.metadata(out).get("run", "run"), f"step_{step:06d}")
+        rows = {int(k): r for k, r in read_json(os.path.join(a.images, "scores.json"), {}).items()}
+        same = all(k in rows and read_json(os.path.join(a.images, f"{k}_steps", "generation.json")) ==
+                   generation(a, k, prompts) and all(rows[k].get(f) == getattr(a, f) for f in
+                                                      ("reference", "fid_size", "clip_model", "seed"))
+                   for k in steps)
+        if not same:
             rows = {r["steps"]: r for r in score_model(a)}
         found.update({(step, k): rows[k] for k in steps})
     return found
@@ -462,9 +468,14 @@ def history(args):
     runs (seeds) per training step, the best training step per step count, and the figure (a line per step count,
     error bars over the runs, the teacher as the reference line)."""
     teacher, M, steps, metric, toy = check_history(args)
-    net = tables.load_classifier()[0] if toy else None
-    scored = [history_toy(out, steps, int(lora.metadata(out).get("seed", 0)), args.per_prompt, net) if toy else
-              history_real(args, i, out, steps) for i, out in enumerate(args.history)]  # (toy: as the tables sample)
+    if toy:  # each run sampled with its training seed, as the tables sample
+        net = tables.load_classifier()[0]
+        scored = [history_toy(out, steps, int(lora.metadata(out).get("seed", 0)), args.per_prompt, net)
+                  for out in args.history]
+    else:
+        from teachers import prompt_file
+        prompts = prompt_file(args.prompts)
+        scored = [history_real(args, out, steps, prompts) for out in args.history]
     metrics = tables.TOY_METRICS if toy else REAL_METRICS
     at = sorted({s for run in scored for s, _ in run})
     rows = []
@@ -484,8 +495,8 @@ def history(args):
     print(tables.table(table))
     best = {}
     for k in steps:
-        mine = [r for r in rows if r["k"] == k and r["runs"] == len(scored)]
-        best[k] = (min if lower else max)(mine, key=lambda r: r[f"_{metric}"])
+        mine = [r for r in rows if r["k"] == k and r["runs"] == len(scored)]  # the steps every run has
+        best[k] = (min if lower else max)(mine or [r for r in rows if r["k"] == k], key=lambda r: r[f"_{metric}"])
         print(f"best at {k} step{'s' * (k > 1)} by {metric}: training step {best[k]['training step']} ("
               f"{best[k][f'_{metric}']:.3f}); " + ", ".join(f"{m} {best[k][f'_{m}']:.3f}" for m, _ in metrics))
     reference = None

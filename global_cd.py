@@ -373,8 +373,9 @@ def parse_args(argv=None):
     a("--out", default="global.safetensors", help="the student LoRA; resume state goes to *.state.safetensors")
     a("--save-every", type=runs.count, help="iterations between saves of the checkpoint pair")
     a("--keep-every", type=runs.whole, default=0, help="also keep the student every N iterations: a copy of "
-      "the checkpoint named by its step beside --out (global.step_000040.safetensors), never overwritten by "
-      "later saves; python eval.py --history scores them (default 0: keep none)")
+      "the checkpoint named by its step beside --out (global.step_000040.safetensors; a save of the pair at "
+      "that step too), never overwritten by later saves, a LoRA's size on disk each; python eval.py --history "
+      "scores them (default 0: keep none)")
     a("--resume", action="store_true", help="continue the run saved at --out (LoRAs, heads, optimizers, step, RNG)")
     a("--overwrite", action="store_true", help="replace an existing --out (a fresh run refuses to, by default)")
     a("--grad-checkpointing", action="store_true", help="trade compute for memory (SDXL / FLUX)")

@@ -23,6 +23,7 @@ import contextlib
 import errno
 import os
 import re
+import socket
 
 import torch
 import torch.nn as nn
@@ -305,8 +306,8 @@ def atomic(path):
     when it does not): a crash, a kill, a full disk or Ctrl-C never leaves half a file, and `path` is the old file
     or the new one, whole. The new file's bytes reach the disk before the rename (fsync), so that a lost node, too,
     leaves one of the two. Every file the project writes goes through it. (A kill leaves the temporary file,
-    <path>.tmp<pid>, behind; remove_stale cleans those up.)"""
-    tmp = f"{path}.tmp{os.getpid()}"
+    <path>.tmp.<host>.<pid>, behind; remove_stale cleans those up.)"""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"  # whose it is, on a filesystem several nodes share
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     try:
@@ -327,22 +328,25 @@ def atomic(path):
             os.remove(tmp)
 
 
-def remove_stale(folder, stem):
-    """Removes the temporary files (`atomic`) of <folder>/<stem>* that processes no longer running left behind."""
+def remove_stale(folder, prefix):
+    """Removes the temporary files (`atomic`) of <folder>/<prefix>* that processes of this machine no longer running
+    left behind (another machine's are its own business)."""
+    pattern = re.escape(prefix) + r".*\.tmp\." + re.escape(socket.gethostname()) + r"\.(\d+)"
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        m = re.fullmatch(re.escape(stem) + r".*\.tmp(\d+)", name)
-        if m and not _running(int(m.group(1))):
+        m = re.fullmatch(pattern, name)
+        if m and not running(int(m.group(1))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
 
 
-def _running(pid):
+def running(pid):
+    """Whether a process `pid` runs on this machine."""
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: no signal, only the check
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's
+        pass
     return True
 
 
@@ -353,7 +357,7 @@ def save(path, tensors, metadata):
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                       metadata={k: str(v) for k, v in metadata.items()})
         except SafetensorError as e:
-            if "os error 28" in str(e) or "os error 122" in str(e):  # ENOSPC, EDQUOT
+            if any(f"{how} {n}" in str(e) for how in ("os error", "code:") for n in (28, 122)):  # ENOSPC, EDQUOT
                 raise OSError(errno.ENOSPC, "No space left on device", path) from None
             raise
 
@@ -431,7 +435,10 @@ def sdxl_name(path, layers):
     upsampler in its last layer, after the attention if the block has one). L is read off the paths."""
     if path in TOP:
         return TOP[path]
-    L = 1 + max(int(p.split(".")[3]) for p in layers if p.startswith("down_blocks.") and ".resnets." in p)
+    resnets = [int(p.split(".")[3]) for p in layers if p.startswith("down_blocks.") and ".resnets." in p]
+    if not resnets:
+        raise ValueError("the LoRA adapts no resnet of the down blocks: SDXL's layer numbering cannot be read off it")
+    L = 1 + max(resnets)
     if path.startswith("mid_block."):
         _, kind, j, *rest = path.split(".")
         inner = RESNET[rest[0]] if kind == "resnets" else ".".join(rest)
@@ -467,7 +474,10 @@ def flux_names(layers):
         if path == "proj_out":
             names[(path,)] = "final_layer.linear"
             continue
-        table, block = (FLUX_DOUBLE, "double_blocks") if part == "transformer_blocks" else (FLUX_SINGLE, "single_blocks")
+        if part not in ("transformer_blocks", "single_transformer_blocks") or len(rest) < 2:
+            raise ValueError(f"no kohya name for the LoRA layer {path}")
+        double = part == "transformer_blocks"
+        table, block = (FLUX_DOUBLE, "double_blocks") if double else (FLUX_SINGLE, "single_blocks")
         for group, name in table.items():
             if rest[1] in group:
                 fused = tuple(f"{part}.{rest[0]}.{g}" for g in group)
@@ -495,14 +505,15 @@ def main(argv=None):
         keys, meta = header(args.ckpt)
         if meta.get("format") != "logcd":
             raise ValueError(f"{args.ckpt} is not a LogCD student checkpoint")
-        if meta.get("teacher") == "digits":
-            raise ValueError("the embedded teacher's student has no kohya layout (it is for SDXL and FLUX students)")
+        teacher = meta.get("teacher", "")
+        if teacher == "digits" or os.path.isfile(os.path.join(teacher, "prompt_embeds.safetensors")):
+            raise ValueError("an embedded-layout teacher's student has no kohya layout (it is for SDXL and FLUX)")
         if os.path.abspath(out) == os.path.abspath(args.ckpt):
             raise ValueError(f"--out {out} is the checkpoint itself")
         tensors, meta = kohya(*load(args.ckpt))
-    except (ValueError, FileNotFoundError) as e:
+        save(out, tensors, meta)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    save(out, tensors, meta)
     print(f"wrote {out}: {len(tensors) // 3} LoRA layers in the kohya layout, for A1111, ComfyUI, Forge and "
           "diffusers' load_lora_weights")
 

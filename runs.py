@@ -456,8 +456,8 @@ class Trainer:
         self.step, self.forwards = int(smeta["step"]), int(smeta.get("forwards", 0))
         self.late = meta["step"] != str(self.step)  # start() saves the pair of this step again
         if self.master and self.keeps(self.step) and meta["step"] == str(self.step) and \
-                not os.path.exists(kept_path(args.out, self.step)):
-            keep(args.out, self.step)  # the run stopped between its checkpoint and the copy
+                lora.metadata(kept_path(args.out, self.step)).get("run") != self.id:
+            keep(args.out, self.step)  # the run stopped between its checkpoint and the copy (or an older run's)
         self.log(f"resumed {args.out} at step {self.step}" + resumed_late(self.step, meta))
         return state, smeta
 
@@ -479,8 +479,8 @@ class Trainer:
         self.syncs = {k: GradientSync(w.params, self.world) for k, w in self.work.items()}
         if self.master:  # what a killed run's writes left: their temporary files (the files themselves are whole)
             stem = os.path.basename(args.out).removesuffix(".safetensors")
-            for folder in (os.path.dirname(os.path.abspath(args.out)), run_files(args.out)[1]):
-                lora.remove_stale(folder, stem if folder != run_files(args.out)[1] else "step_")
+            lora.remove_stale(os.path.dirname(os.path.abspath(args.out)), stem + ".")
+            lora.remove_stale(run_files(args.out)[1], "step_")
         self.metrics = MetricsLog(args.out, self.step, self.master,  # <out>.log.jsonl, continued on --resume
                                   args.report_to == "tensorboard")
         if self.master and args.val_every:  # rank 0 draws the grids; the others wait at the next all-reduce
@@ -759,7 +759,6 @@ def kept_paths(out):
 
 def keep(out, step):
     """The checkpoint at `out` (of `step`), copied byte for byte to kept_path(out, step), atomically."""
-    import shutil
     with lora.atomic(kept_path(out, step)) as tmp:
         shutil.copyfile(out, tmp)
 
@@ -786,8 +785,10 @@ def summary_writer():
 
 def tensorboard_writer(out, step):
     """A TensorBoard writer into <out>.tb/ that drops what an earlier session logged after `step` (the steps a resume
-    from `step` logs again)."""
+    from `step` logs again; all of it for a fresh run)."""
     stem = out[:-len(".safetensors")] if out.endswith(".safetensors") else out
+    if not step:  # a fresh run starts anew, as its metrics log does
+        shutil.rmtree(stem + ".tb", ignore_errors=True)
     return summary_writer()(stem + ".tb", purge_step=step + 1 if step else None)
 
 
@@ -1015,17 +1016,21 @@ def explain_interrupt(script, out):
     def terminated(signum, frame):
         raise KeyboardInterrupt  # the same way out as Ctrl-C: unwinds through any save, which leaves no half file
 
-    def continued(path):  # -> (the step --resume continues from, the command that does it), or (None, None)
-        try:  # the state's step when it is newer (an interrupted save): --resume continues from there
-            step = lora.metadata(state_path(path)).get("step") or read_checkpoint(path)[1]["step"]
-        except (ValueError, FileNotFoundError):
-            return None, None
+    def continued(path):
+        """(the step --resume continues from, the command that does it); (None, the command that starts the run
+        again) when there is no checkpoint to resume (with --overwrite where its state file was written)."""
         again = " ".join(shlex.quote(a) for a in sys.argv[1:] if a not in ("--resume", "--overwrite"))
         launch = "python"
         if "RANK" in os.environ:  # torchrun, with its rendezvous flags (if any) as before
             nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
             launch = (f"torchrun{f' --nnodes {nodes}' if nodes != '1' else ''} "
                       f"--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '?')}")
+        try:  # the state's step when it is newer (an interrupted save): --resume continues from there
+            step = read_checkpoint(path)[1]["step"]
+            step = lora.metadata(state_path(path)).get("step") or step
+        except (ValueError, FileNotFoundError):
+            fresh = " --overwrite" * os.path.exists(state_path(path))
+            return None, f"{launch} {script} {again}{fresh}".replace("  ", " ")
         return step, f"{launch} {script} {again} --resume".replace("  ", " ")
     before = signal.signal(signal.SIGTERM, terminated)
     try:
@@ -1035,7 +1040,8 @@ def explain_interrupt(script, out):
         path = out()
         step, command = continued(path)
         if step is None:
-            raise SystemExit(f"interrupted before the first checkpoint: nothing was written to {path}") from None
+            raise SystemExit(f"interrupted before the first checkpoint: no {path} was written; start again with: "
+                             f"{command}") from None
         if int(os.environ.get("RANK", 0)) > 0:
             raise SystemExit(1) from None  # rank 0 says it for all
         raise SystemExit(f"interrupted: {path} continues from step {step} with: {command}") from None
@@ -1048,7 +1054,7 @@ def explain_interrupt(script, out):
         pair = sum(os.path.getsize(p) for p in (path, state_path(path)) if os.path.exists(p)) or PAIR_BYTES[0]
         step, command = continued(path)
         kept = f"{path} keeps step {step}, whole; free it and continue with: {command}" if step else \
-            "no checkpoint was written yet; free it and start the run again"
+            f"no checkpoint was written yet; free it and start again with: {command}"
         raise SystemExit(f"error: the disk of {folder} is full (writing {e.filename or 'a file'}): each save writes "
                          f"a checkpoint pair of {pair / 2 ** 20:.0f} MiB beside the last one before replacing it, so "
                          f"about {pair / 2 ** 20 + 64:.0f} MiB must be free there; {kept}") from None

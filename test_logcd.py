@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -1693,7 +1694,7 @@ def test_stage1_bad_inputs(tmp_path):
     with pytest.raises(SystemExit, match=r"--llpips.*cut.safetensors.*(corrupt|truncated)"):
         with unittest.mock.patch.object(teachers, "load_teacher", side_effect=AssertionError("a model was loaded")):
             _run(tmp_path, "--llpips", str(tmp_path / "cut.safetensors"))
-    with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
+    with pytest.raises(SystemExit, match="cannot resume: .* does not exist; start the run without --resume"):
         _run(tmp_path, "--resume")
     _zero_student(tmp_path / "g.safetensors", stage="global")
     with pytest.raises(SystemExit, match="'global' checkpoint; expected local"):
@@ -2509,7 +2510,7 @@ def test_stage2_bad_inputs(tmp_path, monkeypatch):
         _run2(tmp_path, "--iters", "1", "--M", "4")
     with pytest.raises(SystemExit, match="all 0: nothing to train"):
         _run2(tmp_path, "--iters", "1", "--lambda0", "0", "--lambda1", "0", "--lambda2", "0")
-    with pytest.raises(SystemExit, match="cannot resume.*no such checkpoint"):
+    with pytest.raises(SystemExit, match="cannot resume: .* does not exist; start the run without --resume"):
         _run2(tmp_path, "--iters", "1", "--resume")
     monkeypatch.setattr(global_cd, "distance", _nan_after(2))
     with pytest.raises(SystemExit, match="student loss is nan at step 2"):
@@ -3312,6 +3313,34 @@ def _flux1_lora(rank=4):
                      "lora_prefix": "transformer", "rank": str(rank)}
 
 
+def test_kohya_names_of_sdxls_own_unet_layout():
+    """lora.sdxl_name on SDXL's real block layout (L = 2 resnets per down block, 3 per up block; attention in down
+    blocks 1-2 and up blocks 0-1; the last up block without upsampler), the paths of its UNet built on the meta device
+    with our LoRA targets: the names kohya's scripts give SDXL's original UNet."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+            attention_head_dim=(5, 10, 20), addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+    targets = re.compile(teachers.DDPMTeacher.lora_targets)
+    layers = {n: None for n, m in unet.named_modules() if targets.search(n) and isinstance(m, (torch.nn.Linear,
+                                                                                              torch.nn.Conv2d))}
+    names = {p: lora.sdxl_name(p, layers) for p in layers}
+    assert names["down_blocks.0.downsamplers.0.conv"] == "input_blocks.3.0.op"
+    assert names["down_blocks.1.resnets.1.conv2"] == "input_blocks.5.0.out_layers.3"
+    assert names["down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == \
+        "input_blocks.8.1.transformer_blocks.9.attn2.to_k"
+    assert names["mid_block.resnets.1.time_emb_proj"] == "middle_block.2.emb_layers.1"
+    assert names["mid_block.attentions.0.proj_in"] == "middle_block.1.proj_in"
+    assert names["up_blocks.0.upsamplers.0.conv"] == "output_blocks.2.2.conv"
+    assert names["up_blocks.1.resnets.2.conv_shortcut"] == "output_blocks.5.0.skip_connection"
+    assert names["up_blocks.2.resnets.2.conv1"] == "output_blocks.8.0.in_layers.2"
+    assert len(set(names.values())) == len(names)  # one name each
+
+
 def test_kohya_export_round_trips_through_diffusers_and_samples_like_sample_py(tiny_sdxl, tmp_path):
     """python lora.py --kohya writes the student in kohya's layout (SDXL's original UNet names; FLUX's original
     transformer, q / k / v fused). diffusers' own kohya-to-diffusers conversion gives the same LoRA back: an SDXL
@@ -3496,6 +3525,8 @@ def test_report_to_tensorboard_writes_the_logs_scalars_and_grids_read_back_by_te
     _run(tmp_path, *flags, "--save-every", "2", "--resume", out="b.safetensors")
     steps = [e.step for e in read(tmp_path / "b.tb").Scalars("loss")]
     assert steps == [1, 2, 3, 4], steps
+    _run(tmp_path, *flags, "--iters", "2", "--overwrite", out="b.safetensors")  # a fresh run under b: anew
+    assert [e.step for e in read(tmp_path / "b.tb").Scalars("loss")] == [1, 2]
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the package missing
     with pytest.raises(SystemExit, match="^error: --report-to tensorboard needs the tensorboard package"):
         _run(tmp_path, *flags, out="d.safetensors")
@@ -3597,10 +3628,13 @@ def _survives_every_stop(tmp_path, main, argv, how, kinds=None):
                     f.write('{"step": 1, "lo')
         except SystemExit as e:  # the full disk: one line, the last checkpoint whole
             assert how == "full" and str(e).startswith("error: the disk of") and "\n" not in str(e), (i, str(e))
+            assert re.search(r"about \d+ MiB must be free", str(e)), str(e)
             if os.path.exists(path):
                 step = int(lora.metadata(path)["step"])
                 assert all(torch.equal(v, reference[step][k]) for k, v in _load(path).items()), i
                 assert f"{path} keeps step" in str(e) and "--resume" in str(e), str(e)
+            else:  # nothing to resume: the message says to start again
+                assert "no checkpoint was written" in str(e) and "--resume" not in str(e), str(e)
         finally:
             _STOP["at"] = None
         try:
@@ -3618,6 +3652,38 @@ def _survives_every_stop(tmp_path, main, argv, how, kinds=None):
         assert [line["step"] for line in runs.read_log(runs.run_files(path)[0])] == list(reference), i
         assert not [f for f in os.listdir(os.path.dirname(path)) if ".tmp" in f], i
     return [seen[i - 1] for i in points]
+
+
+_SIGKILL_AT = """import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import local_cd
+folder, seen = os.path.dirname(os.path.abspath(sys.argv[2])), [0]
+
+def hook(event, args):  # SIGKILL at the second save's state rename, the state's temporary file cut at half its bytes
+    if event == "os.rename" and str(args[0]).startswith(folder) and ".state." in str(args[0]):
+        seen[0] += 1
+        if seen[0] == 2:
+            os.truncate(args[0], os.path.getsize(args[0]) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+local_cd.main(["--out", sys.argv[2], *sys.argv[3:]])
+"""
+
+
+def test_a_run_killed_by_sigkill_in_a_write_resumes_and_its_temporary_file_goes(tmp_path):
+    """A real SIGKILL (another process's view: no handler, no cleanup) in the middle of writing the state file of
+    the second save: the first checkpoint pair is whole, the cut temporary file stays behind; --resume removes it and
+    ends with the students of an uninterrupted run, bit for bit."""
+    argv = [*FAST, "--iters", "3", "--save-every", "1", "--keep-every", "1"]
+    r = subprocess.run([sys.executable, "-c", _SIGKILL_AT, HERE, str(tmp_path / "k.safetensors"), *argv],
+                       capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert [f for f in os.listdir(tmp_path) if ".state.safetensors.tmp." in f]  # what the kill left
+    assert lora.metadata(str(tmp_path / "k.safetensors"))["step"] == "1"
+    whole = _run(tmp_path, *argv, out="w.safetensors")
+    again = _run(tmp_path, *argv, "--resume", out="k.safetensors")
+    assert all(torch.equal(again[k], whole[k]) for k in whole)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
 
 
 @pytest.mark.parametrize("how", ["kill", "full"])
