@@ -3885,7 +3885,7 @@ def test_a_signal_ends_a_run_with_the_command_that_continues_it(stage, signum, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["local", "global"])
+@pytest.mark.parametrize("stage", [pytest.param("local", marks=LONG), "global"])  # stage 1: also the stop test's
 @pytest.mark.parametrize("where", ["state", "checkpoint"])
 def test_a_save_interrupted_anywhere_resumes_to_the_uninterrupted_run(stage, where, tmp_path, monkeypatch):
     """Ctrl-C inside the write of the state file (the old pair stays whole) or between it and the checkpoint (the
