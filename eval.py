@@ -489,10 +489,8 @@ def history(args):
     lower = metric in ("FD", "FID")
     print(f"\n{metric} ({'lower' if lower else 'higher'} is better), mean over {len(scored)} run(s) "
           f"(+/- one std), by training step:")
-    table = [{"training step": s, **{f"{k} step{'s' * (k > 1)}": next(
-        f"{r[f'_{metric}']:.3f} +/- {r[f'_{metric}_std']:.3f}" for r in rows if r["k"] == k and r["training step"] == s)
-        for k in steps}} for s in at]
-    print(tables.table(table))
+    cell = {(r["training step"], r["k"]): f"{r[f'_{metric}']:.3f} +/- {r[f'_{metric}_std']:.3f}" for r in rows}
+    print(tables.table([{"training step": s, **{f"{k} step{'s' * (k > 1)}": cell[s, k] for k in steps}} for s in at]))
     best = {}
     for k in steps:
         mine = [r for r in rows if r["k"] == k and r["runs"] == len(scored)]  # the steps every run has
