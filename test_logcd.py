@@ -3448,7 +3448,8 @@ def test_history_scores_each_kept_student_and_picks_the_best_step(tmp_path, monk
     """eval.py --history on two runs (seeds) of stage 1 with --keep-every: each kept student is scored by the toy
     judge (the scores of sample.py's samples of that very file, computed here) at each step count; a row is the mean
     over the runs (error bars: their std); the best training step per step count is the one of the best mean; the
-    figure is drawn against the training step. Scores are kept beside each run: a second call samples nothing."""
+    figure is drawn against the training step. Scores are kept beside each run, apart from the figure's numbers (its
+    default place is beside the first run too): a second call samples nothing."""
     pytest.importorskip("matplotlib")
     import eval as ev
     from toy import tables
@@ -3464,8 +3465,7 @@ def test_history_scores_each_kept_student_and_picks_the_best_step(tmp_path, monk
         sampled.append(source)
         return sample(source, *a, **k)
     monkeypatch.setattr(tables, "sample", counted)
-    argv = ["--history", *outs, "--steps", "1", "2", "--per-prompt", "4", "--metric", "alignment",
-            "--figure", str(tmp_path / "h.png")]
+    argv = ["--history", *outs, "--steps", "1", "2", "--per-prompt", "4", "--metric", "alignment"]  # default figure
     rows, best = ev.main(argv)
     net = tables.load_classifier()[0]
     mine = {(s, k): [tables.score(*sample(["--ckpt", ev.history_checkpoints(o)[s]], k, seed, 4), net)
@@ -3479,11 +3479,11 @@ def test_history_scores_each_kept_student_and_picks_the_best_step(tmp_path, monk
         top = max((2, 4), key=lambda s: sum(x["alignment"] for x in mine[s, k]))
         assert best[k]["_alignment"] == pytest.approx(sum(x["alignment"] for x in mine[top, k]) / 2)
     assert "best at 1 step by alignment: training step" in capsys.readouterr().out
-    numbers = json.load(open(tmp_path / "h.json"))
-    assert numbers["x"] == "training step" and (tmp_path / "h.png").stat().st_size > 0
+    numbers = json.load(open(tmp_path / "s0" / "local.history.json"))  # beside the first run
+    assert numbers["x"] == "training step" and (tmp_path / "s0" / "local.history.png").stat().st_size > 0
     student_samples = len([s for s in sampled if s[0] == "--ckpt"])
     assert student_samples == 2 * 2 * 2
-    ev.main(argv)
+    ev.main(argv)  # the figure written again beside the scores
     assert len([s for s in sampled if s[0] == "--ckpt"]) == student_samples  # all read back
 
 
