@@ -750,6 +750,8 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="the paper's tables: trainings and scorings at a time, each on "
                    "cores / jobs threads (2 on 2 cores: 1.35x faster, equal up to float rounding; 1 reproduces the "
                    "README pipeline's checkpoints bit for bit)")
+    p.add_argument("--rows", nargs="+", default=None, metavar="TEXT", help="the paper's tables: only the rows whose "
+                   "label contains one of these (e.g. \"LogCD (stage 1\"): to redo one row after a change")
     p.add_argument("--grids", default=None, help="the paper's tables: write each row's seed-0 sample grid into DIR")
     p.add_argument("--figure", default=None, help="the paper's tables: PNG of FD and alignment against steps; with "
                    "--plot-scores, of FID and CLIP score")
@@ -852,6 +854,9 @@ def main(argv=None):
         return
     if args.table in tables.TABLES:
         return tables.print_paper_table(args)
+    if args.rows:
+        raise SystemExit(f"error: --rows picks rows of the paper's tables ({', '.join(tables.TABLES)}), not of "
+                         f"--table {args.table}")
     return tables.print_sampling_table(args)
 
 

@@ -28,7 +28,7 @@ PAPER = dict(p=3, q=4, lambda1=0.1, lambda2=1.0, lr=1e-5, lr_aux=1e-5, fake_upda
              llpips=None)  # Method 2 and 4; w and M are the stage-1 checkpoint's; fake_rank None: the student's
 PRESETS = {
     # the embedded teacher: ours, sized to finish in minutes on a CPU
-    "digits": {**PAPER, "lr": 3e-5, "lr_aux": 1e-3, "fake_rank": 16, "batch": 32, "iters": 120, "save_every": 40,
+    "digits": {**PAPER, "lr": 3e-5, "lr_aux": 1e-3, "fake_rank": 16, "batch": 32, "iters": 160, "save_every": 40,
                "val_every": 20, "d": "llpips", "llpips": TOY_LLPIPS},
     "sdxl": {**PAPER, "batch": 4, "iters": 3000, "save_every": 250, "val_every": 250},
     # FLUX.1-dev with DMD (lambda2 = 1) is a departure: the paper set 0 there, DMD being out of its memory; here the

@@ -152,13 +152,15 @@ STEPS = (4, 3, 2, 1)  # every student row: its model(s) at 4, 3, 2 and 1 steps
 TEACHER_STEPS = (25, 4, 3, 2, 1)
 SHARE = 1.0  # the share of the machine a training here has: 1 / --jobs
 TEACHER = "digits"  # the tables' teacher (--teacher): the embedded one, or another of its layout
+ROWS = None  # --rows: parts of the labels of the rows to make (None: every row)
 
 # ---- Table 1's baselines, and LogCD's stage 2, each tuned on TUNE_SEED ----------
 # Each baseline gets LogCD's training budget in model forwards (a CFG step counts 2): about 138K per seed at the
-# embedded presets (stage 1 + stage 2; the tables' forwards column has each run's count). Stage 1 with M <= 4 spends
+# embedded presets they were tuned at (stage 1 + stage 2 at 120 iterations; now 160; the tables' forwards column has
+# each run's count). Stage 1 with M <= 4 spends
 # about 164 forwards an iteration (64 pairs, 2.56 each), the DMD2-style stage 2 about 1256 (32 samples, 39 each: its
 # GAN's real side is the teacher's p steps per segment over the sampler's jump): 850 and 110 iterations. LogCD gets
-# the same search on its stage 2 (120 iterations at the preset) after the preset's stage 1.
+# the same search on its stage 2, up to that budget's 120 iterations, after the preset's stage 1.
 STAGE1_LR, STAGE2_LR = (1e-4, 3e-4, 1e-3), (3e-5, 1e-4, 3e-4)  # around each stage's preset: 1e-3, 3e-5
 GRID_PARTS = (4, 2, 1)  # a grid's iterations: the budget / 4, / 2 and all of it (one training, resumed twice)
 CHAIN = {}  # a grid recipe -> the shorter one it continues (--resume is exact: the same as training it at once)
@@ -379,9 +381,14 @@ def pick(s1, s2, sampler, k, runs, quick):
     return tuned(f"pcm{k}" if s2 == "pcm" else s2, runs, quick)
 
 
+def table_rows(name):
+    """A table's rows: all of TABLES[name], or those --rows names (ROWS: parts of their labels)."""
+    return [r for r in TABLES[name] if ROWS is None or any(part in r[0] for part in ROWS)]
+
+
 def baselines_of(name):
     """The baselines a table's tuned rows use."""
-    return [n for _, s1, s2, _, steps in TABLES[name] if s1 == "tuned"
+    return [n for _, s1, s2, _, steps in table_rows(name) if s1 == "tuned"
             for n in ([f"pcm{k}" for k in steps] if s2 == "pcm" else [s2])]
 
 
@@ -416,7 +423,7 @@ def run_table(name, runs, quick, seeds, jobs):
             do(tasks)
         # the table's own work, with every tuned row resolved to its picks
         cells = [(*pick(s1, s2, sampler, k, runs, quick), k, seed)
-                 for _, s1, s2, sampler, steps in TABLES[name] for seed in seeds for k in steps]
+                 for _, s1, s2, sampler, steps in table_rows(name) for seed in seeds for k in steps]
         models = list(dict.fromkeys(c[:2] for c in cells if c[:2] != (None, None)))
         score = [("score", (*c, runs, quick, per_prompt)) for c in cells]
         do([("train", (s1, None, seed, runs, quick)) for s1, s2 in models if s1 for seed in seeds] +
@@ -511,7 +518,7 @@ def paper_table(name, runs=RUNS, quick=False, seeds=SEEDS, grids=None, jobs=1):
     net, _ = load_classifier()
     per_prompt = 4 if quick else 100
     rows = []
-    for label, s1, s2, sampler, steps in TABLES[name]:
+    for label, s1, s2, sampler, steps in table_rows(name):
         for k in steps:
             r1, r2, solver = pick(s1, s2, sampler, k, runs, quick)
             scores, minutes, forwards = [], [], []
@@ -662,8 +669,11 @@ def print_paper_table(args):
     """--table main | ablation | terms | ... (TABLES): trains and scores what the table needs (reusing what is done),
     prints it and the baselines' grids, and with --figure draws it; returns its rows. --teacher is the tables'
     TEACHER (set here, in the module that reads it; run_table hands it to its workers)."""
-    global TEACHER
-    TEACHER = args.teacher
+    global TEACHER, ROWS
+    TEACHER, ROWS = args.teacher, args.rows
+    if not table_rows(args.table):
+        raise SystemExit(f"error: --rows {' '.join(args.rows)}: no row of --table {args.table} has it in its label; its "
+                         "rows: " + "; ".join(r[0] for r in TABLES[args.table]))
     if args.teacher != "digits":  # its own trainings, beside the embedded teacher's
         args.runs = os.path.join(args.runs, os.path.basename(os.path.normpath(args.teacher)))
     t0 = time.perf_counter()
