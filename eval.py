@@ -423,8 +423,8 @@ def check_history(args):
 
 def history_toy(out, steps, seed, per_prompt, net):
     """{(training step, k): {"FD", "alignment"}} of a run on the embedded teacher (the toy judge, per_prompt samples
-    per digit, sampling seed `seed`: the run's training seed, as the tables sample), kept in <out stem>.history-scores.json
-    as they are scored: an interrupted scoring continues."""
+    per digit, sampling seed `seed`: the run's training seed, as the tables sample), kept in
+    <out stem>.history-scores.json as they are scored: an interrupted scoring continues."""
     cache = out.removesuffix(".safetensors") + ".history-scores.json"  # not .history.json: the figure's numbers
     run = lora.metadata(out).get("run")
     saved = read_json(cache, {})

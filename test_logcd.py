@@ -878,8 +878,8 @@ def test_paper_table_rows_makes_only_the_rows_named(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "cached_score", cached_score)
     rows = ev.main(["--table", "main", "--rows", "LogCD (stage 1", "--runs", str(tmp_path / "runs")])
     assert [(r["row"], r["steps"]) for r in rows] == [("LogCD (stage 1 + stage 2)", k) for k in (4, 3, 2, 1)]
-    assert set(trained) == {(stage, folder, s) for stage, folder in (("local", "local-mse"), ("global", "global-mse-full"))
-                            for s in (0, 1, 2)}
+    runs_of_the_row = (("local", "local-mse"), ("global", "global-mse-full"))
+    assert set(trained) == {(stage, folder, s) for stage, folder in runs_of_the_row for s in (0, 1, 2)}
     assert sorted(scored) == sorted((os.path.join(str(tmp_path / "runs"), "global-mse-full", f"seed{s}",
                                                   "global.safetensors"), k, s) for s in (0, 1, 2) for k in (4, 3, 2, 1))
     trained.clear()
@@ -3443,9 +3443,9 @@ def test_kohya_export_round_trips_through_diffusers_and_samples_like_sample_py(t
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
 
 
-@pytest.mark.slow
 # ---- keeping, choosing and shipping a student ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_keep_every_keeps_the_student_of_each_multiple_also_across_a_resume(tmp_path):
     """--keep-every 2 keeps the student of steps 2, 4, 6 beside --out (local.step_000004.safetensors): each is the
     checkpoint a run stopped at that step writes (an --iters 4 run's, tensor for tensor and its metadata's step), a
@@ -3658,8 +3658,8 @@ def _survives_every_stop(tmp_path, main, argv, how, kinds=None):
     main([*argv, "--out", whole])
     n, _STOP["at"], seen = _STOP["n"], None, list(_STOP["seen"])
     reference = {s: _load(p) for s, p in runs.kept_paths(whole).items()}
-    chosen = {}  # the first write of each kind, and the second save's state rename (the first has no checkpoint
-    renames = [i for i, key in enumerate(seen, 1) if key[0] == "os.rename" and ".state." in key[1]]  # to go back to)
+    chosen = {}  # the first write of each kind, and the second save's state rename (at the first, no checkpoint yet)
+    renames = [i for i, key in enumerate(seen, 1) if key[0] == "os.rename" and ".state." in key[1]]
     for i, key in enumerate(seen, 1):
         if kinds is None or any(k in key[1] for k in kinds):
             chosen.setdefault(key, i)

@@ -156,11 +156,11 @@ ROWS = None  # --rows: parts of the labels of the rows to make (None: every row)
 
 # ---- Table 1's baselines, and LogCD's stage 2, each tuned on TUNE_SEED ----------
 # Each baseline gets LogCD's training budget in model forwards (a CFG step counts 2): about 138K per seed at the
-# embedded presets they were tuned at (stage 1 + stage 2 at 120 iterations; now 160; the tables' forwards column has
-# each run's count). Stage 1 with M <= 4 spends
-# about 164 forwards an iteration (64 pairs, 2.56 each), the DMD2-style stage 2 about 1256 (32 samples, 39 each: its
-# GAN's real side is the teacher's p steps per segment over the sampler's jump): 850 and 110 iterations. LogCD gets
-# the same search on its stage 2, up to that budget's 120 iterations, after the preset's stage 1.
+# embedded presets they were tuned at (stage 2 at 120 iterations, now 160; the tables' forwards column has each run's
+# count). Stage 1 with M <= 4 spends about 164 forwards an iteration (64 pairs, 2.56 each), the DMD2-style stage 2
+# about 1256 (32 samples, 39 each: its GAN's real side is the teacher's p steps per segment over the sampler's jump):
+# 850 and 110 iterations. LogCD gets the same search on its stage 2, up to that budget's 120 iterations, after the
+# preset's stage 1.
 STAGE1_LR, STAGE2_LR = (1e-4, 3e-4, 1e-3), (3e-5, 1e-4, 3e-4)  # around each stage's preset: 1e-3, 3e-5
 GRID_PARTS = (4, 2, 1)  # a grid's iterations: the budget / 4, / 2 and all of it (one training, resumed twice)
 CHAIN = {}  # a grid recipe -> the shorter one it continues (--resume is exact: the same as training it at once)
@@ -668,12 +668,12 @@ def replot(numbers, path=None):
 def print_paper_table(args):
     """--table main | ablation | terms | ... (TABLES): trains and scores what the table needs (reusing what is done),
     prints it and the baselines' grids, and with --figure draws it; returns its rows. --teacher is the tables'
-    TEACHER (set here, in the module that reads it; run_table hands it to its workers)."""
+    TEACHER (set here, in the module that reads it; run_table hands it to its workers); --rows their ROWS."""
     global TEACHER, ROWS
     TEACHER, ROWS = args.teacher, args.rows
     if not table_rows(args.table):
-        raise SystemExit(f"error: --rows {' '.join(args.rows)}: no row of --table {args.table} has it in its label; its "
-                         "rows: " + "; ".join(r[0] for r in TABLES[args.table]))
+        raise SystemExit(f"error: --rows {' '.join(args.rows)}: no row of --table {args.table} has it in its label; "
+                         "its rows: " + "; ".join(r[0] for r in TABLES[args.table]))
     if args.teacher != "digits":  # its own trainings, beside the embedded teacher's
         args.runs = os.path.join(args.runs, os.path.basename(os.path.normpath(args.teacher)))
     t0 = time.perf_counter()
