@@ -86,15 +86,17 @@ def teacher_target(teacher, z_m, t_m, t_n, cond, w, p):
         return solve(lambda z, t: cfg(teacher, z, t, cond, w), z_m, ts, teacher.alpha_sigma)
 
 
-def global_loss(teacher, d, z_m, t_m, z_n, t_n, cond):
+def global_loss(teacher, d, z_m, t_m, z_n, t_n, cond, target="student"):
     """L_GoCD = d(x0_theta(z_{t_m}, t_m), sg[x0_theta(hat z_{t_n}, t_n)]) per sample, hat z_{t_n} the teacher's
     target. Returns (loss per sample, x0_m with grad, x0_n = the target). At t_n = 0 the target is hat z_0 itself
-    (the boundary condition; no student forward)."""
-    with lora.adapter(teacher.denoiser, "student"):
+    (the boundary condition; no student forward). target: the adapter whose x0 at t_n is the target, the student
+    itself (the paper's) or an option's EMA of it (theta^-)."""
+    with lora.adapter(teacher.denoiser, target):
         with torch.no_grad():
             x0_n, inner = z_n.clone(), (t_n > 0).nonzero().flatten()
             if len(inner):
                 x0_n[inner] = teacher.x0(z_n[inner], t_n[inner], teachers.cond_index(cond, inner)).to(x0_n.dtype)
+    with lora.adapter(teacher.denoiser, "student"):
         x0_m = teacher.x0(z_m, t_m, cond)
     return d(x0_m, x0_n), x0_m, x0_n
 
@@ -252,6 +254,10 @@ class GlobalCD:
         """hat z_{t_n}: p teacher steps with CFG w from z_{t_m}."""
         return teacher_target(self.teacher, z_m, t_m, t_n, cond, self.w, self.p)
 
+    def consistency(self, z_m, t_m, z_n, t_n, cond):
+        """L_GoCD per sample, x0_m, x0_n (global_loss)."""
+        return global_loss(self.teacher, self.d, z_m, t_m, z_n, t_n, cond)
+
     def dmd_x0(self, x0_m, cond, gen):
         """What DMD moves: the student's x0 at t_m."""
         return x0_m
@@ -272,7 +278,7 @@ class GlobalCD:
                 c, n = teachers.cond_index(cond, i), len(i)
                 with autocast():
                     z_n = self.target(z_m[i], t_m[i], t_n[i], c)
-                    l_cons, x0_m, x0_n = global_loss(teacher, self.d, z_m[i], t_m[i], z_n, t_n[i], c)
+                    l_cons, x0_m, x0_n = self.consistency(z_m[i], t_m[i], z_n, t_n[i], c)
                     loss = self.lambda0 * l_cons.mean()
                     logs["cons"] += l_cons.mean().detach() / len(micro)
                     if self.disc:
@@ -314,7 +320,8 @@ class GlobalCD:
 
 RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
                   fake_rank=int, lr=float, lr_aux=float, seed=int,  # what --resume keeps; and the options':
-                  w_target=float, lambda0=float, jump=str, inputs=str, dmd_input=str)
+                  w_target=float, lambda0=float, jump=str, inputs=str, dmd_input=str, guidance_interval=runs.numbers,
+                  ema=float, anchor=int, anchor_weight=float)
 
 STAGE2 = """
 Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
@@ -446,12 +453,12 @@ def main(argv=None):
         lora.inject(teacher.denoiser, teacher.student_lora["lora_targets"], "fake", args.fake_rank)
         parts["fake"] = (args.lr_aux, (0.9, 0.999), None)
     stream = teachers.open_prompt_stream(teacher, run.prompts, args, run.rank, run.world)  # encoded when drawn
-    run.train(teacher, parts, stream)
+    run.train(teacher, parts, stream, held=add_held_adapters(teacher, args))  # (options' copies, if any)
     gen = torch.Generator().manual_seed(args.seed * 1000 + run.rank)  # each rank draws its own samples and noise
     paper = dict(M=M, p=args.p, q=args.q, w=args.w, lambda1=args.lambda1, lambda2=args.lambda2,
                  fake_updates=args.fake_updates)
     if options_chosen(args):  # an option the paper does not have: the iteration with its pieces (end of this file)
-        method = WithOptions(teacher, d, disc, **paper, **option_values(args))
+        method = WithOptions(teacher, d, disc, **paper, **option_values(args), step=lambda: run.step)
     else:
         method = GlobalCD(teacher, d, disc, **paper)
     hparams = {**paper, "d": args.d, "llpips": args.llpips or "",
@@ -512,6 +519,18 @@ def add_option_arguments(g):
                    "student's x0 at the iteration's milestone t_m (the paper's), or one_step, its 1-step sample "
                    "x0_theta(z_T, T) from fresh noise (one more student forward and backward; toward a 1-step "
                    "student); the fake score learns the same samples")
+    g.add_argument("--guidance-interval", nargs=2, type=runs.weight, metavar=("LO", "HI"), default=None,
+                   help="CFG (w, --w-target) in the teacher target and DMD's real score only at noise levels t in "
+                   f"[LO, HI] (0..{T}), the plain conditional model (w = 1) elsewhere, as guidance-interval samplers "
+                   "do (default: every t, the paper's)")
+    g.add_argument("--ema", type=runs.fraction, default=0.0, help="the consistency target x0(hat z_{t_n}, t_n) from "
+                   "an EMA of the student with this decay (theta^-, adapter `ema`, updated after each student step) "
+                   "instead of the current student's stop-gradient (0, the paper's)")
+    g.add_argument("--anchor", type=runs.whole, default=0, help="from iteration N on, a frozen copy of the student at "
+                   "N (adapter `anchor`) holds the 2-4-step samplers: at the milestones t_m < T, the ones they call "
+                   "the student at after their first step, the loss adds --anchor-weight x d(x0_theta(z_{t_m}), "
+                   "sg[x0_anchor(z_{t_m})]), while the 1-step jump (t_m = T) trains on as before (0: off)")
+    g.add_argument("--anchor-weight", type=runs.weight, default=1.0, help="the anchor term's weight (with --anchor)")
     # --init teacher (see --init): a fresh LoRA on --teacher, the student starting as the teacher itself on the grid
     # of --M milestones; with --lambda0 0 --inputs sampler, the DMD2-style baseline (no consistency term, no stage 1)
 
@@ -519,14 +538,17 @@ def add_option_arguments(g):
 def options_chosen(args):
     """Whether the run departs from the paper's iteration (args.w known)."""
     return (args.w_target not in (None, args.w) or args.lambda0 != 1 or args.jump != "adjacent"
-            or args.inputs != "renoise" or args.dmd_input != "x0_m")
+            or args.inputs != "renoise" or args.dmd_input != "x0_m" or args.guidance_interval is not None
+            or args.ema > 0 or args.anchor > 0)
 
 
 def option_values(args):
     """The options' values by name (the paper's when none is chosen): WithOptions takes them, a checkpoint records
     them."""
     return {"w_target": args.w if args.w_target is None else args.w_target, "lambda0": args.lambda0,
-            "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input}
+            "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input,
+            "guidance_interval": args.guidance_interval or "", "ema": args.ema, "anchor": args.anchor,
+            "anchor_weight": args.anchor_weight}
 
 
 def check_options(args, resumed):
@@ -535,6 +557,8 @@ def check_options(args, resumed):
     if args.inputs == "sampler" and args.jump != "adjacent":
         raise SystemExit("error: --jump any: with --inputs sampler, t_n is the milestone the sampler jumps to; leave "
                          "--jump out")
+    if args.guidance_interval and not args.guidance_interval[0] < args.guidance_interval[1] <= T:
+        raise SystemExit(f"error: --guidance-interval: LO < HI <= {T}, not {' '.join(map(runs.said, args.guidance_interval))}")
     for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's (resumed)
         if getattr(args, key) not in (None, int(resumed.get(key, 0))):
             raise SystemExit(f"error: cannot resume: --{key} {getattr(args, key)} differs from the run's {key} = "
@@ -559,12 +583,49 @@ def student_from_teacher(args, meta, device, dtype):
 
 class WithOptions(GlobalCD):
     """The paper's iteration with the options chosen: --inputs sampler, --jump any, --w-target, --dmd-input one_step,
-    --lambda0. What they do not change is GlobalCD's."""
+    --lambda0, --guidance-interval, --ema, --anchor. What they do not change is GlobalCD's. step(): the run's
+    iteration (--ema and --anchor take their copies of the student by it)."""
 
-    def __init__(self, teacher, d, disc, *, w_target, lambda0, jump, inputs, dmd_input, **paper):
+    def __init__(self, teacher, d, disc, *, w_target, lambda0, jump, inputs, dmd_input, guidance_interval="", ema=0.0,
+                 anchor=0, anchor_weight=1.0, step=lambda: 0, **paper):
         super().__init__(teacher, d, disc, **paper)
         self.w_target, self.lambda0, self.jump = w_target, lambda0, jump
         self.sampler, self.one_step = inputs == "sampler", dmd_input == "one_step"
+        self.ema, self.anchor, self.anchor_weight, self.step = ema, anchor, anchor_weight, step
+        self.held = []  # the anchor term of each micro-batch of an iteration, for its log
+        if guidance_interval:  # w and w_target become functions of t (local_cd.cfg takes either)
+            self.w, self.w_target = (guided(w, *guidance_interval) for w in (self.w, self.w_target))
+
+    def iteration(self, cond, update, grad_accum, gen, autocast):
+        """The paper's iteration between the copies of the student the options hold: --ema's theta^- starts as the
+        student and follows it after each step, theta^- <- mu theta^- + (1 - mu) theta; --anchor's is taken once, at
+        its iteration."""
+        net = self.teacher.denoiser
+        if self.ema and self.step() == 0:
+            lora.blend(net, "student", "ema")
+        if self.anchor and self.step() == self.anchor:
+            lora.blend(net, "student", "anchor")
+        self.held = []
+        logs = super().iteration(cond, update, grad_accum, gen, autocast)
+        if self.ema:
+            lora.blend(net, "student", "ema", self.ema)
+        if self.held:
+            logs["anchor"] = sum(self.held) / len(self.held)
+        return logs
+
+    def consistency(self, z_m, t_m, z_n, t_n, cond):
+        """L_GoCD with --ema's target (x0 of theta^- at t_n); from --anchor's iteration on, plus
+        anchor_weight d(x0_theta(z_{t_m}, t_m), sg[x0_anchor(z_{t_m}, t_m)]) on the samples at t_m < T."""
+        teacher = self.teacher
+        loss, x0_m, x0_n = global_loss(teacher, self.d, z_m, t_m, z_n, t_n, cond, "ema" if self.ema else "student")
+        held = (t_m < T).nonzero().flatten()
+        if not self.anchor or self.step() < self.anchor or not len(held):
+            return loss, x0_m, x0_n
+        with torch.no_grad(), lora.adapter(teacher.denoiser, "anchor"):
+            x0_a = teacher.x0(z_m[held], t_m[held], teachers.cond_index(cond, held))
+        l_anchor = torch.zeros_like(loss).index_add(0, held, self.d(x0_m[held], x0_a).to(loss.dtype))
+        self.held.append(l_anchor.mean().detach())
+        return loss + self.anchor_weight * l_anchor, x0_m, x0_n
 
     def inputs(self, cond, gen, autocast):
         if self.sampler:
@@ -587,6 +648,23 @@ class WithOptions(GlobalCD):
         z_T = self.teacher.noise(len(x0_m), gen)
         with lora.adapter(self.teacher.denoiser, "student"):
             return self.teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
+
+
+def guided(w, lo, hi):
+    """--guidance-interval: w at the noise levels t in [lo, hi], 1 (the conditional model, no guidance) elsewhere, as
+    a function of each sample's t (local_cd.cfg takes it)."""
+    return lambda t: torch.where((lo <= t) & (t <= hi), w, 1.0).view(-1, 1, 1, 1)
+
+
+def add_held_adapters(teacher, args):
+    """The copies of the student an option holds (--ema: `ema`, --anchor: `anchor`), as adapters of its shape on the
+    same base; their names, for the trainer to save and resume them with the run."""
+    names = [k for k, on in (("ema", args.ema > 0), ("anchor", args.anchor > 0)) if on]
+    shape = teacher.student_lora
+    for k in names:
+        for p in lora.inject(teacher.denoiser, shape["lora_targets"], k, shape["rank"], shape["alpha"]):
+            p.requires_grad_(False)  # no optimizer's: lora.blend sets them
+    return names
 
 
 def any_jump(s, M, gen):

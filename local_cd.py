@@ -147,7 +147,9 @@ def cfg(teacher, z, t, cond, w):
     """The teacher's x0_hat with classifier-free guidance, in the paper's (Ho-Salimans) form; w = 1 is the plain
     conditional model (diffusers' guidance_scale uses the same convention). x0_hat is affine in the model's output,
     so the guidance is exact on x0_hat for epsilon, v and flow teachers alike. FLUX.1-dev is guidance-distilled: w
-    enters its guidance embedding, one pass, no null prompt (teacher.guidance_embedded)."""
+    enters its guidance embedding, one pass, no null prompt (teacher.guidance_embedded). w: a number, or a function
+    of t giving each sample's w, shaped (B, 1, 1, 1) (stage 2's --guidance-interval, an option)."""
+    w = w(t) if callable(w) else w
     if teacher.guidance_embedded:
         return teacher.x0(z, t, cond, guidance=w)
     # one batched pass for both halves: the prompt and the null prompt

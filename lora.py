@@ -189,6 +189,21 @@ class Plain:
         opt.step()
 
 
+@torch.no_grad()
+def blend(model, src, dst, mu=0.0):
+    """Adapter dst <- mu dst + (1 - mu) src, layer by layer (mu = 0: a copy of src; both of one rank): the fp32
+    parameters, and the copies in the base's dtype where a `Working` keeps them."""
+    for _, l in layers(model):
+        for mods in (l.lora_A, l.lora_B):
+            if mu == 0:
+                mods[dst].weight.copy_(mods[src].weight)
+            else:  # dst + (1 - mu) (src - dst)
+                mods[dst].weight.lerp_(mods[src].weight, 1 - mu)
+        if dst in l.copies:
+            for copy, mod in zip(l.copies[dst], (l.lora_A[dst], l.lora_B[dst])):
+                copy.copy_(mod.weight)
+
+
 @contextlib.contextmanager
 def adapter(model, name):
     """Within the block, adapter `name` is active in every layer (None: the plain base model = the teacher)."""

@@ -99,6 +99,19 @@ def weight(text):
     return number(text, float, 0)
 
 
+def fraction(text):
+    """An argparse type: a number in [0, 1) (an EMA's decay)."""
+    v = number(text, float, 0)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, not {text}")
+    return v
+
+
+def numbers(text):
+    """Numbers as a checkpoint's metadata holds a list of them ("[200.0, 800.0]"): a resume reads them back."""
+    return [float(x) for x in text.strip("[]").replace(",", " ").split()]
+
+
 def number(text, kind, low, strict=False):
     try:
         v = kind(text)
@@ -257,7 +270,7 @@ def take_run_values(args, meta, kinds):
     for key, kind in kinds.items():
         if key not in meta:
             continue
-        theirs = kind(float(meta[key])) if kind in (int, float) else (meta[key] or None)
+        theirs = kind(float(meta[key])) if kind in (int, float) else (kind(meta[key]) if meta[key] else None)
         mine = getattr(args, key)
         if key in args.given and mine != theirs:
             flag = "--" + key.replace("_", "-")
@@ -421,11 +434,14 @@ class Trainer:
             raise SystemExit(f"error: {'cannot resume: ' if self.args.resume else ''}{e}")
         return loaded
 
-    def train(self, teacher, parts, stream):
+    def train(self, teacher, parts, stream, held=()):
         """The parts that train (name -> (lr, betas, module; None for the adapter `name`)), each with its AdamW
-        (weight decay 0); gradient checkpointing and torch.compile once they are all in; the prompt stream."""
+        (weight decay 0); gradient checkpointing and torch.compile once they are all in; the prompt stream. held: the
+        names of adapters that do not train but are saved and resumed with the run (an option's copies of the
+        student)."""
         args, cuda = self.args, str(self.device).startswith("cuda")
         self.teacher, self.stream, self.modules = teacher, stream, {k: m for k, (_, _, m) in parts.items()}
+        self.held = tuple(held)
         self.params = {k: list(m.parameters()) if m is not None else lora.parameters(teacher.denoiser, k)
                        for k, (_, _, m) in parts.items()}
         self.opts = {k: torch.optim.AdamW(self.params[k], lr=lr, betas=betas, weight_decay=0.0, fused=cuda or None)
@@ -453,6 +469,8 @@ class Trainer:
                 module.load_state_dict({n[len(k) + 1:]: v for n, v in state.items() if n.startswith(k + ".")})
             elif k != "student":
                 lora.load_state_dict(teacher.denoiser, k, state, k)
+        for k in self.held:
+            lora.load_state_dict(teacher.denoiser, k, state, k)
         self.step, self.forwards = int(smeta["step"]), int(smeta.get("forwards", 0))
         self.late = meta["step"] != str(self.step)  # start() saves the pair of this step again
         if self.master and self.keeps(self.step) and meta["step"] == str(self.step) and \
@@ -476,6 +494,8 @@ class Trainer:
                     self.dist.broadcast(p.data, 0)
         self.work = {k: lora.Plain(ps) if self.modules[k] is not None else
                      lora.Working(teacher.denoiser, k, self.adapter_dtype) for k, ps in self.params.items()}
+        for k in self.held:  # their forwards compute as the student's do (lora.blend keeps any copies in step)
+            lora.Working(teacher.denoiser, k, self.adapter_dtype)
         self.syncs = {k: GradientSync(w.params, self.world) for k, w in self.work.items()}
         if self.master:  # what a killed run's writes left: their temporary files (the files themselves are whole)
             stem = os.path.basename(args.out).removesuffix(".safetensors")
@@ -554,6 +574,8 @@ class Trainer:
             state.update(optimizer_tensors(self.opts[k], f"{k}_optim"))
             state.update({f"{k}.{n}": v for n, v in module.state_dict().items()} if module is not None else
                          lora.state_dict(self.teacher.denoiser, k, k))
+        for k in self.held:
+            state.update(lora.state_dict(self.teacher.denoiser, k, k))
         lora.save(state_path(self.args.out), state, {"step": self.step, "run": self.id,
                                                      "forwards": self.forwards, **(meta or {})})
         save_checkpoint(self.args.out, self.teacher, self.stage, {**hparams, "step": self.step, "forwards": self.forwards})

@@ -302,7 +302,9 @@ class FluxTeacher(Teacher):
         g = None
         if self.denoiser.config.guidance_embeds:
             # the student runs at the teacher's default guidance, as a FluxPipeline loading the LoRA would
-            g = torch.full((B,), self.guidance if guidance is None else guidance, device=z.device, dtype=dtype)
+            # guidance: a number, or one per sample (any shape holding B numbers)
+            g = torch.as_tensor(self.guidance if guidance is None else guidance, dtype=dtype, device=z.device)
+            g = g.reshape(-1).expand(B)
         v = self.denoiser(hidden_states=x.to(dtype), timestep=sigma.view(-1).to(dtype), guidance=g,
                           pooled_projections=cond["pooled_projections"].to(dtype), encoder_hidden_states=e.to(dtype),
                           txt_ids=torch.zeros(e.shape[1], 3, device=z.device, dtype=dtype),

@@ -2218,7 +2218,7 @@ def test_global_loss_targets_are_the_teacher_solver_and_the_student(digits):
     assert x0_m.requires_grad and not target.requires_grad
 
 
-def _options(*argv, w=1.5, **paper):
+def _options(*argv, w=1.5, step=lambda: 0, **paper):
     """global_cd's method as main builds it from these flags (the options' WithOptions, or the paper's GlobalCD), on
     the embedded teacher with a rank-4 student (a fake score too when lambda2 > 0), and the teacher."""
     t = load_teacher("digits", "cpu")
@@ -2230,9 +2230,11 @@ def _options(*argv, w=1.5, **paper):
     hp = dict(M=8, p=a.p, q=a.q, w=w, lambda1=a.lambda1, lambda2=a.lambda2, fake_updates=a.fake_updates)
     hp.update(paper)
     disc = global_cd.Discriminator(t) if a.lambda1 > 0 else None
+    global_cd.add_held_adapters(t, a)
     if global_cd.options_chosen(a):
         a.w = w
-        return global_cd.WithOptions(t, local_cd.distance("mse"), disc, **hp, **global_cd.option_values(a)), t
+        return global_cd.WithOptions(t, local_cd.distance("mse"), disc, **hp, **global_cd.option_values(a),
+                                     step=step), t
     return global_cd.GlobalCD(t, local_cd.distance("mse"), disc, **hp), t
 
 
@@ -2383,6 +2385,103 @@ def test_stage2_iteration_feeds_each_term_its_own_sides(monkeypatch, dmd_input):
     at_T = [ts for ts, grad in calls if grad and ts == [float(T)] * 3]
     assert len(at_T) == (dmd_input == "one_step") + (seen["global_loss"][0][3].tolist() == [float(T)] * 3)
     assert ws == {("teacher_target", 3.0): 2, ("dmd_loss", 1.5): 1}, ws  # p = 2 solver steps at w_target, 1 real score
+
+
+# ---- the options of round two: guidance interval, EMA target, multi-step anchor ----------------------------------
+
+def test_guidance_interval_guides_only_the_noise_levels_inside_it(digits, tiny_flux):
+    """cfg with --guidance-interval's w(t): each sample as plain cfg at w inside [LO, HI], at w = 1 (the conditional
+    model) outside; for FLUX.1-dev's guidance embedding too. In stage 2's teacher target: a segment whose solver
+    steps all lie inside the interval is the paper's target at w, one wholly outside the target at w = 1."""
+    for t, prompts in ((load_teacher("digits", "cpu"), ["1", "2", "3"]),
+                       (load_teacher(tiny_flux, "cpu", resolution=32), ["a", "b", "c"])):
+        c, z = t.encode(prompts), torch.randn(3, *t.latent_shape, generator=torch.Generator().manual_seed(0))
+        times = torch.tensor([100.0, 500.0, 900.0])
+        got = cfg(t, z, times, c, global_cd.guided(2.5, 300, 700))
+        for i, w in enumerate((1.0, 2.5, 1.0)):
+            want = cfg(t, z[i:i + 1], times[i:i + 1], teachers.cond_index(c, slice(i, i + 1)), w)
+            assert torch.allclose(got[i], want[0], atol=1e-5), (type(t).__name__, i)
+        assert not torch.allclose(got[1], cfg(t, z[1:2], times[1:2], teachers.cond_index(c, slice(1, 2)), 1.0)[0])
+    method, t = _options("--guidance-interval", "0", "760", "--w-target", "3")
+    c, z_m = t.encode(["4", "5", "6", "7"]), torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    t_m = torch.tensor([1000.0, 875.0, 750.0, 250.0])  # p = 3 steps per segment: the top two outside [0, 760]
+    t_n = t_m - 125
+    got = method.target(z_m, t_m, t_n, c)
+    for w, rows in ((1.0, [0, 1]), (3.0, [2, 3])):
+        want = global_cd.teacher_target(t, z_m, t_m, t_n, c, w, 3)
+        assert torch.allclose(got[rows], want[rows], atol=1e-5), w
+    # and DMD's real score: its CFG calls get w(t) of their own noise levels
+    seen = []
+    real_cfg = global_cd.cfg
+    global_cd.cfg = lambda teacher, z, t_, cond, w: seen.append(w(t_).flatten().tolist()) or real_cfg(teacher, z, t_,
+                                                                                                      cond, w)
+    try:
+        method.iteration(t.encode(["1", "2"]), _no_step, 1, torch.Generator().manual_seed(0), contextlib.nullcontext)
+    finally:
+        global_cd.cfg = real_cfg
+    assert {w for ws in seen for w in ws} <= {1.0, 1.5, 3.0} and any(1.5 in ws for ws in seen)  # w = 1.5: DMD's
+
+
+def test_ema_target_and_anchor_call_their_own_copies_of_the_student():
+    """Counted by a forward hook over iterations of the method: with --ema the consistency target (no gradient, at the
+    samples whose t_n > 0) is theta^-'s forward and no longer the student's; --anchor's copy is called from its
+    iteration on, once per iteration, on exactly the samples at t_m < T. theta^- starts as the student and then lags
+    it: after two steps it lies strictly between the student's start and the student. The anchor is the student of
+    its iteration, and stays that while the student moves on."""
+    step = [0]
+    method, t = _options("--ema", "0.8", "--anchor", "2", "--lambda1", "0", "--lambda2", "0", step=lambda: step[0])
+    net, drawn = t.denoiser, []
+    inputs = method.inputs
+    method.inputs = lambda *a: drawn.append(inputs(*a)) or drawn[-1]
+    opt = torch.optim.SGD(lora.parameters(net, "student"), lr=1.0)
+
+    def update(name, losses):
+        opt.zero_grad()
+        loss = _no_step(name, losses)
+        opt.step()
+        return loss
+    start = [p.detach().clone() for p in lora.parameters(net, "student")]
+    gen, c = torch.Generator().manual_seed(0), t.encode(["0", "1", "2", "3", "4", "5", "6", "7"])
+    for step[0] in range(4):
+        if step[0] == 2:
+            at_anchor = [p.detach().clone() for p in lora.parameters(net, "student")]
+        with lora.count_forwards(net, grad=True) as calls:
+            method.iteration(c, update, 1, gen, contextlib.nullcontext)
+        z_m, t_m, t_n = drawn[-1]
+        by = collections.Counter((a, g) for a, _, g in calls)
+        inner = int((t_n > 0).sum())
+        assert by[("ema", False)] == (inner > 0) and sum(n for a, n, _ in calls if a == "ema") == inner
+        assert by[("student", True)] == 1 and by[("student", False)] == method.q  # the rollout; no target forward
+        anchored = [n for a, n, _ in calls if a == "anchor"]
+        assert anchored == ([int((t_m < T).sum())] if step[0] >= 2 and (t_m < T).any() else [])
+        if step[0] == 1:  # after two student steps
+            ema, student = ([p.detach() for p in lora.parameters(net, k)] for k in ("ema", "student"))
+            lag = sum((e - s0).norm() ** 2 for e, s0 in zip(ema, start)) ** 0.5
+            run = sum((s - s0).norm() ** 2 for s, s0 in zip(student, start)) ** 0.5
+            assert 0.15 < float(lag / run) < 0.6, float(lag / run)  # mu = 0.8: about 0.2 (1 + 0.8 / 2)
+    assert all(torch.equal(a, b) for a, b in zip(lora.parameters(net, "anchor"), at_anchor))  # the student at 2
+    assert not all(torch.equal(a, b) for a, b in zip(lora.parameters(net, "student"), at_anchor))
+
+
+def test_stage2_options_resume_equals_uninterrupted(tmp_path):
+    """The copies --ema and --anchor hold are saved and resumed with the run: interrupted after the anchor's copy
+    and resumed, the run ends bit for bit as the uninterrupted one (with the copies left out of the state, theta^-
+    would restart as a zero adapter and the anchor would be lost)."""
+    _stage1(tmp_path / "local.safetensors")
+    opts = ["--ema", "0.9", "--anchor", "1", "--guidance-interval", "200", "800"]
+    a = _run2(tmp_path, "--iters", "4", "--save-every", "2", *opts, out="a.safetensors")
+    _run2(tmp_path, "--iters", "2", *opts, out="b.safetensors")
+    with pytest.raises(SystemExit, match="--ema 0.5 differs from the run's ema = 0.9"):
+        _run2(tmp_path, "--iters", "4", "--resume", "--ema", "0.5", out="b.safetensors")
+    b = _run2(tmp_path, "--iters", "4", "--resume", out="b.safetensors")  # the run's own options, from its checkpoint
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = _load(tmp_path / "a.state.safetensors"), _load(tmp_path / "b.state.safetensors")
+    assert {k.split(".")[0] for k in sa} >= {"ema", "anchor"}
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    meta = lora.metadata(str(tmp_path / "b.safetensors"))
+    assert runs.numbers(meta["guidance_interval"]) == [200.0, 800.0] and meta["anchor"] == "1"
+    with pytest.raises(SystemExit, match="--guidance-interval: LO < HI <= 1000, not 800 200"):
+        _run2(tmp_path, "--iters", "1", "--guidance-interval", "800", "200", out="c.safetensors")
 
 
 def test_dmd_gradient_is_the_normalised_score_difference(digits):
