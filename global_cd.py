@@ -321,7 +321,7 @@ class GlobalCD:
 RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
                   fake_rank=int, lr=float, lr_aux=float, seed=int,  # what --resume keeps; and the options':
                   w_target=float, lambda0=float, jump=str, inputs=str, dmd_input=str, guidance_interval=runs.numbers,
-                  ema=float, anchor=int, anchor_weight=float)
+                  ema=float, anchor=int, anchor_weight=float, anchor_steps=int)
 
 STAGE2 = """
 Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
@@ -406,7 +406,6 @@ def parse_args(argv=None):
 def student_meta(args, resumed):
     """(where the student comes from, its checkpoint's metadata), read before any model loads: the stage-1 checkpoint
     --init, or resuming, this run's own; with --init teacher, the teacher itself (an option). Each mistake one line."""
-    check_options(args, resumed)
     if args.lambda0 == args.lambda1 == args.lambda2 == 0:
         raise SystemExit("error: --lambda0, --lambda1 and --lambda2 are all 0: nothing to train")
     source, stage = (args.out, "global") if args.resume else (args.init, "local")
@@ -420,6 +419,7 @@ def student_meta(args, resumed):
             raise SystemExit(f"error: cannot resume: {e}")
         hint = " (run stage 1 first: python local_cd.py)" if isinstance(e, FileNotFoundError) else ""
         raise SystemExit(f"error: {e}{hint}")
+    check_options(args, resumed, int(meta["M"]))
     return source, meta
 
 
@@ -523,14 +523,18 @@ def add_option_arguments(g):
                    help="CFG (w, --w-target) in the teacher target and DMD's real score only at noise levels t in "
                    f"[LO, HI] (0..{T}), the plain conditional model (w = 1) elsewhere, as guidance-interval samplers "
                    "do (default: every t, the paper's)")
-    g.add_argument("--ema", type=runs.fraction, default=0.0, help="the consistency target x0(hat z_{t_n}, t_n) from "
+    g.add_argument("--ema", type=runs.fraction, default=0.0, metavar="MU", help="the consistency target x0(hat z_{t_n}, t_n) from "
                    "an EMA of the student with this decay (theta^-, adapter `ema`, updated after each student step) "
                    "instead of the current student's stop-gradient (0, the paper's)")
-    g.add_argument("--anchor", type=runs.whole, default=0, help="from iteration N on, a frozen copy of the student at "
+    g.add_argument("--anchor", type=runs.whole, default=0, metavar="N", help="from iteration N on, a frozen copy of the student at "
                    "N (adapter `anchor`) holds the 2-4-step samplers: at the milestones t_m < T, the ones they call "
                    "the student at after their first step, the loss adds --anchor-weight x d(x0_theta(z_{t_m}), "
                    "sg[x0_anchor(z_{t_m})]), while the 1-step jump (t_m = T) trains on as before (0: off)")
-    g.add_argument("--anchor-weight", type=runs.weight, default=1.0, help="the anchor term's weight (with --anchor)")
+    g.add_argument("--anchor-weight", type=runs.weight, default=1.0, metavar="A", help="the anchor term's weight (with --anchor)")
+    g.add_argument("--anchor-steps", type=runs.whole, default=0, metavar="K", help="with --anchor: the 1-step jump "
+                   "also learns the anchor's K-step samples, --anchor-weight x d(x0_theta(z_T, T), sg[the anchor's "
+                   "K-step sample from z_T]) on fresh noise z_T for each prompt of the batch (one more student "
+                   "forward and backward, K anchor forwards; 0: off)")
     # --init teacher (see --init): a fresh LoRA on --teacher, the student starting as the teacher itself on the grid
     # of --M milestones; with --lambda0 0 --inputs sampler, the DMD2-style baseline (no consistency term, no stage 1)
 
@@ -548,10 +552,10 @@ def option_values(args):
     return {"w_target": args.w if args.w_target is None else args.w_target, "lambda0": args.lambda0,
             "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input,
             "guidance_interval": args.guidance_interval or "", "ema": args.ema, "anchor": args.anchor,
-            "anchor_weight": args.anchor_weight}
+            "anchor_weight": args.anchor_weight, "anchor_steps": args.anchor_steps}
 
 
-def check_options(args, resumed):
+def check_options(args, resumed, M):
     if (args.M or args.rank) and not (args.init == "teacher" or args.resume):
         raise SystemExit("error: --M and --rank go with --init teacher; a stage-1 checkpoint brings its own")
     if args.inputs == "sampler" and args.jump != "adjacent":
@@ -559,6 +563,10 @@ def check_options(args, resumed):
                          "--jump out")
     if args.guidance_interval and not args.guidance_interval[0] < args.guidance_interval[1] <= T:
         raise SystemExit(f"error: --guidance-interval: LO < HI <= {T}, not {' '.join(map(runs.said, args.guidance_interval))}")
+    if args.anchor_steps and not args.anchor:
+        raise SystemExit("error: --anchor-steps goes with --anchor (the iteration the copy is taken at)")
+    if args.anchor_steps > M:
+        raise SystemExit(f"error: --anchor-steps: the anchor samples in 1..{M} steps, not {args.anchor_steps}")
     for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's (resumed)
         if getattr(args, key) not in (None, int(resumed.get(key, 0))):
             raise SystemExit(f"error: cannot resume: --{key} {getattr(args, key)} differs from the run's {key} = "
@@ -587,11 +595,12 @@ class WithOptions(GlobalCD):
     iteration (--ema and --anchor take their copies of the student by it)."""
 
     def __init__(self, teacher, d, disc, *, w_target, lambda0, jump, inputs, dmd_input, guidance_interval="", ema=0.0,
-                 anchor=0, anchor_weight=1.0, step=lambda: 0, **paper):
+                 anchor=0, anchor_weight=1.0, anchor_steps=0, step=lambda: 0, **paper):
         super().__init__(teacher, d, disc, **paper)
         self.w_target, self.lambda0, self.jump = w_target, lambda0, jump
         self.sampler, self.one_step = inputs == "sampler", dmd_input == "one_step"
         self.ema, self.anchor, self.anchor_weight, self.step = ema, anchor, anchor_weight, step
+        self.anchor_steps = anchor_steps
         self.held = []  # the anchor term of each micro-batch of an iteration, for its log
         if guidance_interval:  # w and w_target become functions of t (local_cd.cfg takes either)
             self.w, self.w_target = (guided(w, *guidance_interval) for w in (self.w, self.w_target))
@@ -605,7 +614,7 @@ class WithOptions(GlobalCD):
             lora.blend(net, "student", "ema")
         if self.anchor and self.step() == self.anchor:
             lora.blend(net, "student", "anchor")
-        self.held = []
+        self.held, self.gen = [], gen
         logs = super().iteration(cond, update, grad_accum, gen, autocast)
         if self.ema:
             lora.blend(net, "student", "ema", self.ema)
@@ -614,16 +623,25 @@ class WithOptions(GlobalCD):
         return logs
 
     def consistency(self, z_m, t_m, z_n, t_n, cond):
-        """L_GoCD with --ema's target (x0 of theta^- at t_n); from --anchor's iteration on, plus
-        anchor_weight d(x0_theta(z_{t_m}, t_m), sg[x0_anchor(z_{t_m}, t_m)]) on the samples at t_m < T."""
+        """L_GoCD with --ema's target (x0 of theta^- at t_n); from --anchor's iteration on, plus anchor_weight x
+        the anchor term: d(x0_theta(z_{t_m}, t_m), sg[x0_anchor(z_{t_m}, t_m)]) on the samples at t_m < T, and with
+        --anchor-steps K, d(x0_theta(z_T, T), sg[the anchor's K-step sample from z_T]) on fresh noise."""
         teacher = self.teacher
         loss, x0_m, x0_n = global_loss(teacher, self.d, z_m, t_m, z_n, t_n, cond, "ema" if self.ema else "student")
-        held = (t_m < T).nonzero().flatten()
-        if not self.anchor or self.step() < self.anchor or not len(held):
+        if not self.anchor or self.step() < self.anchor:
             return loss, x0_m, x0_n
-        with torch.no_grad(), lora.adapter(teacher.denoiser, "anchor"):
-            x0_a = teacher.x0(z_m[held], t_m[held], teachers.cond_index(cond, held))
-        l_anchor = torch.zeros_like(loss).index_add(0, held, self.d(x0_m[held], x0_a).to(loss.dtype))
+        l_anchor, held = torch.zeros_like(loss), (t_m < T).nonzero().flatten()
+        if len(held):  # the 2-4-step samplers' later calls, held
+            with torch.no_grad(), lora.adapter(teacher.denoiser, "anchor"):
+                x0_a = teacher.x0(z_m[held], t_m[held], teachers.cond_index(cond, held))
+            l_anchor = l_anchor.index_add(0, held, self.d(x0_m[held], x0_a).to(loss.dtype))
+        if self.anchor_steps:  # the 1-step jump, taught by the anchor's K-step sampler
+            z_T = teacher.noise(len(z_m), self.gen)
+            with torch.no_grad():
+                target = student_sample(teacher, cond, z_T, self.anchor_steps, self.M, adapter="anchor")
+            with lora.adapter(teacher.denoiser, "student"):
+                x0_1 = teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
+            l_anchor = l_anchor + self.d(x0_1, target).to(loss.dtype)
         self.held.append(l_anchor.mean().detach())
         return loss + self.anchor_weight * l_anchor, x0_m, x0_n
 

@@ -134,10 +134,11 @@ def solve(x0_fn, z, ts, alpha_sigma, noises=None):
     return z
 
 
-def student_sample(teacher, cond, z_T, k, M):
+def student_sample(teacher, cond, z_T, k, M, adapter="student"):
     """z_0 from z_T by the student's k-step sampler: Psi between the milestones student_times(k, M), one student
-    call per step (stage 2's image-free inputs, the validation grids; sample.py runs the same with the LoRA merged)."""
-    with lora.adapter(teacher.denoiser, "student"):
+    call per step (stage 2's image-free inputs, the validation grids; sample.py runs the same with the LoRA merged).
+    adapter: the student's, or a copy of it an option holds."""
+    with lora.adapter(teacher.denoiser, adapter):
         return solve(lambda z, t: teacher.x0(z, t, cond), z_T, student_times(k, M), teacher.alpha_sigma)
 
 

@@ -2425,11 +2425,13 @@ def test_guidance_interval_guides_only_the_noise_levels_inside_it(digits, tiny_f
 def test_ema_target_and_anchor_call_their_own_copies_of_the_student():
     """Counted by a forward hook over iterations of the method: with --ema the consistency target (no gradient, at the
     samples whose t_n > 0) is theta^-'s forward and no longer the student's; --anchor's copy is called from its
-    iteration on, once per iteration, on exactly the samples at t_m < T. theta^- starts as the student and then lags
+    iteration on, once per iteration, on exactly the samples at t_m < T, and with --anchor-steps K its K-step sampler on
+    the whole batch, the student with gradients at t = T once more. theta^- starts as the student and then lags
     it: after two steps it lies strictly between the student's start and the student. The anchor is the student of
     its iteration, and stays that while the student moves on."""
     step = [0]
-    method, t = _options("--ema", "0.8", "--anchor", "2", "--lambda1", "0", "--lambda2", "0", step=lambda: step[0])
+    method, t = _options("--ema", "0.8", "--anchor", "2", "--anchor-steps", "2", "--lambda1", "0", "--lambda2", "0",
+                         step=lambda: step[0])
     net, drawn = t.denoiser, []
     inputs = method.inputs
     method.inputs = lambda *a: drawn.append(inputs(*a)) or drawn[-1]
@@ -2451,9 +2453,11 @@ def test_ema_target_and_anchor_call_their_own_copies_of_the_student():
         by = collections.Counter((a, g) for a, _, g in calls)
         inner = int((t_n > 0).sum())
         assert by[("ema", False)] == (inner > 0) and sum(n for a, n, _ in calls if a == "ema") == inner
-        assert by[("student", True)] == 1 and by[("student", False)] == method.q  # the rollout; no target forward
-        anchored = [n for a, n, _ in calls if a == "anchor"]
-        assert anchored == ([int((t_m < T).sum())] if step[0] >= 2 and (t_m < T).any() else [])
+        anchoring = step[0] >= 2
+        # with gradients: x0 at t_m, and from the anchor's iteration on the 1-step sample; no target forward
+        assert by[("student", True)] == 1 + anchoring and by[("student", False)] == method.q  # (q: the rollout)
+        anchored = [n for a, n, _ in calls if a == "anchor"]  # the held samples, then its 2-step sampler's calls
+        assert anchored == ([int((t_m < T).sum())] * bool((t_m < T).any()) + [8, 8] if anchoring else [])
         if step[0] == 1:  # after two student steps
             ema, student = ([p.detach() for p in lora.parameters(net, k)] for k in ("ema", "student"))
             lag = sum((e - s0).norm() ** 2 for e, s0 in zip(ema, start)) ** 0.5
@@ -2468,7 +2472,7 @@ def test_stage2_options_resume_equals_uninterrupted(tmp_path):
     and resumed, the run ends bit for bit as the uninterrupted one (with the copies left out of the state, theta^-
     would restart as a zero adapter and the anchor would be lost)."""
     _stage1(tmp_path / "local.safetensors")
-    opts = ["--ema", "0.9", "--anchor", "1", "--guidance-interval", "200", "800"]
+    opts = ["--ema", "0.9", "--anchor", "1", "--anchor-steps", "2", "--guidance-interval", "200", "800"]
     a = _run2(tmp_path, "--iters", "4", "--save-every", "2", *opts, out="a.safetensors")
     _run2(tmp_path, "--iters", "2", *opts, out="b.safetensors")
     with pytest.raises(SystemExit, match="--ema 0.5 differs from the run's ema = 0.9"):
@@ -2482,6 +2486,11 @@ def test_stage2_options_resume_equals_uninterrupted(tmp_path):
     assert runs.numbers(meta["guidance_interval"]) == [200.0, 800.0] and meta["anchor"] == "1"
     with pytest.raises(SystemExit, match="--guidance-interval: LO < HI <= 1000, not 800 200"):
         _run2(tmp_path, "--iters", "1", "--guidance-interval", "800", "200", out="c.safetensors")
+    with pytest.raises(SystemExit, match="--anchor-steps goes with --anchor"):
+        _run2(tmp_path, "--iters", "1", "--anchor-steps", "2", out="c.safetensors")
+    with pytest.raises(SystemExit, match="--anchor-steps: the anchor samples in 1..8 steps, not 9"):
+        _run2(tmp_path, "--iters", "1", "--anchor", "1", "--anchor-steps", "9", out="c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def test_dmd_gradient_is_the_normalised_score_difference(digits):
