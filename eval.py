@@ -498,8 +498,10 @@ def history(args):
         print(f"best at {k} step{'s' * (k > 1)} by {metric}: training step {best[k]['training step']} ("
               f"{best[k][f'_{metric}']:.3f}); " + ", ".join(f"{m} {best[k][f'_{m}']:.3f}" for m, _ in metrics))
     reference = None
-    if toy and teacher == "digits":
-        reference = tables.teacher_reference(tables.RUNS, False, tables.SEEDS, args.per_prompt)  # as many samples
+    if toy:  # the teacher's own 25 steps, as many samples (another teacher of the embedded layout: its own scores)
+        tables.TEACHER = teacher
+        runs = tables.RUNS if teacher == "digits" else os.path.join(tables.RUNS, os.path.basename(teacher.rstrip("/")))
+        reference = tables.teacher_reference(runs, False, tables.SEEDS, args.per_prompt)
     elif args.teacher_scores:
         tops = [max(read_json(f).values(), key=lambda r: r["steps"]) for f in args.teacher_scores]
         reference = {"label": f"teacher, {tops[0]['steps']} steps"}
