@@ -494,7 +494,8 @@ def main(argv=None):
 # ==== Options the paper does not have ================================================================================
 # Research options, measured in docs/results.md; none is a preset. They join the paper's path at one place each: their
 # flags (add_option_arguments, in parse_args), their checks (student_meta), the student's source (--init teacher, in
-# main) and the iteration (WithOptions, which main builds instead of GlobalCD when an option is chosen).
+# main), the copies of the student they hold (add_held_adapters, in main) and the iteration (WithOptions, which main
+# builds instead of GlobalCD when an option is chosen).
 
 def add_option_arguments(g):
     g.add_argument("--M", type=runs.count, default=None, help="with --init teacher: the milestone grid's segments "
@@ -529,7 +530,8 @@ def add_option_arguments(g):
     g.add_argument("--anchor", type=runs.whole, default=0, metavar="N", help="from iteration N on, a frozen copy of the student at "
                    "N (adapter `anchor`) holds the 2-4-step samplers: at the milestones t_m < T, the ones they call "
                    "the student at after their first step, the loss adds --anchor-weight x d(x0_theta(z_{t_m}), "
-                   "sg[x0_anchor(z_{t_m})]), while the 1-step jump (t_m = T) trains on as before (0: off)")
+                   "sg[x0_anchor(z_{t_m})]), while the 1-step jump (t_m = T) trains on as before (0: off). The term joins the "
+                   "consistency term (lambda0 weighs both; the log's cons holds both, its anchor the term alone)")
     g.add_argument("--anchor-weight", type=runs.weight, default=1.0, metavar="A", help="the anchor term's weight (with --anchor)")
     g.add_argument("--anchor-steps", type=runs.whole, default=0, metavar="K", help="with --anchor: the 1-step jump "
                    "also learns the anchor's K-step samples, --anchor-weight x d(x0_theta(z_T, T), sg[the anchor's "
