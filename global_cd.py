@@ -524,15 +524,17 @@ def add_option_arguments(g):
                    help="CFG (w, --w-target) in the teacher target and DMD's real score only at noise levels t in "
                    f"[LO, HI] (0..{T}), the plain conditional model (w = 1) elsewhere, as guidance-interval samplers "
                    "do (default: every t, the paper's)")
-    g.add_argument("--ema", type=runs.fraction, default=0.0, metavar="MU", help="the consistency target x0(hat z_{t_n}, t_n) from "
-                   "an EMA of the student with this decay (theta^-, adapter `ema`, updated after each student step) "
-                   "instead of the current student's stop-gradient (0, the paper's)")
-    g.add_argument("--anchor", type=runs.whole, default=0, metavar="N", help="from iteration N on, a frozen copy of the student at "
-                   "N (adapter `anchor`) holds the 2-4-step samplers: at the milestones t_m < T, the ones they call "
-                   "the student at after their first step, the loss adds --anchor-weight x d(x0_theta(z_{t_m}), "
-                   "sg[x0_anchor(z_{t_m})]), while the 1-step jump (t_m = T) trains on as before (0: off). The term joins the "
-                   "consistency term (lambda0 weighs both; the log's cons holds both, its anchor the term alone)")
-    g.add_argument("--anchor-weight", type=runs.weight, default=1.0, metavar="A", help="the anchor term's weight (with --anchor)")
+    g.add_argument("--ema", type=runs.fraction, default=0.0, metavar="MU", help="the consistency target x0(hat "
+                   "z_{t_n}, t_n) from an EMA of the student with this decay (theta^-, adapter `ema`, updated after "
+                   "each student step) instead of the current student's stop-gradient (0, the paper's)")
+    g.add_argument("--anchor", type=runs.whole, default=0, metavar="N", help="from iteration N on, a frozen copy of "
+                   "the student at N (adapter `anchor`) holds the 2-4-step samplers: at the milestones t_m < T, the "
+                   "ones they call the student at after their first step, the loss adds --anchor-weight x "
+                   "d(x0_theta(z_{t_m}), sg[x0_anchor(z_{t_m})]), while the 1-step jump (t_m = T) trains on as before "
+                   "(0: off). The term joins the consistency term (lambda0 weighs both; the log's cons holds both, its "
+                   "anchor the term alone)")
+    g.add_argument("--anchor-weight", type=runs.weight, default=1.0, metavar="A", help="the anchor term's weight "
+                   "(with --anchor)")
     g.add_argument("--anchor-steps", type=runs.whole, default=0, metavar="K", help="with --anchor: the 1-step jump "
                    "also learns the anchor's K-step samples, --anchor-weight x d(x0_theta(z_T, T), sg[the anchor's "
                    "K-step sample from z_T]) on fresh noise z_T for each prompt of the batch (one more student "
@@ -564,7 +566,8 @@ def check_options(args, resumed, M):
         raise SystemExit("error: --jump any: with --inputs sampler, t_n is the milestone the sampler jumps to; leave "
                          "--jump out")
     if args.guidance_interval and not args.guidance_interval[0] < args.guidance_interval[1] <= T:
-        raise SystemExit(f"error: --guidance-interval: LO < HI <= {T}, not {' '.join(map(runs.said, args.guidance_interval))}")
+        lo, hi = args.guidance_interval
+        raise SystemExit(f"error: --guidance-interval: LO < HI <= {T}, not {runs.said(lo)} {runs.said(hi)}")
     if args.anchor_steps and not args.anchor:
         raise SystemExit("error: --anchor-steps goes with --anchor (the iteration the copy is taken at)")
     if args.anchor_steps > M:
@@ -603,7 +606,7 @@ class WithOptions(GlobalCD):
         self.sampler, self.one_step = inputs == "sampler", dmd_input == "one_step"
         self.ema, self.anchor, self.anchor_weight, self.step = ema, anchor, anchor_weight, step
         self.anchor_steps = anchor_steps
-        self.held = []  # the anchor term of each micro-batch of an iteration, for its log
+        self.anchor_logs = []  # the anchor term of each micro-batch of an iteration, for its log
         if guidance_interval:  # w and w_target become functions of t (local_cd.cfg takes either)
             self.w, self.w_target = (guided(w, *guidance_interval) for w in (self.w, self.w_target))
 
@@ -616,12 +619,12 @@ class WithOptions(GlobalCD):
             lora.blend(net, "student", "ema")
         if self.anchor and self.step() == self.anchor:
             lora.blend(net, "student", "anchor")
-        self.held, self.gen = [], gen
+        self.anchor_logs, self.gen = [], gen
         logs = super().iteration(cond, update, grad_accum, gen, autocast)
         if self.ema:
             lora.blend(net, "student", "ema", self.ema)
-        if self.held:
-            logs["anchor"] = sum(self.held) / len(self.held)
+        if self.anchor_logs:
+            logs["anchor"] = sum(self.anchor_logs) / len(self.anchor_logs)
         return logs
 
     def consistency(self, z_m, t_m, z_n, t_n, cond):
@@ -644,7 +647,7 @@ class WithOptions(GlobalCD):
             with lora.adapter(teacher.denoiser, "student"):
                 x0_1 = teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
             l_anchor = l_anchor + self.d(x0_1, target).to(loss.dtype)
-        self.held.append(l_anchor.mean().detach())
+        self.anchor_logs.append(l_anchor.mean().detach())
         return loss + self.anchor_weight * l_anchor, x0_m, x0_n
 
     def inputs(self, cond, gen, autocast):
