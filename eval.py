@@ -500,8 +500,8 @@ def history(args):
     reference = None
     if toy:  # the teacher's own 25 steps, as many samples (another teacher of the embedded layout: its own scores)
         tables.TEACHER = teacher
-        runs = tables.RUNS if teacher == "digits" else os.path.join(tables.RUNS, os.path.basename(teacher.rstrip("/")))
-        reference = tables.teacher_reference(runs, False, tables.SEEDS, args.per_prompt)
+        reference = tables.teacher_reference(tables.teacher_runs(tables.RUNS, teacher), False, tables.SEEDS,
+                                             args.per_prompt)
     elif args.teacher_scores:
         tops = [max(read_json(f).values(), key=lambda r: r["steps"]) for f in args.teacher_scores]
         reference = {"label": f"teacher, {tops[0]['steps']} steps"}

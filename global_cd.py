@@ -641,11 +641,9 @@ class WithOptions(GlobalCD):
                 x0_a = teacher.x0(z_m[held], t_m[held], teachers.cond_index(cond, held))
             l_anchor = l_anchor.index_add(0, held, self.d(x0_m[held], x0_a).to(loss.dtype))
         if self.anchor_steps:  # the 1-step jump, taught by the anchor's K-step sampler
-            z_T = teacher.noise(len(z_m), self.gen)
+            z_T, x0_1 = self.one_step_sample(cond, len(z_m), self.gen)
             with torch.no_grad():
                 target = student_sample(teacher, cond, z_T, self.anchor_steps, self.M, adapter="anchor")
-            with lora.adapter(teacher.denoiser, "student"):
-                x0_1 = teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
             l_anchor = l_anchor + self.d(x0_1, target).to(loss.dtype)
         self.anchor_logs.append(l_anchor.mean().detach())
         return loss + self.anchor_weight * l_anchor, x0_m, x0_n
@@ -666,11 +664,13 @@ class WithOptions(GlobalCD):
 
     def dmd_x0(self, x0_m, cond, gen):
         """--dmd-input one_step: x0_theta(z_T, T) from fresh noise, with gradient: the student's 1-step sample."""
-        if not self.one_step:
-            return x0_m
-        z_T = self.teacher.noise(len(x0_m), gen)
+        return self.one_step_sample(cond, len(x0_m), gen)[1] if self.one_step else x0_m
+
+    def one_step_sample(self, cond, n, gen):
+        """(z_T, x0_theta(z_T, T)): fresh noise and the student's 1-step sample from it, with gradient."""
+        z_T = self.teacher.noise(n, gen)
         with lora.adapter(self.teacher.denoiser, "student"):
-            return self.teacher.x0(z_T, torch.full((len(z_T),), float(T), device=z_T.device), cond)
+            return z_T, self.teacher.x0(z_T, torch.full((n,), float(T), device=z_T.device), cond)
 
 
 def guided(w, lo, hi):

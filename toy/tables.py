@@ -665,6 +665,12 @@ def replot(numbers, path=None):
 
 # ---- eval.py --table: the command's two kinds of table -------------------------------------------------------------
 
+def teacher_runs(runs, teacher):
+    """Where the tables keep a teacher's trainings and scores: `runs` for the embedded teacher, a folder of its own
+    named as the teacher's folder for another of its layout."""
+    return runs if teacher == "digits" else os.path.join(runs, os.path.basename(os.path.normpath(teacher)))
+
+
 def print_paper_table(args):
     """--table main | ablation | terms | ... (TABLES): trains and scores what the table needs (reusing what is done),
     prints it and the baselines' grids, and with --figure draws it; returns its rows. --teacher is the tables'
@@ -674,8 +680,7 @@ def print_paper_table(args):
     if not table_rows(args.table):
         raise SystemExit(f"error: --rows {' '.join(args.rows)}: no row of --table {args.table} has it in its label; "
                          "its rows: " + "; ".join(r[0] for r in TABLES[args.table]))
-    if args.teacher != "digits":  # its own trainings, beside the embedded teacher's
-        args.runs = os.path.join(args.runs, os.path.basename(os.path.normpath(args.teacher)))
+    args.runs = teacher_runs(args.runs, args.teacher)  # another teacher: its own trainings, beside the embedded one's
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         runs = stack.enter_context(tempfile.TemporaryDirectory()) if args.quick else args.runs
