@@ -321,7 +321,7 @@ class GlobalCD:
 RUN_VALUES = dict(w=float, p=int, q=int, d=str, llpips=str, lambda1=float, lambda2=float, fake_updates=int,
                   fake_rank=int, lr=float, lr_aux=float, seed=int,  # what --resume keeps; and the options':
                   w_target=float, lambda0=float, jump=str, inputs=str, dmd_input=str, guidance_interval=runs.numbers,
-                  ema=float, anchor=int, anchor_weight=float, anchor_steps=int)
+                  ema=float, anchor=int, anchor_weight=float, anchor_steps=int, anchor_hold=str)
 
 STAGE2 = """
 Stage 2 (this script): global consistency, only between milestones t^s = s T / M, the times a 2-, 3- or 4-step
@@ -436,6 +436,8 @@ def main(argv=None):
     run.check(meta["teacher"], hub["revision"], PRESETS, pair_bytes, lora_rank, int(meta.get("resolution", 1024)))
     if not 1 <= args.q <= M:
         raise SystemExit(f"error: --q: the student samples in 1..{M} steps, not {args.q}")
+    if args.anchor_hold == "samples" and args.q < 2:
+        raise SystemExit(f"error: --anchor-hold samples holds the 2..q-step samplers; --q is {args.q}")
     d = distance(args.d, args.llpips, run.device)  # L-LPIPS read whole now: a broken file is said before the teacher
     if args.init == "teacher" and not args.resume:  # an option: the student starts as the teacher
         load = lambda: student_from_teacher(args, meta, run.device, run.dtype)  # noqa: E731
@@ -539,6 +541,11 @@ def add_option_arguments(g):
                    "also learns the anchor's K-step samples, --anchor-weight x d(x0_theta(z_T, T), sg[the anchor's "
                    "K-step sample from z_T]) on fresh noise z_T for each prompt of the batch (one more student "
                    "forward and backward, K anchor forwards; 0: off)")
+    g.add_argument("--anchor-hold", choices=["x0", "samples"], default="x0", help="with --anchor: what holds the "
+                   "2-4-step samplers: x0, the x0 at the training inputs' milestones t_m < T (above), or samples, "
+                   "their outputs: d(the student's k-step sample from z_T, sg[the anchor's k-step sample from z_T]) on "
+                   "fresh noise, k uniform in 2..q per iteration, the gradient through the student's k calls (k more "
+                   "student forwards and backwards, k anchor forwards)")
     # --init teacher (see --init): a fresh LoRA on --teacher, the student starting as the teacher itself on the grid
     # of --M milestones; with --lambda0 0 --inputs sampler, the DMD2-style baseline (no consistency term, no stage 1)
 
@@ -556,7 +563,7 @@ def option_values(args):
     return {"w_target": args.w if args.w_target is None else args.w_target, "lambda0": args.lambda0,
             "jump": args.jump, "inputs": args.inputs, "dmd_input": args.dmd_input,
             "guidance_interval": args.guidance_interval or "", "ema": args.ema, "anchor": args.anchor,
-            "anchor_weight": args.anchor_weight, "anchor_steps": args.anchor_steps}
+            "anchor_weight": args.anchor_weight, "anchor_steps": args.anchor_steps, "anchor_hold": args.anchor_hold}
 
 
 def check_options(args, resumed, M):
@@ -568,8 +575,9 @@ def check_options(args, resumed, M):
     if args.guidance_interval and not args.guidance_interval[0] < args.guidance_interval[1] <= T:
         lo, hi = args.guidance_interval
         raise SystemExit(f"error: --guidance-interval: LO < HI <= {T}, not {runs.said(lo)} {runs.said(hi)}")
-    if args.anchor_steps and not args.anchor:
-        raise SystemExit("error: --anchor-steps goes with --anchor (the iteration the copy is taken at)")
+    for flag, on in (("--anchor-steps", args.anchor_steps), ("--anchor-hold samples", args.anchor_hold == "samples")):
+        if on and not args.anchor:
+            raise SystemExit(f"error: {flag} goes with --anchor (the iteration the copy is taken at)")
     if args.anchor_steps > M:
         raise SystemExit(f"error: --anchor-steps: the anchor samples in 1..{M} steps, not {args.anchor_steps}")
     for key in ("M", "rank") if args.resume else ():  # given again on --resume: they must be the run's (resumed)
@@ -600,12 +608,12 @@ class WithOptions(GlobalCD):
     iteration (--ema and --anchor take their copies of the student by it)."""
 
     def __init__(self, teacher, d, disc, *, w_target, lambda0, jump, inputs, dmd_input, guidance_interval="", ema=0.0,
-                 anchor=0, anchor_weight=1.0, anchor_steps=0, step=lambda: 0, **paper):
+                 anchor=0, anchor_weight=1.0, anchor_steps=0, anchor_hold="x0", step=lambda: 0, **paper):
         super().__init__(teacher, d, disc, **paper)
         self.w_target, self.lambda0, self.jump = w_target, lambda0, jump
         self.sampler, self.one_step = inputs == "sampler", dmd_input == "one_step"
         self.ema, self.anchor, self.anchor_weight, self.step = ema, anchor, anchor_weight, step
-        self.anchor_steps = anchor_steps
+        self.anchor_steps, self.anchor_hold = anchor_steps, anchor_hold
         self.anchor_logs = []  # the anchor term of each micro-batch of an iteration, for its log
         if guidance_interval:  # w and w_target become functions of t (local_cd.cfg takes either)
             self.w, self.w_target = (guided(w, *guidance_interval) for w in (self.w, self.w_target))
@@ -629,14 +637,21 @@ class WithOptions(GlobalCD):
 
     def consistency(self, z_m, t_m, z_n, t_n, cond):
         """L_GoCD with --ema's target (x0 of theta^- at t_n); from --anchor's iteration on, plus anchor_weight x
-        the anchor term: d(x0_theta(z_{t_m}, t_m), sg[x0_anchor(z_{t_m}, t_m)]) on the samples at t_m < T, and with
+        the anchor term: d(x0_theta(z_{t_m}, t_m), sg[x0_anchor(z_{t_m}, t_m)]) on the samples at t_m < T (or with
+        --anchor-hold samples, d(the student's k-step sample, sg[the anchor's]) from fresh noise), and with
         --anchor-steps K, d(x0_theta(z_T, T), sg[the anchor's K-step sample from z_T]) on fresh noise."""
         teacher = self.teacher
         loss, x0_m, x0_n = global_loss(teacher, self.d, z_m, t_m, z_n, t_n, cond, "ema" if self.ema else "student")
         if not self.anchor or self.step() < self.anchor:
             return loss, x0_m, x0_n
         l_anchor, held = torch.zeros_like(loss), (t_m < T).nonzero().flatten()
-        if len(held):  # the 2-4-step samplers' later calls, held
+        if self.anchor_hold == "samples":  # the 2..q-step samplers' outputs, held
+            k = int(torch.randint(2, self.q + 1, (1,), generator=self.gen))
+            z_T = teacher.noise(len(z_m), self.gen)
+            with torch.no_grad():
+                target = student_sample(teacher, cond, z_T, k, self.M, adapter="anchor")
+            l_anchor = l_anchor + self.d(student_sample(teacher, cond, z_T, k, self.M), target).to(loss.dtype)
+        elif len(held):  # the 2-4-step samplers' later calls, held
             with torch.no_grad(), lora.adapter(teacher.denoiser, "anchor"):
                 x0_a = teacher.x0(z_m[held], t_m[held], teachers.cond_index(cond, held))
             l_anchor = l_anchor.index_add(0, held, self.d(x0_m[held], x0_a).to(loss.dtype))

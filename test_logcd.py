@@ -2467,16 +2467,62 @@ def test_ema_target_and_anchor_call_their_own_copies_of_the_student():
     assert not all(torch.equal(a, b) for a, b in zip(lora.parameters(net, "student"), at_anchor))
 
 
+def test_anchor_hold_samples_pulls_the_k_step_samples_to_the_anchors(monkeypatch):
+    """--anchor-hold samples, counted by a forward hook: from the anchor's iteration on, the anchor's k-step sampler
+    (one k in 2..q per iteration) runs on the batch, and the student's from the same noise with gradients (k more
+    student calls with gradients; the anchor no longer called at the training inputs). At the copy's iteration, the
+    two samplers from the same noise agree exactly. Trained on the term alone
+    (L_GoCD zeroed), a student moved away from its copy brings its 2-step samples back toward the anchor's."""
+    step = [0]
+    method, t = _options("--anchor", "1", "--anchor-hold", "samples", "--lambda1", "0", "--lambda2", "0",
+                         step=lambda: step[0])
+    real = global_cd.global_loss
+    monkeypatch.setattr(global_cd, "global_loss", lambda *a: (lambda r: (0 * r[0], *r[1:]))(real(*a)))
+    net, c = t.denoiser, t.encode([str(i) for i in range(8)])
+    opt = torch.optim.Adam(lora.parameters(net, "student"), lr=3e-3)
+
+    def update(name, losses):
+        opt.zero_grad()
+        loss = _no_step(name, losses)
+        opt.step()
+        return loss
+
+    def gap():  # the student's 2-step samples against the anchor's, on noise of their own
+        z_T = t.noise(8, torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            x, x_anchor = (local_cd.student_sample(t, c, z_T, 2, 8, k) for k in ("student", "anchor"))
+        return float((x - x_anchor).pow(2).mean())
+    gen, ks, gaps = torch.Generator().manual_seed(0), set(), []
+    for step[0] in range(25):
+        if step[0] == 2:  # after the copy: the student moved away from it
+            with torch.no_grad():
+                for q_ in lora.parameters(net, "student"):
+                    q_.add_(0.05 * torch.randn(q_.shape, generator=torch.Generator().manual_seed(q_.numel())))
+            gaps.append(gap())
+        with lora.count_forwards(net, grad=True) as calls:
+            logs = method.iteration(c, update, 1, gen, contextlib.nullcontext)
+        anchored = [n for a, n, _ in calls if a == "anchor"]
+        k = len(anchored)
+        if step[0] == 1:  # the copy is the student: the same noise for both, the term exactly 0
+            assert float(logs["anchor"]) == 0
+        assert anchored == [8] * k and (k == 0 if step[0] < 1 else 2 <= k <= method.q), (step[0], anchored)
+        assert sum(1 for a, _, g in calls if a == "student" and g) == 1 + k
+        ks.add(k)
+    gaps.append(gap())
+    assert ks == {0, 2, 3, 4}
+    assert gaps[0] > 0 and gaps[1] < 0.5 * gaps[0], gaps
+
+
 def test_stage2_options_resume_equals_uninterrupted(tmp_path):
     """The copies --ema and --anchor hold are saved and resumed with the run: interrupted after the anchor's copy
     and resumed, the run ends bit for bit as the uninterrupted one (with the copies left out of the state, theta^-
     would restart as a zero adapter and the anchor would be lost). In bf16 with --adapters base, as a GPU may run it:
     the forwards use bf16 copies of the adapters, which a resume makes afresh from the masters, so copies an update
-    left stale would show too. (The fp32 path of the copies: the test before this one.)"""
+    left stale would show too. (The fp32 path of the copies: the tests above.)"""
     _stage1(tmp_path / "local.safetensors")
     precision = ["--dtype", "bfloat16", "--adapters", "base"]
-    opts = ["--ema", "0.9", "--anchor", "1", "--anchor-steps", "2", "--guidance-interval", "200", "800", *precision,
-            "--p", "1", "--q", "2", "--fake-updates", "1"]  # (p, q, fake updates: a cheaper iteration)
+    opts = ["--ema", "0.9", "--anchor", "1", "--anchor-steps", "2", "--anchor-hold", "samples", "--guidance-interval",
+            "200", "800", *precision, "--p", "1", "--q", "2", "--fake-updates", "1"]  # (p, q, fake updates: cheaper)
     a = _run2(tmp_path, "--iters", "3", *opts, out="a.safetensors")
     _run2(tmp_path, "--iters", "2", *opts, out="b.safetensors")
     with pytest.raises(SystemExit, match="--ema 0.5 differs from the run's ema = 0.9"):
@@ -2488,10 +2534,15 @@ def test_stage2_options_resume_equals_uninterrupted(tmp_path):
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     meta = lora.metadata(str(tmp_path / "b.safetensors"))
     assert runs.numbers(meta["guidance_interval"]) == [200.0, 800.0] and meta["anchor"] == "1"
+    assert meta["anchor_hold"] == "samples"
     with pytest.raises(SystemExit, match="--guidance-interval: LO < HI <= 1000, not 800 200"):
         _run2(tmp_path, "--iters", "1", "--guidance-interval", "800", "200", out="c.safetensors")
     with pytest.raises(SystemExit, match="--anchor-steps goes with --anchor"):
         _run2(tmp_path, "--iters", "1", "--anchor-steps", "2", out="c.safetensors")
+    with pytest.raises(SystemExit, match="--anchor-hold samples goes with --anchor"):
+        _run2(tmp_path, "--iters", "1", "--anchor-hold", "samples", out="c.safetensors")
+    with pytest.raises(SystemExit, match="--anchor-hold samples holds the 2..q-step samplers; --q is 1"):
+        _run2(tmp_path, "--iters", "1", "--anchor", "1", "--anchor-hold", "samples", "--q", "1", out="c.safetensors")
     with pytest.raises(SystemExit, match="--anchor-steps: the anchor samples in 1..8 steps, not 9"):
         _run2(tmp_path, "--iters", "1", "--anchor", "1", "--anchor-steps", "9", out="c.safetensors")
     assert not (tmp_path / "c.safetensors").exists()
