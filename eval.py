@@ -393,15 +393,18 @@ def check_history(args):
     step counts, the metric, whether the teacher is the embedded layout)."""
     from local_cd import student_times
     from teachers import read_checkpoint
-    metas = []
-    for out in args.history:
+    metas, runs_ = [], args.history + [out for group in args.against or [] for out in group]
+    for out in runs_:
         try:
             metas.append(read_checkpoint(out)[1])
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: --history: {e}") from None
     if len({m["teacher"] for m in metas}) > 1 or len({m["M"] for m in metas}) > 1:
         raise SystemExit("error: --history: the runs are of different teachers or M (" +
-                         ", ".join(f"{o}: {m['teacher']}, M = {m['M']}" for o, m in zip(args.history, metas)) + ")")
+                         ", ".join(f"{o}: {m['teacher']}, M = {m['M']}" for o, m in zip(runs_, metas)) + ")")
+    if args.labels and len(args.labels) != 1 + len(args.against or []):
+        raise SystemExit(f"error: --labels: one name for --history's runs and one per --against, "
+                         f"{1 + len(args.against or [])}, not {len(args.labels)}")
     teacher, M = metas[0]["teacher"], int(metas[0]["M"])
     steps = args.steps or [k for k in (1, 2, 3, 4) if k <= M]
     try:
@@ -466,37 +469,20 @@ def history_real(args, out, steps, prompts):
 def history(args):
     """--history: every run's kept checkpoints scored at each step count; the table of the metric's mean over the
     runs (seeds) per training step, the best training step per step count, and the figure (a line per step count,
-    error bars over the runs, the teacher as the reference line)."""
+    error bars over the runs, the teacher as the reference line). With --against, the same for each other group of
+    runs (e.g. the baseline's seeds) and a figure of all, a column of panels per step count, a line per group.
+    Returns the rows (each with its group) and the best training steps of --history's runs."""
     teacher, M, steps, metric, toy = check_history(args)
-    if toy:  # each run sampled with its training seed, as the tables sample
-        net = tables.load_classifier()[0]
-        scored = [history_toy(out, steps, int(lora.metadata(out).get("seed", 0)), args.per_prompt, net)
-                  for out in args.history]
-    else:
-        from teachers import prompt_file
-        prompts = prompt_file(args.prompts)
-        scored = [history_real(args, out, steps, prompts) for out in args.history]
     metrics = tables.TOY_METRICS if toy else REAL_METRICS
-    at = sorted({s for run in scored for s, _ in run})
-    rows = []
-    for k in steps:
-        for s in at:
-            seen = [run[s, k] for run in scored if (s, k) in run]
-            row = {"row": f"{k} step{'s' * (k > 1)}", "k": k, "training step": s, "runs": len(seen)}
-            for m, _ in metrics:
-                row[f"_{m}"], row[f"_{m}_std"] = tables.mean_std([r[m] for r in seen])
-            rows.append(row)
-    lower = metric in ("FD", "FID")
-    print(f"\n{metric} ({'lower' if lower else 'higher'} is better), mean over {len(scored)} run(s) "
-          f"(+/- one std), by training step:")
-    cell = {(r["training step"], r["k"]): f"{r[f'_{metric}']:.3f} +/- {r[f'_{metric}_std']:.3f}" for r in rows}
-    print(tables.table([{"training step": s, **{f"{k} step{'s' * (k > 1)}": cell[s, k] for k in steps}} for s in at]))
-    best = {}
-    for k in steps:
-        mine = [r for r in rows if r["k"] == k and r["runs"] == len(scored)]  # the steps every run has
-        best[k] = (min if lower else max)(mine or [r for r in rows if r["k"] == k], key=lambda r: r[f"_{metric}"])
-        print(f"best at {k} step{'s' * (k > 1)} by {metric}: training step {best[k]['training step']} ("
-              f"{best[k][f'_{metric}']:.3f}); " + ", ".join(f"{m} {best[k][f'_{m}']:.3f}" for m, _ in metrics))
+    against = args.against or []
+    labels = args.labels or ["these runs"] + [f"against {i + 1}" if len(against) > 1 else "against"
+                                              for i in range(len(against))]
+    groups = dict(zip(labels, [args.history, *against]))
+    rows, drawn, best = [], [], None
+    for label, outs in groups.items():
+        mine, best_k = history_rows(args, outs, steps, metric, toy, metrics, label if args.against else None)
+        rows, best = rows + mine, best or best_k
+        drawn += [r for r in mine if r["runs"] == len(outs)]  # the figure: the training steps every run has
     reference = None
     if toy:  # the teacher's own 25 steps, as many samples (another teacher of the embedded layout: its own scores)
         tables.TEACHER = teacher
@@ -508,12 +494,49 @@ def history(args):
         for m, _ in REAL_METRICS:
             reference[f"_{m}"], reference[f"_{m}_std"] = tables.mean_std([r[m] for r in tops])
     figure = args.figure or args.history[0].removesuffix(".safetensors") + ".history.png"
+    what = ", ".join(f"{label} ({len(outs)} run{'s' * (len(outs) > 1)})" for label, outs in groups.items()) \
+        if args.against else f"{len(args.history)} run(s)"
     try:
-        tables.plot(rows, figure, reference, metrics, title=f"{len(scored)} run(s) of {teacher}, M = {M}: the "
-                    "kept students", x="training step", xlabel="training step (iterations)")
+        tables.plot([{**r, "row": r["group"]} for r in drawn] if args.against else drawn, figure, reference,
+                    metrics, title=f"{what} of {teacher}, M = {M}: the kept students", x="training step",
+                    xlabel="training step (iterations)", by="k" if args.against else None)
         print(f"wrote {figure} and its numbers {figure.removesuffix('.png')}.json")
     except ImportError:
         print("(pip install matplotlib to draw the figure)")
+    return rows, best
+
+
+def history_rows(args, outs, steps, metric, toy, metrics, label):
+    """--history's rows of one group of runs (mean and std over them per training step and step count), its table
+    and best training steps, printed."""
+    if toy:  # each run sampled with its training seed, as the tables sample
+        net = tables.load_classifier()[0]
+        scored = [history_toy(out, steps, int(lora.metadata(out).get("seed", 0)), args.per_prompt, net)
+                  for out in outs]
+    else:
+        from teachers import prompt_file
+        prompts = prompt_file(args.prompts)
+        scored = [history_real(args, out, steps, prompts) for out in outs]
+    at = sorted({s for run in scored for s, _ in run})
+    rows = []
+    for k in steps:
+        for s in at:
+            seen = [run[s, k] for run in scored if (s, k) in run]
+            row = {"row": f"{k} step{'s' * (k > 1)}", "k": k, "training step": s, "runs": len(seen), "group": label}
+            for m, _ in metrics:
+                row[f"_{m}"], row[f"_{m}_std"] = tables.mean_std([r[m] for r in seen])
+            rows.append(row)
+    lower = metric in ("FD", "FID")
+    print(f"\n{label + ': ' if label else ''}{metric} ({'lower' if lower else 'higher'} is better), mean over "
+          f"{len(scored)} run(s) (+/- one std), by training step:")
+    cell = {(r["training step"], r["k"]): f"{r[f'_{metric}']:.3f} +/- {r[f'_{metric}_std']:.3f}" for r in rows}
+    print(tables.table([{"training step": s, **{f"{k} step{'s' * (k > 1)}": cell[s, k] for k in steps}} for s in at]))
+    best = {}
+    for k in steps:
+        mine = [r for r in rows if r["k"] == k and r["runs"] == len(scored)]  # the steps every run has
+        best[k] = (min if lower else max)(mine or [r for r in rows if r["k"] == k], key=lambda r: r[f"_{metric}"])
+        print(f"best at {k} step{'s' * (k > 1)} by {metric}: training step {best[k]['training step']} ("
+              f"{best[k][f'_{metric}']:.3f}); " + ", ".join(f"{m} {best[k][f'_{m}']:.3f}" for m, _ in metrics))
     return rows, best
 
 
@@ -765,6 +788,11 @@ def main(argv=None):
                    "--steps (default 1 2 3 4): the toy judge's FD and alignment; for real teachers --score's FID and "
                    "CLIP score (with --prompts, a subset, --reference, --images). A table, the best training step "
                    "per step count by --metric, and the figure (--figure, default <OUT>.history.png)")
+    p.add_argument("--against", nargs="+", action="append", default=None, metavar="OUT", help="--history: another "
+                   "group of runs (e.g. the baseline's seeds; may be given again), scored the same way: its table "
+                   "too, and the figure of all the groups, a column of panels per step count, a line per group")
+    p.add_argument("--labels", nargs="+", default=None, metavar="NAME", help="--history --against: the groups' "
+                   "names in the tables and the figure, --history's first (default: these runs, against)")
     p.add_argument("--metric", default=None, help="--history: choose by FD or alignment (the embedded teacher; "
                    "default FD), FID or 'CLIP score' (default FID)")
     p.add_argument("--curves", nargs="+", default=None, metavar="LOG", help="a training run's metrics log(s), "
@@ -809,6 +837,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.jobs < 1:
         raise SystemExit(f"error: --jobs must be 1 or more, got {args.jobs}")
+    if (args.against or args.labels) and not args.history:
+        raise SystemExit("error: --against and --labels go with --history")
     if args.train_classifier:
         tables.train_classifier()
     for path in (args.curves or []) + [args.replot] * bool(args.replot):

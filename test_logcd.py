@@ -3683,6 +3683,18 @@ def test_history_scores_each_kept_student_and_picks_the_best_step(tmp_path, monk
     assert student_samples == 2 * 2 * 2
     ev.main(argv)  # the figure written again beside the scores
     assert len([s for s in sampled if s[0] == "--ckpt"]) == student_samples  # all read back
+    # --against: each group its own runs' scores, the figure a column of panels per step count, a line per group
+    rows, _ = ev.main(["--history", outs[0], "--against", outs[1], "--labels", "seed 0", "seed 1", "--steps", "1", "2",
+                       "--per-prompt", "4", "--figure", str(tmp_path / "both.png")])
+    for r in rows:
+        seen = mine[r["training step"], r["k"]][int(r["group"] == "seed 1")]
+        assert r["runs"] == 1 and r["_FD"] == pytest.approx(seen["FD"], rel=1e-5), r
+    assert sorted(r["group"] for r in rows) == ["seed 0"] * 4 + ["seed 1"] * 4
+    numbers = json.load(open(tmp_path / "both.json"))
+    assert numbers["by"] == "k" and {r["row"] for r in numbers["rows"]} == {"seed 0", "seed 1"}
+    assert len([s for s in sampled if s[0] == "--ckpt"]) == student_samples
+    with pytest.raises(SystemExit, match="--labels: one name for --history's runs and one per --against, 2, not 3"):
+        ev.main(["--history", outs[0], "--against", outs[1], "--labels", "a", "b", "c"])
 
 
 def test_history_of_a_real_teacher_scores_each_kept_checkpoint_as_score_does(tmp_path, monkeypatch, tiny_sdxl):

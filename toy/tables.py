@@ -592,65 +592,77 @@ def grid_table(name, runs, quick):
 TOY_METRICS = (("FD", "FD to the real digits (lower is better)"), ("alignment", "alignment (higher is better)"))
 
 
-def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None, x="steps", xlabel="sampling steps"):
+def plot(rows, path, reference=None, metrics=TOY_METRICS, title=None, x="steps", xlabel="sampling steps", by=None):
     """Metrics against sampling steps (or another x: the training step of a run's history), one panel per metric: a
     line per table row (mean over seeds, error bars one std, cut to the metric's range; the rows a little apart at
     each x, a log y axis where the bars span more than a decade), the teacher's many-step score as a dashed reference
     line (its std as a band). rows: dicts with row, <x>, _<metric> and _<metric>_std; reference: {"label",
-    "_<metric>", "_<metric>_std"} or None. Needs matplotlib (plotting only). Also writes the figure's numbers beside
-    it (*.json): `--replot` draws them again."""
+    "_<metric>", "_<metric>_std"} or None. by: a key of the rows (e.g. "k", the step count) that makes a column of
+    panels per value (the line per row within it). Needs matplotlib (plotting only). Also writes the figure's numbers
+    beside it (*.json): `--replot` draws them again."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    labels = list(dict.fromkeys(r["row"] for r in rows))
-    steps = sorted({r[x] for r in rows})
-    apart = min([b - a for a, b in zip(steps, steps[1:])] or [1])  # the rows' offset at one x: a share of this
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
-    for ax, (m, name) in zip(axes[0], metrics):
-        means = [r[f"_{m}"] for r in rows] + ([reference[f"_{m}"]] if reference is not None else [])
-        # each bar and band is mean +/- std, cut to what the metric can be: a share (alignment) lies in [0, 1]; a
-        # positive metric (FD) on a log axis stops at half its smallest mean, where a std larger than the mean (a
-        # failed seed among three) would reach zero or below
-        lo = min(means) / 2 if means and min(means) > 0 else -math.inf
-        hi = 1.0 if m == "alignment" else math.inf
-        ends = []  # of every bar and band, so cut: a log axis where they span more than a decade
-        if reference is not None:
-            mean, std = reference[f"_{m}"], reference.get(f"_{m}_std") or 0.0
-            ax.axhline(mean, color="black", ls="--", lw=1.2, label=reference["label"])
-            ax.axhspan(max(mean - std, lo), min(mean + std, hi), color="black", alpha=0.08, lw=0)
-            ends += [max(mean - std, lo), min(mean + std, hi)]
-        for i, label in enumerate(labels):
-            mine = sorted((r for r in rows if r["row"] == label), key=lambda r: r[x])
-            dx = 0.04 * apart * (i - (len(labels) - 1) / 2)  # the rows side by side at each x: bars do not overlap
-            ys, errs = [r[f"_{m}"] for r in mine], [r.get(f"_{m}_std") or 0.0 for r in mine]
-            bottoms, tops = [max(y - e, lo) for y, e in zip(ys, errs)], [min(y + e, hi) for y, e in zip(ys, errs)]
-            ax.errorbar([r[x] + dx for r in mine], ys, yerr=[[y - b for y, b in zip(ys, bottoms)],
-                                                                   [t - y for y, t in zip(ys, tops)]],
-                        marker="o", ms=4, capsize=3, lw=1.5, label=label)
-            ends += bottoms + tops
-        if lo > 0 and max(ends) > 10 * min(ends):  # e.g. Table 1's FD: 14 to 305
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-            ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            name += "\n(log scale)"  # a second line: one would not fit beside the panel
-        if len(steps) <= 12:
-            ax.set_xticks(steps)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
+    columns = list(dict.fromkeys(r[by] for r in rows)) if by else [None]
+    fig, axes = plt.subplots(len(metrics) if by else 1, len(columns) if by else len(metrics), squeeze=False,
+                             figsize=(4.2 * len(columns), 3.6 * len(metrics)) if by else (5.2 * len(metrics), 4.2))
+    for i, (m, name) in enumerate(metrics):
+        for j, column in enumerate(columns):
+            ax = axes[i][j] if by else axes[0][i]
+            panel(ax, [r for r in rows if not by or r[by] == column], m, name, reference, x, xlabel)
+            if by and i == 0:
+                ax.set_title(f"{by} = {column}" if by != "k" else f"{column} step{'s' * (column > 1)}")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=2, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * math.ceil(len(names) / 2), 1, 1))
+    fig.tight_layout(rect=(0, (0.06 + 0.035 * math.ceil(len(names) / 2)) / (len(metrics) if by else 1), 1, 1))
     with lora.atomic(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     with lora.atomic(os.path.splitext(path)[0] + ".json") as tmp, open(tmp, "w") as f:
         json.dump({"title": title, "metrics": [list(m) for m in metrics], "reference": reference, "rows": rows,
-                   "x": x, "xlabel": xlabel}, f, indent=1)
+                   "x": x, "xlabel": xlabel, "by": by}, f, indent=1)
+
+
+def panel(ax, rows, m, name, reference, x, xlabel):
+    """One panel of `plot`: metric m of the rows against x, a line per row label, the reference dashed."""
+    import matplotlib.ticker
+    labels = list(dict.fromkeys(r["row"] for r in rows))
+    steps = sorted({r[x] for r in rows})
+    apart = min([b - a for a, b in zip(steps, steps[1:])] or [1])  # the rows' offset at one x: a share of this
+    means = [r[f"_{m}"] for r in rows] + ([reference[f"_{m}"]] if reference is not None else [])
+    # each bar and band is mean +/- std, cut to what the metric can be: a share (alignment) lies in [0, 1]; a
+    # positive metric (FD) on a log axis stops at half its smallest mean, where a std larger than the mean (a
+    # failed seed among three) would reach zero or below
+    lo = min(means) / 2 if means and min(means) > 0 else -math.inf
+    hi = 1.0 if m == "alignment" else math.inf
+    ends = []  # of every bar and band, so cut: a log axis where they span more than a decade
+    if reference is not None:
+        mean, std = reference[f"_{m}"], reference.get(f"_{m}_std") or 0.0
+        ax.axhline(mean, color="black", ls="--", lw=1.2, label=reference["label"])
+        ax.axhspan(max(mean - std, lo), min(mean + std, hi), color="black", alpha=0.08, lw=0)
+        ends += [max(mean - std, lo), min(mean + std, hi)]
+    for i, label in enumerate(labels):
+        mine = sorted((r for r in rows if r["row"] == label), key=lambda r: r[x])
+        dx = 0.04 * apart * (i - (len(labels) - 1) / 2)  # the rows side by side at each x: bars do not overlap
+        ys, errs = [r[f"_{m}"] for r in mine], [r.get(f"_{m}_std") or 0.0 for r in mine]
+        bottoms, tops = [max(y - e, lo) for y, e in zip(ys, errs)], [min(y + e, hi) for y, e in zip(ys, errs)]
+        ax.errorbar([r[x] + dx for r in mine], ys, yerr=[[y - b for y, b in zip(ys, bottoms)],
+                                                               [t - y for y, t in zip(ys, tops)]],
+                    marker="o", ms=4, capsize=3, lw=1.5, label=label)
+        ends += bottoms + tops
+    if lo > 0 and max(ends) > 10 * min(ends):  # e.g. Table 1's FD: 14 to 305
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        name += "\n(log scale)"  # a second line: one would not fit beside the panel
+    if len(steps) <= 12:
+        ax.set_xticks(steps)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
 
 
 def replot(numbers, path=None):
@@ -659,7 +671,7 @@ def replot(numbers, path=None):
         fig = json.load(f)
     path = path or os.path.splitext(numbers)[0] + ".png"
     plot(fig["rows"], path, fig["reference"], [tuple(m) for m in fig["metrics"]], fig["title"], fig.get("x", "steps"),
-         fig.get("xlabel", "sampling steps"))
+         fig.get("xlabel", "sampling steps"), fig.get("by"))
     return path
 
 
