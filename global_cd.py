@@ -432,7 +432,8 @@ def main(argv=None):
 
     def pair_bytes(n_lora, latent):  # once the presets are in: the fake score's rank is known
         args.fake_rank = args.fake_rank or lora_rank
-        return runs.pair_bytes_global(n_lora, n_lora * args.fake_rank // lora_rank if args.lambda2 > 0 else 0)
+        return runs.pair_bytes_global(n_lora, n_lora * args.fake_rank // lora_rank if args.lambda2 > 0 else 0,
+                                      held=(args.ema > 0) + (args.anchor > 0))
     run.check(meta["teacher"], hub["revision"], PRESETS, pair_bytes, lora_rank, int(meta.get("resolution", 1024)))
     if not 1 <= args.q <= M:
         raise SystemExit(f"error: --q: the student samples in 1..{M} steps, not {args.q}")

@@ -210,10 +210,11 @@ def pair_bytes_local(n_lora, latent, buffer):
     return 16 * n_lora + buffer * (8 * math.prod(latent) + 36)
 
 
-def pair_bytes_global(n_lora, fake_lora):
-    """About the bytes of a stage-2 checkpoint pair: the student (16 bytes a parameter, as stage 1) and the fake score
-    with its AdamW moments (12 bytes a parameter; the heads are small)."""
-    return 16 * n_lora + 12 * fake_lora
+def pair_bytes_global(n_lora, fake_lora, held=0):
+    """About the bytes of a stage-2 checkpoint pair: the student (16 bytes a parameter, as stage 1), the fake score
+    with its AdamW moments (12 bytes a parameter; the heads are small) and the copies of the student an option holds
+    (held of them, 4 bytes a parameter)."""
+    return 16 * n_lora + 12 * fake_lora + 4 * held * n_lora
 
 
 @contextlib.contextmanager

@@ -2109,7 +2109,8 @@ def test_llpips_alone_means_d_llpips_and_the_toy_keeps_its_measured_choice(tmp_p
 
 def test_a_full_disk_or_an_unwritable_out_is_said_before_any_model_loads(tmp_path, monkeypatch, tiny_sdxl):
     """The disk must hold a checkpoint pair of the run: said in one line before any model loads (the loader is
-    replaced by a failure). The size the check asks for is the size a run writes (tiny SDXL, its pool full)."""
+    replaced by a failure). The size the check asks for is the size a run writes (tiny SDXL, its pool full; in stage
+    2 with the copies of the student options hold too)."""
     (tmp_path / "p.txt").write_text("a cat\na red dog\n")
     argv = ["--teacher", tiny_sdxl, "--prompts", str(tmp_path / "p.txt"), "--resolution", "16", "--batch", "2",
             "--trajectories", "1", "--M", "4", "--skip", "50", "--buffer", "16", "--distance", "mse", "--iters", "2",
@@ -2122,6 +2123,11 @@ def test_a_full_disk_or_an_unwritable_out_is_said_before_any_model_loads(tmp_pat
                     "--distance", "mse", "--iters", "1", "--val-every", "0", "--out", str(tmp_path / "g.safetensors")])
     wrote = sum(os.path.getsize(tmp_path / f) for f in ("g.safetensors", "g.state.safetensors"))
     assert runs.pair_bytes_global(n, n) == pytest.approx(wrote, rel=0.1)  # fake score at the student's rank 64
+    global_cd.main(["--init", str(tmp_path / "l.safetensors"), "--prompts", str(tmp_path / "p.txt"), "--batch", "2",
+                    "--distance", "mse", "--iters", "2", "--val-every", "0", "--out", str(tmp_path / "h.safetensors"),
+                    "--ema", "0.9", "--anchor", "1", "--p", "1", "--q", "1", "--fake-updates", "1"])
+    held = sum(os.path.getsize(tmp_path / f) for f in ("h.safetensors", "h.state.safetensors"))
+    assert runs.PAIR_BYTES[0] == pytest.approx(held, rel=0.1)  # what it asked for: with the --ema, --anchor copies
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
