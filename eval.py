@@ -494,10 +494,10 @@ def history(args):
         for m, _ in REAL_METRICS:
             reference[f"_{m}"], reference[f"_{m}_std"] = tables.mean_std([r[m] for r in tops])
     figure = args.figure or args.history[0].removesuffix(".safetensors") + ".history.png"
-    what = ", ".join(f"{label} ({len(outs)} run{'s' * (len(outs) > 1)})" for label, outs in groups.items()) \
-        if args.against else f"{len(args.history)} run(s)"
+    runs_of = {label: f"{label} ({len(outs)} run{'s' * (len(outs) > 1)})" for label, outs in groups.items()}
+    what = f"{len(groups)} groups of runs" if args.against else f"{len(args.history)} run(s)"
     try:
-        tables.plot([{**r, "row": r["group"]} for r in drawn] if args.against else drawn, figure, reference,
+        tables.plot([{**r, "row": runs_of[r["group"]]} for r in drawn] if args.against else drawn, figure, reference,
                     metrics, title=f"{what} of {teacher}, M = {M}: the kept students", x="training step",
                     xlabel="training step (iterations)", by="k" if args.against else None)
         print(f"wrote {figure} and its numbers {figure.removesuffix('.png')}.json")

@@ -3697,7 +3697,7 @@ def test_history_scores_each_kept_student_and_picks_the_best_step(tmp_path, monk
         assert r["runs"] == 1 and r["_FD"] == pytest.approx(seen["FD"], rel=1e-5), r
     assert sorted(r["group"] for r in rows) == ["seed 0"] * 4 + ["seed 1"] * 4
     numbers = json.load(open(tmp_path / "both.json"))
-    assert numbers["by"] == "k" and {r["row"] for r in numbers["rows"]} == {"seed 0", "seed 1"}
+    assert numbers["by"] == "k" and {r["row"] for r in numbers["rows"]} == {"seed 0 (1 run)", "seed 1 (1 run)"}
     assert len([s for s in sampled if s[0] == "--ckpt"]) == student_samples
     with pytest.raises(SystemExit, match="--labels: one name for --history's runs and one per --against, 2, not 3"):
         ev.main(["--history", outs[0], "--against", outs[1], "--labels", "a", "b", "c"])
