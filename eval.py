@@ -21,6 +21,7 @@ of --help, says how they work); `--table`, `--train-classifier` and `--replot` r
         --reference coco5k/reference --images runs/coco5k/global  # --score sdxl --steps 25: the teacher's row
     python eval.py --train-classifier   # retrain the judge (deterministic; its weights are committed)
     python eval.py --history runs/s0/global.safetensors runs/s1/global.safetensors   # kept students along training
+    python eval.py --history runs/a*/global.safetensors --against runs/b*/global.safetensors --labels A B  # compared
 
 For SDXL / FLUX students, `--clip-score MODEL --samples FILE` scores `sample.py --save-tensors FILE` output (e.g.
 from MSCOCO / MJHQ prompt files) with transformers' CLIPModel: 100 x cosine(image, prompt), averaged.
@@ -402,9 +403,9 @@ def check_history(args):
     if len({m["teacher"] for m in metas}) > 1 or len({m["M"] for m in metas}) > 1:
         raise SystemExit("error: --history: the runs are of different teachers or M (" +
                          ", ".join(f"{o}: {m['teacher']}, M = {m['M']}" for o, m in zip(runs_, metas)) + ")")
-    if args.labels and len(args.labels) != 1 + len(args.against or []):
-        raise SystemExit(f"error: --labels: one name for --history's runs and one per --against, "
-                         f"{1 + len(args.against or [])}, not {len(args.labels)}")
+    if args.labels and (len(args.labels) != 1 + len(args.against or []) or len(set(args.labels)) < len(args.labels)):
+        raise SystemExit(f"error: --labels: {1 + len(args.against or [])} distinct names, one for --history's runs and "
+                         f"one per --against, not {' / '.join(args.labels)}")
     teacher, M = metas[0]["teacher"], int(metas[0]["M"])
     steps = args.steps or [k for k in (1, 2, 3, 4) if k <= M]
     try:

@@ -3699,8 +3699,9 @@ def test_history_scores_each_kept_student_and_picks_the_best_step(tmp_path, monk
     numbers = json.load(open(tmp_path / "both.json"))
     assert numbers["by"] == "k" and {r["row"] for r in numbers["rows"]} == {"seed 0 (1 run)", "seed 1 (1 run)"}
     assert len([s for s in sampled if s[0] == "--ckpt"]) == student_samples
-    with pytest.raises(SystemExit, match="--labels: one name for --history's runs and one per --against, 2, not 3"):
-        ev.main(["--history", outs[0], "--against", outs[1], "--labels", "a", "b", "c"])
+    for labels in (["a", "b", "c"], ["a", "a"]):
+        with pytest.raises(SystemExit, match="--labels: 2 distinct names, one for --history's runs and one per"):
+            ev.main(["--history", outs[0], "--against", outs[1], "--labels", *labels])
 
 
 def test_history_of_a_real_teacher_scores_each_kept_checkpoint_as_score_does(tmp_path, monkeypatch, tiny_sdxl):
