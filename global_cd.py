@@ -531,9 +531,10 @@ def add_option_arguments(g):
                    "z_{t_n}, t_n) from an EMA of the student with this decay (theta^-, adapter `ema`, updated after "
                    "each student step) instead of the current student's stop-gradient (0, the paper's)")
     g.add_argument("--anchor", type=runs.whole, default=0, metavar="N", help="from iteration N on, a frozen copy of "
-                   "the student at N (adapter `anchor`) holds the 2-4-step samplers: at the milestones t_m < T, the "
+                   "the student at N (adapter `anchor`) holds the 2-4-step samplers (--anchor-hold x0, the default: at the "
+                   "milestones t_m < T, the "
                    "ones they call the student at after their first step, the loss adds --anchor-weight x "
-                   "d(x0_theta(z_{t_m}), sg[x0_anchor(z_{t_m})]), while the 1-step jump (t_m = T) trains on as before "
+                   "d(x0_theta(z_{t_m}), sg[x0_anchor(z_{t_m})])), while the 1-step jump (t_m = T) trains on as before "
                    "(0: off). The term joins the consistency term (lambda0 weighs both; the log's cons holds both, its "
                    "anchor the term alone)")
     g.add_argument("--anchor-weight", type=runs.weight, default=1.0, metavar="A", help="the anchor term's weight "
