@@ -5,7 +5,7 @@ This file, top to bottom: the paper's values; the image-free inputs and the mile
 frozen teacher as backbone, trainable heads); DMD (a fake-score adapter on the same base); one iteration of all of
 them; the training loop (main). The method's common ground (time, milestones, Psi, solve, CFG, the distance d) is in
 local_cd.py; what surrounds the loop (arguments, resume, torchrun, logs) is runs.py's; the teachers, prompts and
-checkpoints are teachers.py's. Options the paper does not have are in options.py, joined to this file in main.
+checkpoints are teachers.py's. Options the paper does not have come last, after main, joined to its path in main.
 """
 import argparse
 import math
@@ -74,7 +74,7 @@ def image_free_inputs(teacher, cond, q, M, gen, autocast, pair=None):
 
 
 def milestone_pair(s, M, gen):
-    """(t_m, t_n) = (t^s, t^{s-1}): adjacent milestones, the paper's. (options.py's --jump any replaces this.)"""
+    """(t_m, t_n) = (t^s, t^{s-1}): adjacent milestones, the paper's. (The option --jump any replaces this.)"""
     return milestones(M)[s].float(), milestones(M)[s - 1].float()
 
 
