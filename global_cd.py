@@ -646,17 +646,9 @@ class WithOptions(GlobalCD):
         loss, x0_m, x0_n = global_loss(teacher, self.d, z_m, t_m, z_n, t_n, cond, "ema" if self.ema else "student")
         if not self.anchor or self.step() < self.anchor:
             return loss, x0_m, x0_n
-        l_anchor, held = torch.zeros_like(loss), (t_m < T).nonzero().flatten()
-        if self.anchor_hold == "samples":  # the 2..q-step samplers' outputs, held
-            k = int(torch.randint(2, self.q + 1, (1,), generator=self.gen))
-            z_T = teacher.noise(len(z_m), self.gen)
-            with torch.no_grad():
-                target = student_sample(teacher, cond, z_T, k, self.M, adapter="anchor")
-            l_anchor = l_anchor + self.d(student_sample(teacher, cond, z_T, k, self.M), target).to(loss.dtype)
-        elif len(held):  # the 2-4-step samplers' later calls, held
-            with torch.no_grad(), lora.adapter(teacher.denoiser, "anchor"):
-                x0_a = teacher.x0(z_m[held], t_m[held], teachers.cond_index(cond, held))
-            l_anchor = l_anchor.index_add(0, held, self.d(x0_m[held], x0_a).to(loss.dtype))
+        hold = self.hold_samples(cond, len(z_m)) if self.anchor_hold == "samples" else \
+            self.hold_x0(z_m, t_m, x0_m, cond)
+        l_anchor = hold.to(loss.dtype)
         if self.anchor_steps:  # the 1-step jump, taught by the anchor's K-step sampler
             z_T, x0_1 = self.one_step_sample(cond, len(z_m), self.gen)
             with torch.no_grad():
@@ -664,6 +656,25 @@ class WithOptions(GlobalCD):
             l_anchor = l_anchor + self.d(x0_1, target).to(loss.dtype)
         self.anchor_logs.append(l_anchor.mean().detach())
         return loss + self.anchor_weight * l_anchor, x0_m, x0_n
+
+    def hold_x0(self, z_m, t_m, x0_m, cond):
+        """--anchor-hold x0: d(x0_theta(z_{t_m}), sg[x0_anchor(z_{t_m})]) per sample, at the milestones t_m < T (the
+        2-4-step samplers' later calls), 0 at t_m = T."""
+        l_hold, held = torch.zeros(len(z_m), device=z_m.device), (t_m < T).nonzero().flatten()
+        if len(held):
+            with torch.no_grad(), lora.adapter(self.teacher.denoiser, "anchor"):
+                x0_a = self.teacher.x0(z_m[held], t_m[held], teachers.cond_index(cond, held))
+            l_hold = l_hold.index_add(0, held, self.d(x0_m[held], x0_a).float())
+        return l_hold
+
+    def hold_samples(self, cond, n):
+        """--anchor-hold samples: d(the student's k-step sample from z_T, sg[the anchor's from the same z_T]) per
+        sample, on fresh noise, k uniform in 2..q (one k per iteration), the gradient through the student's k calls."""
+        k = int(torch.randint(2, self.q + 1, (1,), generator=self.gen))
+        z_T = self.teacher.noise(n, self.gen)
+        with torch.no_grad():
+            target = student_sample(self.teacher, cond, z_T, k, self.M, adapter="anchor")
+        return self.d(student_sample(self.teacher, cond, z_T, k, self.M), target)
 
     def inputs(self, cond, gen, autocast):
         if self.sampler:
